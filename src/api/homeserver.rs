@@ -1,0 +1,98 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::SecretKeyRef;
+
+/// A connection to one Synapse homeserver, through its admin API.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "matrix-operator.io",
+    version = "v1alpha1",
+    kind = "Homeserver",
+    namespaced,
+    doc = "A connection to one Synapse homeserver through its admin API, used by MatrixUsers in the same namespace.",
+    status = "HomeserverStatus",
+    shortname = "hs",
+    category = "matrix",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Server Name",
+        type_ = "string",
+        json_path = ".status.serverName"
+    ),
+    printcolumn(
+        name = "Version",
+        type_ = "string",
+        json_path = ".status.serverVersion"
+    ),
+    printcolumn(name = "URL", type_ = "string", json_path = ".spec.url", priority = 1),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HomeserverSpec {
+    /// Base URL of the homeserver's client and admin API, e.g.
+    /// `http://synapse.chat.svc:8008`.
+    #[schemars(regex(pattern = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"))]
+    pub url: String,
+
+    /// The Secret key holding an access token of a Synapse server admin.
+    pub admin_token_secret_ref: SecretKeyRef,
+
+    /// The server name (the part after `:` in Matrix IDs). Discovered from
+    /// the admin token when unset; when set, it must match what Synapse says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub server_name: Option<String>,
+
+    /// At most this many admin API requests in flight to this homeserver.
+    #[serde(default = "default_max_concurrent_requests")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_concurrent_requests: u32,
+
+    /// What MatrixUsers of this homeserver may ask for.
+    #[serde(default)]
+    pub policy: HomeserverPolicy,
+}
+
+fn default_max_concurrent_requests() -> u32 {
+    8
+}
+
+/// What MatrixUsers that reference a Homeserver may ask for.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HomeserverPolicy {
+    /// MatrixUsers may set `admin: true`.
+    #[serde(default)]
+    pub allow_admin_users: bool,
+    /// MatrixUsers with `adopt: true` may take over accounts that already
+    /// exist in Synapse and were not created for them.
+    #[serde(default)]
+    pub allow_adoption: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HomeserverStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The server name Matrix IDs of this homeserver end with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// What `/_synapse/admin/v1/server_version` answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

@@ -1,0 +1,255 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A Matrix account on a Synapse homeserver, kept in line with this spec.
+///
+/// A field left out of the spec is not managed: the operator leaves it as it
+/// is in Synapse.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "matrix-operator.io",
+    version = "v1alpha1",
+    kind = "MatrixUser",
+    namespaced,
+    doc = "A Matrix account on a Synapse homeserver, kept in line with its spec by matrix-user-operator.",
+    status = "MatrixUserStatus",
+    shortname = "mxu",
+    category = "matrix",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "User ID", type_ = "string", json_path = ".status.userId"),
+    printcolumn(name = "Homeserver", type_ = "string", json_path = ".spec.homeserverRef.name"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "(has(self.spec.localpart) ? self.spec.localpart : self.metadata.name) == (has(oldSelf.spec.localpart) ? oldSelf.spec.localpart : oldSelf.metadata.name)"
+    ).message("the localpart is immutable: a Matrix ID can never change"),
+    validation = Rule::new(
+        "has(self.spec.localpart) || !self.metadata.name.matches('^[0-9]+$')"
+    ).message("metadata.name is the default localpart and a localpart may not be all digits: set spec.localpart")
+)]
+#[x_kube(validation = Rule::new(
+    "!(has(self.deactivated) && self.deactivated && has(self.locked) && self.locked)"
+).message("deactivated and locked cannot both be true"))]
+#[serde(rename_all = "camelCase")]
+pub struct MatrixUserSpec {
+    /// The Homeserver (in the same namespace) the account lives on. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("homeserverRef is immutable"))]
+    pub homeserver_ref: HomeserverRef,
+
+    /// The localpart of the Matrix ID (`@localpart:server`). Defaults to
+    /// metadata.name. Immutable: a Matrix ID can never change or be reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9._=/+-]+$"), length(min = 1, max = 252))]
+    #[x_kube(
+        validation = Rule::new("!self.startsWith('_')").message("a localpart may not start with '_'"),
+        validation = Rule::new("!self.matches('^[0-9]+$')").message("a localpart may not be all digits")
+    )]
+    pub localpart: Option<String>,
+
+    /// The display name; `""` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub display_name: Option<String>,
+
+    /// The avatar, an `mxc://` URI; `""` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(mxc://[^/\s]+/[^/\s]+)?$"), length(max = 512))]
+    pub avatar_url: Option<String>,
+
+    /// Server admin. Allowed only when the Homeserver's policy.allowAdminUsers is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
+
+    /// Deactivate the account (it keeps its Matrix ID; emails, devices and
+    /// password are removed by Synapse). `false` re-activates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivated: Option<bool>,
+
+    /// Lock the account: its sessions stop working until unlocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked: Option<bool>,
+
+    /// The kind of account: `bot` or `support`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "user_type_schema")]
+    pub user_type: Option<UserType>,
+
+    /// The password: from a Secret, or generated into `<name>-credentials`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<PasswordSpec>,
+
+    /// Third-party IDs (emails, phone numbers) bound to the account; `[]`
+    /// means none. An address bound to another account is a conflict, never
+    /// taken over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["medium".into(), "address".into()]))]
+    pub threepids: Option<Vec<ThreepidSpec>>,
+
+    /// Links to SSO identity providers; `[]` means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["authProvider".into(), "externalId".into()]))]
+    pub external_ids: Option<Vec<ExternalIdSpec>>,
+
+    /// What deleting this MatrixUser does to the account.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// Take over an account that already exists in Synapse and was not
+    /// created for this resource. Needs the Homeserver's policy.allowAdoption.
+    #[serde(default)]
+    pub adopt: bool,
+}
+
+// Without this, schemars lists `null` among the enum values of an optional
+// enum, which is not a structural schema the apiserver should be given.
+fn user_type_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "The kind of account: `bot` or `support`.",
+        "type": "string",
+        "enum": ["bot", "support"],
+    })
+}
+
+/// A Homeserver in the MatrixUser's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+pub struct HomeserverRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A key of a Secret in the referencing resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UserType {
+    Bot,
+    Support,
+}
+
+impl UserType {
+    /// The value Synapse's admin API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserType::Bot => "bot",
+            UserType::Support => "support",
+        }
+    }
+}
+
+/// Where the password comes from: exactly one of `secretRef` or `generate: true`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "has(self.secretRef) != (has(self.generate) && self.generate)"
+).message("password needs exactly one of secretRef or generate: true"))]
+pub struct PasswordSpec {
+    /// The Secret key holding the password. A change of the Secret is
+    /// applied to Synapse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Generate a password into the Secret `<name>-credentials`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generate: bool,
+    /// Log out every device of the account when the password changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logout_devices_on_change: bool,
+}
+
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreepidMedium {
+    Email,
+    Msisdn,
+}
+
+impl ThreepidMedium {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThreepidMedium::Email => "email",
+            ThreepidMedium::Msisdn => "msisdn",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.medium != 'email' || self.address.contains('@')").message("an email address needs an '@'"))]
+pub struct ThreepidSpec {
+    pub medium: ThreepidMedium,
+    #[schemars(length(min = 1, max = 320))]
+    pub address: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalIdSpec {
+    /// The SSO provider's ID in Synapse's config, e.g. `oidc-github`.
+    #[schemars(length(min = 1, max = 255))]
+    pub auth_provider: String,
+    /// The account's ID at that provider.
+    #[schemars(length(min = 1, max = 255))]
+    pub external_id: String,
+}
+
+/// What deleting a MatrixUser does to its account.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum DeletionPolicy {
+    /// Deactivate the account (its Matrix ID stays taken; it cannot be reused).
+    #[default]
+    Deactivate,
+    /// Deactivate and erase it: profile and messages are hidden from new users.
+    Erase,
+    /// Leave the account as it is.
+    Retain,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MatrixUserStatus {
+    /// The Matrix ID of the account this resource owns: set once the
+    /// account was created for it or adopted by it. The operator writes to
+    /// an existing account only when it is recorded here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// A salted, slow digest (PBKDF2-HMAC-SHA256) of the password last
+    /// applied, to tell when the Secret holds a new one. Never the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_digest: Option<String>,
+}
+
+impl MatrixUserSpec {
+    /// The localpart this resource names: `spec.localpart` or else the
+    /// resource's name.
+    pub fn effective_localpart<'a>(&'a self, name: &'a str) -> &'a str {
+        self.localpart.as_deref().unwrap_or(name)
+    }
+}

@@ -1,0 +1,29 @@
+//! The custom resources of `matrix-operator.io/v1alpha1`: what users write.
+
+mod conditions;
+mod homeserver;
+mod matrixuser;
+
+pub use conditions::{Ready, ready_condition, set_condition};
+pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus};
+pub use matrixuser::{
+    DeletionPolicy, ExternalIdSpec, HomeserverRef, MatrixUser, MatrixUserSpec, MatrixUserStatus,
+    PasswordSpec, SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,
+};
+
+/// The API group of every kind here.
+pub const GROUP: &str = "matrix-operator.io";
+/// The one version served so far.
+pub const VERSION: &str = "v1alpha1";
+
+/// Both CRDs as one multi-document YAML stream, as `matrix-user-operator crd`
+/// prints it and `crds/` stores it.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let mut out = String::new();
+    for crd in [Homeserver::crd(), MatrixUser::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,174 @@
+//! Runs plans against Synapse: read the account, plan, make the one call,
+//! and again, until the plan is empty.
+
+use std::time::Duration;
+
+use tracing::{debug, info};
+
+use crate::api::DeletionPolicy;
+use crate::plan::{self, Action, Authority, DeletionAction, Desired, Owners, Refusal};
+use crate::synapse::{SynapseClient, SynapseError, SynapseUser};
+
+/// Rounds of read-plan-act before giving up on an account that does not
+/// settle: create, update, one repair of a partly applied update, verify.
+const MAX_ROUNDS: usize = 5;
+
+/// Synapse may ask for a short pause (M_LIMIT_EXCEEDED); waits up to this
+/// long happen in place, longer ones are left to the caller's requeue.
+const MAX_INLINE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a sync did, kept even when it failed halfway: a created account must
+/// still be recorded as this resource's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// This sync created the account (Synapse answered 201).
+    pub created: bool,
+    /// This sync adopted an existing account.
+    pub adopted: bool,
+    /// The desired password was sent and accepted.
+    pub password_applied: bool,
+    pub deactivated: bool,
+    pub reactivated: bool,
+    /// Re-activated with no password to give: password login will fail.
+    pub reactivated_without_password: bool,
+    /// The names of the fields of each update sent (never their values).
+    pub updates: Vec<Vec<&'static str>>,
+    /// Admin API calls that wrote (PUT / POST).
+    pub writes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Synapse(#[from] SynapseError),
+    #[error(
+        "the account does not settle: after {MAX_ROUNDS} rounds Synapse still differs in {fields:?}"
+    )]
+    NotSettling { fields: Vec<&'static str> },
+}
+
+/// Brings the account in line with `desired`. On success, returns the
+/// account as Synapse reports it, matching the spec.
+pub async fn sync_account(
+    client: &SynapseClient,
+    desired: &Desired,
+    mut authority: Authority,
+    progress: &mut Progress,
+) -> Result<SynapseUser, SyncError> {
+    let mut desired = desired.clone();
+    let mut last_fields = Vec::new();
+    for _ in 0..MAX_ROUNDS {
+        let account = client.get_user(&desired.user_id).await?;
+        let owners = look_up_owners(client, &desired, account.as_ref()).await?;
+        let plan = plan::plan(&desired, account.as_ref(), authority, &owners)?;
+        if plan.adopt {
+            info!(user_id = %desired.user_id, "adopting an existing account");
+            authority.owned = true;
+            progress.adopted = true;
+        }
+        let update = match (plan.action, account) {
+            (None, Some(account)) => return Ok(account),
+            (Some(Action::Update(update)), _) => update,
+            (Some(Action::Create), _) => {
+                let outcome = match client.put_user(&desired.user_id, &Default::default()).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        wait_if_rate_limited(e).await?;
+                        continue;
+                    }
+                };
+                progress.writes += 1;
+                if outcome.created {
+                    info!(user_id = %desired.user_id, "created the account");
+                    authority.owned = true;
+                    progress.created = true;
+                }
+                // Otherwise it appeared meanwhile, untouched by the empty
+                // body; the next round decides whether it may be adopted.
+                continue;
+            }
+            (None, None) => unreachable!("plan() creates a missing account"),
+        };
+        last_fields = plan::changed_fields(&update);
+        debug!(user_id = %desired.user_id, fields = ?last_fields, "updating the account");
+        if let Err(e) = client.put_user(&desired.user_id, &update).await {
+            // The PUT may have been partly applied: plan again from what
+            // Synapse reports, after a short wait if it asked for one.
+            wait_if_rate_limited(e).await?;
+            continue;
+        }
+        progress.writes += 1;
+        progress.updates.push(last_fields.clone());
+        if update.password.is_some()
+            && let Some(p) = desired.password.as_mut()
+        {
+            p.applied = true;
+            progress.password_applied = true;
+        }
+        match update.deactivated {
+            Some(true) => progress.deactivated = true,
+            Some(false) => {
+                progress.reactivated = true;
+                progress.reactivated_without_password = plan.reactivates_without_password;
+            }
+            None => {}
+        }
+    }
+    Err(SyncError::NotSettling {
+        fields: last_fields,
+    })
+}
+
+/// Returns the error unless it is a rate limit short enough to wait out
+/// here, in which case it waits and returns `Ok`.
+async fn wait_if_rate_limited(e: SynapseError) -> Result<(), SynapseError> {
+    match e.retry_after() {
+        Some(wait) if wait <= MAX_INLINE_WAIT => {
+            debug!(?wait, "rate limited by Synapse; waiting");
+            tokio::time::sleep(wait).await;
+            Ok(())
+        }
+        _ => Err(e),
+    }
+}
+
+async fn look_up_owners(
+    client: &SynapseClient,
+    desired: &Desired,
+    account: Option<&SynapseUser>,
+) -> Result<Owners, SynapseError> {
+    let wanted = plan::lookups(desired, account);
+    let mut owners = Owners::default();
+    for t in wanted.threepids {
+        let owner = client.threepid_owner(&t.medium, &t.address).await?;
+        owners.threepids.push((t, owner));
+    }
+    for e in wanted.external_ids {
+        let owner = client
+            .external_id_owner(&e.auth_provider, &e.external_id)
+            .await?;
+        owners.external_ids.push((e, owner));
+    }
+    Ok(owners)
+}
+
+/// Carries out a deletion policy. Returns what was done.
+pub async fn delete_account(
+    client: &SynapseClient,
+    user_id: &crate::synapse::UserId,
+    policy: DeletionPolicy,
+    owned: bool,
+) -> Result<Option<DeletionAction>, SynapseError> {
+    if policy == DeletionPolicy::Retain || !owned {
+        return Ok(None);
+    }
+    let account = client.get_user(user_id).await?;
+    let action = plan::plan_deletion(policy, owned, account.as_ref());
+    if let Some(DeletionAction::Deactivate { erase }) = action {
+        client.deactivate(user_id, erase).await?;
+        info!(%user_id, erase, "deactivated the account");
+    }
+    Ok(action)
+}

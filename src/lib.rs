@@ -1,0 +1,9 @@
+//! matrix-user-operator: keeps Matrix accounts on a Synapse homeserver in line
+//! with `MatrixUser` resources.
+
+pub mod api;
+pub mod apply;
+pub mod plan;
+pub mod secret;
+pub mod synapse;
+pub mod tls;

@@ -1,0 +1,418 @@
+//! The pure core: from the account a MatrixUser describes and the account as
+//! Synapse reports it, the one admin call to make next. No I/O.
+//!
+//! The executor runs a plan, reads the account again and plans again until
+//! the plan is empty: Synapse's PUT is not atomic, so what a failed or
+//! partly applied call left behind is always planned from what Synapse
+//! reports, never assumed.
+
+use std::collections::BTreeSet;
+
+use crate::api::{DeletionPolicy, MatrixUserSpec, ThreepidMedium, UserType};
+use crate::secret::SecretString;
+use crate::synapse::{ExternalId, SynapseUser, Threepid, UserId, UserUpdate};
+
+/// The account as the spec describes it. `None` fields are not managed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub user_id: UserId,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub admin: Option<bool>,
+    pub deactivated: Option<bool>,
+    pub locked: Option<bool>,
+    pub user_type: Option<UserType>,
+    pub password: Option<DesiredPassword>,
+    /// Normalised (see [`normalize_threepid`]), in spec order.
+    pub threepids: Option<Vec<Threepid>>,
+    pub external_ids: Option<Vec<ExternalId>>,
+}
+
+/// The password the account should have.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredPassword {
+    pub value: SecretString,
+    /// Whether this very password was applied before (its digest is in status).
+    pub applied: bool,
+    pub logout_devices: bool,
+}
+
+/// What the operator may do with an account that already exists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Authority {
+    /// The account was created for this resource or adopted by it (status.userId).
+    pub owned: bool,
+    /// The spec asks to adopt an existing account (`spec.adopt`).
+    pub adopt_requested: bool,
+    /// The Homeserver allows adoption (`policy.allowAdoption`).
+    pub adoption_allowed: bool,
+    /// The Homeserver allows admins (`policy.allowAdminUsers`).
+    pub admin_allowed: bool,
+}
+
+/// Who holds each threepid and external id the plan would add (from
+/// Synapse's lookups; `None` = nobody).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owners {
+    pub threepids: Vec<(Threepid, Option<String>)>,
+    pub external_ids: Vec<(ExternalId, Option<String>)>,
+}
+
+/// The lookups to make before planning: every threepid and external id the
+/// plan would bind to the account that it does not hold yet. Synapse would
+/// silently move an email from another account; this is how we notice.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lookups {
+    pub threepids: Vec<Threepid>,
+    pub external_ids: Vec<ExternalId>,
+}
+
+/// The admin call to make next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `PUT` an empty body: creates the account (201) and changes nothing if
+    /// it appeared meanwhile (200), so a lost race never touches another
+    /// account. Fields follow in the next round.
+    Create,
+    /// `PUT` these fields.
+    Update(UserUpdate),
+}
+
+/// A plan for the next round.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The account exists, is not yet recorded as this resource's, and may be
+    /// adopted: record it before acting.
+    pub adopt: bool,
+    pub action: Option<Action>,
+    /// The update re-activates the account with no password to give it: it
+    /// will not be able to log in with a password.
+    pub reactivates_without_password: bool,
+}
+
+impl Plan {
+    /// Nothing to do: the account matches the spec.
+    pub fn is_empty(&self) -> bool {
+        !self.adopt && self.action.is_none()
+    }
+
+    /// Whether the action sends the password.
+    pub fn sends_password(&self) -> bool {
+        matches!(&self.action, Some(Action::Update(u)) if u.password.is_some())
+    }
+}
+
+/// Why the operator will not act on the spec as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "admin: true is not allowed by the Homeserver's policy (policy.allowAdminUsers is false)"
+    )]
+    AdminNotAllowed,
+    #[error(
+        "{user_id} already exists and was not created for this MatrixUser; set spec.adopt: true to take it over"
+    )]
+    AdoptionNotRequested { user_id: String },
+    #[error(
+        "{user_id} already exists and was not created for this MatrixUser; the Homeserver's policy.allowAdoption is false"
+    )]
+    AdoptionNotAllowed { user_id: String },
+    #[error("the {medium} address {address} belongs to {owner}")]
+    ThreepidInUse {
+        medium: String,
+        address: String,
+        owner: String,
+    },
+    #[error("the external id {external_id} of {auth_provider} belongs to {owner}")]
+    ExternalIdInUse {
+        auth_provider: String,
+        external_id: String,
+        owner: String,
+    },
+}
+
+/// The form Synapse stores a threepid in: emails lower-cased, both trimmed.
+/// Sending another form makes Synapse delete and re-add the address.
+pub fn normalize_threepid(medium: ThreepidMedium, address: &str) -> Threepid {
+    let address = address.trim();
+    let address = match medium {
+        ThreepidMedium::Email => address.to_lowercase(),
+        ThreepidMedium::Msisdn => address.to_string(),
+    };
+    Threepid {
+        medium: medium.as_str().to_string(),
+        address,
+    }
+}
+
+fn threepid_set(threepids: &[Threepid]) -> BTreeSet<(String, String)> {
+    threepids
+        .iter()
+        .map(|t| {
+            let address = if t.medium == "email" {
+                t.address.trim().to_lowercase()
+            } else {
+                t.address.trim().to_string()
+            };
+            (t.medium.clone(), address)
+        })
+        .collect()
+}
+
+fn external_id_set(ids: &[ExternalId]) -> BTreeSet<&ExternalId> {
+    ids.iter().collect()
+}
+
+/// The desired account from a spec, its Matrix ID and its password (read
+/// from the Secret by the caller).
+pub fn desired_from_spec(
+    spec: &MatrixUserSpec,
+    user_id: UserId,
+    password: Option<DesiredPassword>,
+) -> Desired {
+    Desired {
+        user_id,
+        displayname: spec.display_name.clone(),
+        avatar_url: spec.avatar_url.clone(),
+        admin: spec.admin,
+        deactivated: spec.deactivated,
+        locked: spec.locked,
+        user_type: spec.user_type,
+        password,
+        threepids: spec
+            .threepids
+            .as_ref()
+            .map(|ts| dedup(ts.iter().map(|t| normalize_threepid(t.medium, &t.address)))),
+        external_ids: spec.external_ids.as_ref().map(|ids| {
+            dedup(ids.iter().map(|e| ExternalId {
+                auth_provider: e.auth_provider.clone(),
+                external_id: e.external_id.clone(),
+            }))
+        }),
+    }
+}
+
+fn dedup<T: Ord + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut seen = BTreeSet::new();
+    items.filter(|i| seen.insert(i.clone())).collect()
+}
+
+/// Whether the account will be deactivated once the plan ran: the spec asks
+/// for it, or it is deactivated and the spec does not ask to re-activate.
+fn ends_deactivated(desired: &Desired, account: Option<&SynapseUser>) -> bool {
+    match desired.deactivated {
+        Some(d) => d,
+        None => account.is_some_and(|a| a.deactivated),
+    }
+}
+
+/// See [`Lookups`].
+pub fn lookups(desired: &Desired, account: Option<&SynapseUser>) -> Lookups {
+    let mut out = Lookups::default();
+    if let Some(wanted) = &desired.threepids
+        && !ends_deactivated(desired, account)
+    {
+        let held = account
+            .map(|a| threepid_set(&a.threepids))
+            .unwrap_or_default();
+        out.threepids = wanted
+            .iter()
+            .filter(|t| !held.contains(&(t.medium.clone(), t.address.clone())))
+            .cloned()
+            .collect();
+    }
+    if let Some(wanted) = &desired.external_ids {
+        let held: BTreeSet<&ExternalId> = account
+            .map(|a| external_id_set(&a.external_ids))
+            .unwrap_or_default();
+        out.external_ids = wanted
+            .iter()
+            .filter(|e| !held.contains(e))
+            .cloned()
+            .collect();
+    }
+    out
+}
+
+/// The next admin call, or a refusal.
+pub fn plan(
+    desired: &Desired,
+    account: Option<&SynapseUser>,
+    authority: Authority,
+    owners: &Owners,
+) -> Result<Plan, Refusal> {
+    if desired.admin == Some(true) && !authority.admin_allowed {
+        return Err(Refusal::AdminNotAllowed);
+    }
+    let mut adopt = false;
+    if account.is_some() && !authority.owned {
+        let user_id = desired.user_id.to_string();
+        if !authority.adopt_requested {
+            return Err(Refusal::AdoptionNotRequested { user_id });
+        }
+        if !authority.adoption_allowed {
+            return Err(Refusal::AdoptionNotAllowed { user_id });
+        }
+        adopt = true;
+    }
+    check_owners(desired, owners)?;
+    let Some(account) = account else {
+        return Ok(Plan {
+            action: Some(Action::Create),
+            ..Plan::default()
+        });
+    };
+    let (update, reactivates_without_password) = diff(desired, account);
+    let action = (update != UserUpdate::default()).then_some(Action::Update(update));
+    Ok(Plan {
+        adopt,
+        action,
+        reactivates_without_password,
+    })
+}
+
+fn check_owners(desired: &Desired, owners: &Owners) -> Result<(), Refusal> {
+    let me = desired.user_id.as_str();
+    for (t, owner) in &owners.threepids {
+        if let Some(owner) = owner.as_deref().filter(|o| *o != me) {
+            return Err(Refusal::ThreepidInUse {
+                medium: t.medium.clone(),
+                address: t.address.clone(),
+                owner: owner.to_string(),
+            });
+        }
+    }
+    for (e, owner) in &owners.external_ids {
+        if let Some(owner) = owner.as_deref().filter(|o| *o != me) {
+            return Err(Refusal::ExternalIdInUse {
+                auth_provider: e.auth_provider.clone(),
+                external_id: e.external_id.clone(),
+                owner: owner.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The fields that differ, as one PUT body. Synapse applies the profile
+/// fields before a deactivation in the same body (measured), so one call
+/// does it all.
+fn diff(desired: &Desired, a: &SynapseUser) -> (UserUpdate, bool) {
+    let mut u = UserUpdate::default();
+    let reactivating = desired.deactivated == Some(false) && a.deactivated;
+    let deactivating = desired.deactivated == Some(true) && !a.deactivated;
+    let ends_deactivated = ends_deactivated(desired, Some(a));
+
+    // An erased account that stays deactivated keeps its profile erased.
+    let keep_erased = a.erased && ends_deactivated;
+    // Synapse reports a cleared displayname or avatar as null and takes ""
+    // to clear one.
+    if let Some(name) = &desired.displayname
+        && !keep_erased
+        && a.displayname.as_deref().unwrap_or("") != name
+    {
+        u.displayname = Some(name.clone());
+    }
+    if let Some(avatar) = &desired.avatar_url
+        && !keep_erased
+        && a.avatar_url.as_deref().unwrap_or("") != avatar
+    {
+        u.avatar_url = Some(avatar.clone());
+    }
+    if let Some(admin) = desired.admin
+        && admin != a.admin
+    {
+        u.admin = Some(admin);
+    }
+    if let Some(t) = desired.user_type
+        && a.user_type.as_deref() != Some(t.as_str())
+    {
+        u.user_type = Some(t.as_str().to_string());
+    }
+    if let Some(locked) = desired.locked
+        && locked != a.locked
+    {
+        u.locked = Some(locked);
+    }
+    if let Some(ids) = &desired.external_ids
+        && external_id_set(ids) != external_id_set(&a.external_ids)
+    {
+        u.external_ids = Some(ids.clone());
+    }
+    // Deactivation removes every threepid: a deactivated account has none
+    // to manage, and re-adding them would fight Synapse forever.
+    if let Some(ts) = &desired.threepids
+        && !ends_deactivated
+        && threepid_set(ts) != threepid_set(&a.threepids)
+    {
+        u.threepids = Some(ts.clone());
+    }
+    if deactivating {
+        u.deactivated = Some(true);
+    }
+    let mut reactivates_without_password = false;
+    if reactivating {
+        u.deactivated = Some(false);
+        // Deactivation removed the password hash: re-activating without a
+        // password leaves an account no one can log in to.
+        reactivates_without_password = desired.password.is_none();
+    }
+    if let Some(p) = &desired.password
+        && !ends_deactivated
+        && (reactivating || !p.applied)
+    {
+        u.password = Some(p.value.clone());
+        u.logout_devices = Some(p.logout_devices);
+    }
+    (u, reactivates_without_password)
+}
+
+/// What deleting a MatrixUser does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeletionAction {
+    /// `POST /_synapse/admin/v1/deactivate/<id>` with this `erase`.
+    Deactivate { erase: bool },
+}
+
+/// The call that carries out `policy` on the account, if one is needed.
+/// An account this resource does not own is never touched.
+pub fn plan_deletion(
+    policy: DeletionPolicy,
+    owned: bool,
+    account: Option<&SynapseUser>,
+) -> Option<DeletionAction> {
+    let account = account.filter(|_| owned)?;
+    match policy {
+        DeletionPolicy::Retain => None,
+        DeletionPolicy::Deactivate if account.deactivated => None,
+        DeletionPolicy::Deactivate => Some(DeletionAction::Deactivate { erase: false }),
+        DeletionPolicy::Erase if account.deactivated && account.erased => None,
+        DeletionPolicy::Erase => Some(DeletionAction::Deactivate { erase: true }),
+    }
+}
+
+/// The names of the fields an update sends, for events and logs (never
+/// their values).
+pub fn changed_fields(u: &UserUpdate) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let fields: [(&'static str, bool); 9] = [
+        ("password", u.password.is_some()),
+        ("displayname", u.displayname.is_some()),
+        ("avatar_url", u.avatar_url.is_some()),
+        ("threepids", u.threepids.is_some()),
+        ("external_ids", u.external_ids.is_some()),
+        ("admin", u.admin.is_some()),
+        ("deactivated", u.deactivated.is_some()),
+        ("locked", u.locked.is_some()),
+        ("user_type", u.user_type.is_some()),
+    ];
+    for (name, set) in fields {
+        if set {
+            out.push(name);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,923 @@
+use super::*;
+use crate::api::{ExternalIdSpec, HomeserverRef, ThreepidSpec};
+
+fn user_id() -> UserId {
+    UserId::new("alice", "example.org").unwrap()
+}
+
+/// An account as Synapse reports a plain, active user.
+fn account() -> SynapseUser {
+    SynapseUser {
+        name: "@alice:example.org".into(),
+        admin: false,
+        deactivated: false,
+        locked: false,
+        erased: false,
+        user_type: None,
+        displayname: Some("alice".into()),
+        avatar_url: None,
+        threepids: vec![],
+        external_ids: vec![],
+        creation_ts: Some(1_700_000_000),
+    }
+}
+
+/// A spec that manages nothing.
+fn desired() -> Desired {
+    Desired {
+        user_id: user_id(),
+        displayname: None,
+        avatar_url: None,
+        admin: None,
+        deactivated: None,
+        locked: None,
+        user_type: None,
+        password: None,
+        threepids: None,
+        external_ids: None,
+    }
+}
+
+fn owned() -> Authority {
+    Authority {
+        owned: true,
+        ..Authority::default()
+    }
+}
+
+fn email(address: &str) -> Threepid {
+    Threepid {
+        medium: "email".into(),
+        address: address.into(),
+    }
+}
+
+fn msisdn(address: &str) -> Threepid {
+    Threepid {
+        medium: "msisdn".into(),
+        address: address.into(),
+    }
+}
+
+fn ext(provider: &str, id: &str) -> ExternalId {
+    ExternalId {
+        auth_provider: provider.into(),
+        external_id: id.into(),
+    }
+}
+
+fn password(value: &str, applied: bool, logout_devices: bool) -> DesiredPassword {
+    DesiredPassword {
+        value: SecretString::new(value),
+        applied,
+        logout_devices,
+    }
+}
+
+/// The update an owned, existing account gets.
+fn update(d: &Desired, a: &SynapseUser) -> UserUpdate {
+    match plan(d, Some(a), owned(), &Owners::default())
+        .unwrap()
+        .action
+    {
+        None => UserUpdate::default(),
+        Some(Action::Update(u)) => u,
+        Some(Action::Create) => panic!("an existing account is never created"),
+    }
+}
+
+type Setup = fn(&mut Desired, &mut SynapseUser);
+
+/// Every managed field, absent / equal / different: (case, setup, expected body).
+fn field_cases() -> Vec<(&'static str, Setup, UserUpdate)> {
+    let none = UserUpdate::default;
+    vec![
+        (
+            "displayname absent",
+            |_, a| a.displayname = Some("Whatever".into()),
+            none(),
+        ),
+        (
+            "displayname equal",
+            |d, a| {
+                d.displayname = Some("Alice".into());
+                a.displayname = Some("Alice".into())
+            },
+            none(),
+        ),
+        (
+            "displayname different",
+            |d, _| d.displayname = Some("Alice L".into()),
+            UserUpdate {
+                displayname: Some("Alice L".into()),
+                ..none()
+            },
+        ),
+        (
+            "displayname cleared, already null",
+            |d, a| {
+                d.displayname = Some(String::new());
+                a.displayname = None
+            },
+            none(),
+        ),
+        (
+            "displayname cleared, set",
+            |d, _| d.displayname = Some(String::new()),
+            UserUpdate {
+                displayname: Some(String::new()),
+                ..none()
+            },
+        ),
+        (
+            "avatar absent",
+            |_, a| a.avatar_url = Some("mxc://x/y".into()),
+            none(),
+        ),
+        (
+            "avatar equal",
+            |d, a| {
+                d.avatar_url = Some("mxc://x/y".into());
+                a.avatar_url = Some("mxc://x/y".into())
+            },
+            none(),
+        ),
+        (
+            "avatar different",
+            |d, a| {
+                d.avatar_url = Some("mxc://x/z".into());
+                a.avatar_url = Some("mxc://x/y".into())
+            },
+            UserUpdate {
+                avatar_url: Some("mxc://x/z".into()),
+                ..none()
+            },
+        ),
+        (
+            "avatar set from null",
+            |d, _| d.avatar_url = Some("mxc://x/z".into()),
+            UserUpdate {
+                avatar_url: Some("mxc://x/z".into()),
+                ..none()
+            },
+        ),
+        (
+            "avatar cleared, already null",
+            |d, _| d.avatar_url = Some(String::new()),
+            none(),
+        ),
+        ("admin absent", |_, a| a.admin = true, none()),
+        (
+            "admin equal",
+            |d, a| {
+                d.admin = Some(false);
+                a.admin = false
+            },
+            none(),
+        ),
+        (
+            "admin different",
+            |d, a| {
+                d.admin = Some(false);
+                a.admin = true
+            },
+            UserUpdate {
+                admin: Some(false),
+                ..none()
+            },
+        ),
+        ("locked absent", |_, a| a.locked = true, none()),
+        (
+            "locked equal",
+            |d, a| {
+                d.locked = Some(true);
+                a.locked = true
+            },
+            none(),
+        ),
+        (
+            "locked different",
+            |d, _| d.locked = Some(true),
+            UserUpdate {
+                locked: Some(true),
+                ..none()
+            },
+        ),
+        (
+            "unlock",
+            |d, a| {
+                d.locked = Some(false);
+                a.locked = true
+            },
+            UserUpdate {
+                locked: Some(false),
+                ..none()
+            },
+        ),
+        (
+            "user type absent",
+            |_, a| a.user_type = Some("bot".into()),
+            none(),
+        ),
+        (
+            "user type equal",
+            |d, a| {
+                d.user_type = Some(UserType::Bot);
+                a.user_type = Some("bot".into())
+            },
+            none(),
+        ),
+        (
+            "user type different",
+            |d, a| {
+                d.user_type = Some(UserType::Support);
+                a.user_type = Some("bot".into())
+            },
+            UserUpdate {
+                user_type: Some("support".into()),
+                ..none()
+            },
+        ),
+        (
+            "user type from none",
+            |d, _| d.user_type = Some(UserType::Bot),
+            UserUpdate {
+                user_type: Some("bot".into()),
+                ..none()
+            },
+        ),
+        (
+            "threepids absent",
+            |_, a| a.threepids = vec![email("x@example.org")],
+            none(),
+        ),
+        (
+            "threepids equal, other order",
+            |d, a| {
+                d.threepids = Some(vec![email("a@example.org"), msisdn("441234")]);
+                a.threepids = vec![msisdn("441234"), email("a@example.org")];
+            },
+            none(),
+        ),
+        (
+            "threepids equal once lower-cased",
+            |d, a| {
+                // desired_from_spec lower-cases; Synapse reports lower case.
+                d.threepids = Some(vec![email("alice@example.org")]);
+                a.threepids = vec![email("Alice@Example.org")];
+            },
+            none(),
+        ),
+        (
+            "threepids different",
+            |d, a| {
+                d.threepids = Some(vec![email("new@example.org")]);
+                a.threepids = vec![email("old@example.org")];
+            },
+            UserUpdate {
+                threepids: Some(vec![email("new@example.org")]),
+                ..none()
+            },
+        ),
+        (
+            "threepids one more",
+            |d, a| {
+                d.threepids = Some(vec![email("a@example.org"), email("b@example.org")]);
+                a.threepids = vec![email("a@example.org")];
+            },
+            UserUpdate {
+                threepids: Some(vec![email("a@example.org"), email("b@example.org")]),
+                ..none()
+            },
+        ),
+        (
+            "threepids none wanted",
+            |d, a| {
+                d.threepids = Some(vec![]);
+                a.threepids = vec![email("a@example.org")]
+            },
+            UserUpdate {
+                threepids: Some(vec![]),
+                ..none()
+            },
+        ),
+        (
+            "threepids none wanted, none held",
+            |d, _| d.threepids = Some(vec![]),
+            none(),
+        ),
+        (
+            "external ids absent",
+            |_, a| a.external_ids = vec![ext("oidc", "1")],
+            none(),
+        ),
+        (
+            "external ids equal, other order",
+            |d, a| {
+                d.external_ids = Some(vec![ext("oidc", "1"), ext("saml", "2")]);
+                a.external_ids = vec![ext("saml", "2"), ext("oidc", "1")];
+            },
+            none(),
+        ),
+        (
+            "external ids different",
+            |d, a| {
+                d.external_ids = Some(vec![ext("oidc", "2")]);
+                a.external_ids = vec![ext("oidc", "1")];
+            },
+            UserUpdate {
+                external_ids: Some(vec![ext("oidc", "2")]),
+                ..none()
+            },
+        ),
+        (
+            "external ids none wanted",
+            |d, a| {
+                d.external_ids = Some(vec![]);
+                a.external_ids = vec![ext("oidc", "1")]
+            },
+            UserUpdate {
+                external_ids: Some(vec![]),
+                ..none()
+            },
+        ),
+        ("password absent", |_, _| {}, none()),
+        (
+            "password applied",
+            |d, _| d.password = Some(password("pw", true, false)),
+            none(),
+        ),
+        (
+            "password new, keep devices",
+            |d, _| d.password = Some(password("pw2", false, false)),
+            UserUpdate {
+                password: Some(SecretString::new("pw2")),
+                logout_devices: Some(false),
+                ..none()
+            },
+        ),
+        (
+            "password new, log out devices",
+            |d, _| d.password = Some(password("pw2", false, true)),
+            UserUpdate {
+                password: Some(SecretString::new("pw2")),
+                logout_devices: Some(true),
+                ..none()
+            },
+        ),
+        ("deactivated absent", |_, a| a.deactivated = true, none()),
+        (
+            "deactivated equal, false",
+            |d, _| d.deactivated = Some(false),
+            none(),
+        ),
+        (
+            "deactivated equal, true",
+            |d, a| {
+                d.deactivated = Some(true);
+                a.deactivated = true
+            },
+            none(),
+        ),
+    ]
+}
+
+#[test]
+fn every_field_absent_equal_and_different() {
+    for (case, setup, expected) in field_cases() {
+        let (mut d, mut a) = (desired(), account());
+        setup(&mut d, &mut a);
+        assert_eq!(update(&d, &a), expected, "{case}");
+    }
+}
+
+#[test]
+fn an_account_in_sync_plans_nothing() {
+    let mut d = desired();
+    d.displayname = Some("Alice".into());
+    d.avatar_url = Some("mxc://example.org/abc".into());
+    d.admin = Some(true);
+    d.deactivated = Some(false);
+    d.locked = Some(false);
+    d.user_type = Some(UserType::Bot);
+    d.password = Some(password("pw", true, true));
+    d.threepids = Some(vec![email("alice@example.org"), email("a2@example.org")]);
+    d.external_ids = Some(vec![ext("oidc", "1")]);
+    let mut a = account();
+    a.displayname = Some("Alice".into());
+    a.avatar_url = Some("mxc://example.org/abc".into());
+    a.admin = true;
+    a.user_type = Some("bot".into());
+    a.threepids = vec![email("a2@example.org"), email("alice@example.org")];
+    a.external_ids = vec![ext("oidc", "1")];
+    let authority = Authority {
+        owned: true,
+        admin_allowed: true,
+        ..Authority::default()
+    };
+    let p = plan(&d, Some(&a), authority, &Owners::default()).unwrap();
+    assert!(p.is_empty(), "{p:?}");
+    assert_eq!(lookups(&d, Some(&a)), Lookups::default());
+}
+
+#[test]
+fn several_differences_go_in_one_body() {
+    let mut d = desired();
+    d.displayname = Some("Alice".into());
+    d.locked = Some(true);
+    d.password = Some(password("pw", false, false));
+    let u = update(&d, &account());
+    assert_eq!(
+        changed_fields(&u),
+        vec!["password", "displayname", "locked"]
+    );
+}
+
+#[test]
+fn a_missing_account_is_created_with_an_empty_body_first() {
+    let mut d = desired();
+    d.displayname = Some("Alice".into());
+    d.deactivated = Some(true);
+    d.locked = Some(false);
+    d.password = Some(password("pw", false, false));
+    for authority in [Authority::default(), owned()] {
+        let p = plan(&d, None, authority, &Owners::default()).unwrap();
+        assert_eq!(p.action, Some(Action::Create));
+        assert!(!p.adopt && !p.sends_password());
+    }
+}
+
+#[test]
+fn after_create_the_fields_follow_including_deactivation_and_lock() {
+    // Synapse ignores deactivated/locked on create; the round after the
+    // create sends them to the account as it now is.
+    let mut d = desired();
+    d.deactivated = Some(true);
+    d.displayname = Some("Alice".into());
+    let fresh = account(); // displayname = localpart, as Synapse sets it
+    assert_eq!(
+        update(&d, &fresh),
+        UserUpdate {
+            displayname: Some("Alice".into()),
+            deactivated: Some(true),
+            ..UserUpdate::default()
+        }
+    );
+    let mut d = desired();
+    d.locked = Some(true);
+    assert_eq!(
+        update(&d, &fresh),
+        UserUpdate {
+            locked: Some(true),
+            ..UserUpdate::default()
+        }
+    );
+}
+
+#[test]
+fn create_without_displayname_leaves_synapses_default_alone() {
+    // Synapse sets displayname = localpart; an unmanaged displayname stays so.
+    assert!(
+        plan(&desired(), Some(&account()), owned(), &Owners::default())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// deactivated × locked, desired (None/false/true each) against actual.
+#[test]
+fn every_transition_of_deactivated_and_locked() {
+    let states = [None, Some(false), Some(true)];
+    for want_deact in states {
+        for want_locked in states {
+            if want_deact == Some(true) && want_locked == Some(true) {
+                continue; // rejected by the CRD schema
+            }
+            for have_deact in [false, true] {
+                for have_locked in [false, true] {
+                    let mut d = desired();
+                    d.deactivated = want_deact;
+                    d.locked = want_locked;
+                    let mut a = account();
+                    a.deactivated = have_deact;
+                    a.locked = have_locked;
+                    let u = update(&d, &a);
+                    let case = format!(
+                        "want d={want_deact:?} l={want_locked:?}, have d={have_deact} l={have_locked}"
+                    );
+                    let expect_deact = want_deact.filter(|w| *w != have_deact);
+                    let expect_locked = want_locked.filter(|w| *w != have_locked);
+                    assert_eq!(u.deactivated, expect_deact, "{case}");
+                    assert_eq!(u.locked, expect_locked, "{case}");
+                    assert!(
+                        !(u.deactivated == Some(true) && u.locked == Some(true)),
+                        "{case}: Synapse rejects both"
+                    );
+                    assert_eq!(u.password, None, "{case}: no password is managed");
+                    // Every other field stays out of the body.
+                    let rest = UserUpdate {
+                        deactivated: None,
+                        locked: None,
+                        ..u
+                    };
+                    assert_eq!(rest, UserUpdate::default(), "{case}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn reactivation_sends_the_password_in_the_same_call() {
+    let mut d = desired();
+    d.deactivated = Some(false);
+    // Applied long ago; deactivation removed the hash since.
+    d.password = Some(password("pw", true, false));
+    let mut a = account();
+    a.deactivated = true;
+    let p = plan(&d, Some(&a), owned(), &Owners::default()).unwrap();
+    assert_eq!(
+        p.action,
+        Some(Action::Update(UserUpdate {
+            deactivated: Some(false),
+            password: Some(SecretString::new("pw")),
+            logout_devices: Some(false),
+            ..UserUpdate::default()
+        }))
+    );
+    assert!(!p.reactivates_without_password);
+}
+
+#[test]
+fn reactivation_without_a_managed_password_is_flagged() {
+    let mut d = desired();
+    d.deactivated = Some(false);
+    let mut a = account();
+    a.deactivated = true;
+    let p = plan(&d, Some(&a), owned(), &Owners::default()).unwrap();
+    assert!(p.reactivates_without_password);
+    assert_eq!(
+        p.action,
+        Some(Action::Update(UserUpdate {
+            deactivated: Some(false),
+            ..UserUpdate::default()
+        }))
+    );
+}
+
+#[test]
+fn reactivation_restores_threepids_in_the_same_call() {
+    let mut d = desired();
+    d.deactivated = Some(false);
+    d.threepids = Some(vec![email("alice@example.org")]);
+    let mut a = account();
+    a.deactivated = true; // Synapse removed the threepids
+    let u = update(&d, &a);
+    assert_eq!(u.threepids, Some(vec![email("alice@example.org")]));
+    assert_eq!(u.deactivated, Some(false));
+}
+
+#[test]
+fn a_deactivated_account_gets_no_threepids_and_no_password() {
+    for want in [Some(true), None] {
+        let mut d = desired();
+        d.deactivated = want;
+        d.threepids = Some(vec![email("alice@example.org")]);
+        d.password = Some(password("new", false, false));
+        let mut a = account();
+        a.deactivated = true;
+        assert_eq!(update(&d, &a), UserUpdate::default(), "want {want:?}");
+        assert_eq!(lookups(&d, Some(&a)), Lookups::default(), "want {want:?}");
+    }
+}
+
+#[test]
+fn deactivating_sends_profile_changes_but_not_threepids_or_password() {
+    let mut d = desired();
+    d.deactivated = Some(true);
+    d.displayname = Some("Gone".into());
+    d.threepids = Some(vec![email("alice@example.org")]);
+    d.password = Some(password("new", false, false));
+    let u = update(&d, &account());
+    assert_eq!(
+        u,
+        UserUpdate {
+            deactivated: Some(true),
+            displayname: Some("Gone".into()),
+            ..UserUpdate::default()
+        }
+    );
+}
+
+#[test]
+fn an_erased_account_that_stays_deactivated_keeps_its_profile_erased() {
+    let mut d = desired();
+    d.displayname = Some("Alice".into());
+    d.avatar_url = Some("mxc://x/y".into());
+    let mut a = account();
+    a.deactivated = true;
+    a.erased = true;
+    a.displayname = None;
+    assert_eq!(update(&d, &a), UserUpdate::default());
+    // Re-activated, the profile comes back.
+    d.deactivated = Some(false);
+    let u = update(&d, &a);
+    assert_eq!(u.displayname.as_deref(), Some("Alice"));
+    assert_eq!(u.avatar_url.as_deref(), Some("mxc://x/y"));
+}
+
+#[test]
+fn an_existing_account_not_owned_is_refused_without_adoption() {
+    let d = desired();
+    let a = account();
+    let cases = [
+        (
+            Authority {
+                adopt_requested: false,
+                adoption_allowed: true,
+                ..Authority::default()
+            },
+            "AdoptionNotRequested",
+        ),
+        (
+            Authority {
+                adopt_requested: true,
+                adoption_allowed: false,
+                ..Authority::default()
+            },
+            "AdoptionNotAllowed",
+        ),
+        (Authority::default(), "AdoptionNotRequested"),
+    ];
+    for (authority, expected) in cases {
+        let err = plan(&d, Some(&a), authority, &Owners::default()).unwrap_err();
+        assert!(
+            format!("{err:?}").starts_with(expected),
+            "{authority:?}: {err:?}"
+        );
+        assert!(err.to_string().contains("@alice:example.org"));
+    }
+}
+
+#[test]
+fn adoption_needs_both_the_spec_and_the_policy_and_is_recorded() {
+    let mut d = desired();
+    d.displayname = Some("Alice".into());
+    let authority = Authority {
+        adopt_requested: true,
+        adoption_allowed: true,
+        ..Authority::default()
+    };
+    let p = plan(&d, Some(&account()), authority, &Owners::default()).unwrap();
+    assert!(p.adopt);
+    assert!(
+        matches!(p.action, Some(Action::Update(ref u)) if u.displayname.as_deref() == Some("Alice"))
+    );
+    // Adopting an account already in line records it and writes nothing.
+    let p = plan(&desired(), Some(&account()), authority, &Owners::default()).unwrap();
+    assert!(p.adopt && p.action.is_none() && !p.is_empty());
+    // Owned already: no adoption to record.
+    let p = plan(
+        &desired(),
+        Some(&account()),
+        Authority {
+            owned: true,
+            ..authority
+        },
+        &Owners::default(),
+    )
+    .unwrap();
+    assert!(p.is_empty());
+}
+
+#[test]
+fn adopting_sends_the_password_of_the_spec() {
+    let mut d = desired();
+    d.password = Some(password("pw", false, false));
+    let authority = Authority {
+        adopt_requested: true,
+        adoption_allowed: true,
+        ..Authority::default()
+    };
+    assert!(
+        plan(&d, Some(&account()), authority, &Owners::default())
+            .unwrap()
+            .sends_password()
+    );
+}
+
+#[test]
+fn admin_needs_the_policy() {
+    let mut d = desired();
+    d.admin = Some(true);
+    assert_eq!(
+        plan(&d, None, Authority::default(), &Owners::default()),
+        Err(Refusal::AdminNotAllowed)
+    );
+    assert_eq!(
+        plan(&d, Some(&account()), owned(), &Owners::default()),
+        Err(Refusal::AdminNotAllowed)
+    );
+    let allowed = Authority {
+        owned: true,
+        admin_allowed: true,
+        ..Authority::default()
+    };
+    assert_eq!(update_with(&d, &account(), allowed).admin, Some(true));
+    // admin: false needs no permission.
+    d.admin = Some(false);
+    assert!(plan(&d, Some(&account()), owned(), &Owners::default()).is_ok());
+}
+
+fn update_with(d: &Desired, a: &SynapseUser, authority: Authority) -> UserUpdate {
+    match plan(d, Some(a), authority, &Owners::default())
+        .unwrap()
+        .action
+    {
+        Some(Action::Update(u)) => u,
+        other => panic!("expected an update, got {other:?}"),
+    }
+}
+
+#[test]
+fn lookups_cover_what_would_be_added_only() {
+    let mut d = desired();
+    d.threepids = Some(vec![email("held@example.org"), email("new@example.org")]);
+    d.external_ids = Some(vec![ext("oidc", "1"), ext("oidc", "2")]);
+    let mut a = account();
+    a.threepids = vec![email("held@example.org"), email("dropped@example.org")];
+    a.external_ids = vec![ext("oidc", "1")];
+    assert_eq!(
+        lookups(&d, Some(&a)),
+        Lookups {
+            threepids: vec![email("new@example.org")],
+            external_ids: vec![ext("oidc", "2")]
+        }
+    );
+    // Before the account exists, everything is looked up.
+    assert_eq!(lookups(&d, None).threepids.len(), 2);
+    assert_eq!(lookups(&d, None).external_ids.len(), 2);
+    // Unmanaged fields need no lookups.
+    assert_eq!(lookups(&desired(), Some(&a)), Lookups::default());
+}
+
+#[test]
+fn a_threepid_of_another_account_is_a_conflict_even_before_create() {
+    let mut d = desired();
+    d.threepids = Some(vec![email("bob@example.org")]);
+    let owners = Owners {
+        threepids: vec![(email("bob@example.org"), Some("@bob:example.org".into()))],
+        ..Owners::default()
+    };
+    let expected = Refusal::ThreepidInUse {
+        medium: "email".into(),
+        address: "bob@example.org".into(),
+        owner: "@bob:example.org".into(),
+    };
+    assert_eq!(
+        plan(&d, None, Authority::default(), &owners),
+        Err(expected.clone())
+    );
+    assert_eq!(plan(&d, Some(&account()), owned(), &owners), Err(expected));
+}
+
+#[test]
+fn an_external_id_of_another_account_is_a_conflict() {
+    let mut d = desired();
+    d.external_ids = Some(vec![ext("oidc", "7")]);
+    let owners = Owners {
+        external_ids: vec![(ext("oidc", "7"), Some("@bob:example.org".into()))],
+        ..Owners::default()
+    };
+    assert!(matches!(
+        plan(&d, Some(&account()), owned(), &owners),
+        Err(Refusal::ExternalIdInUse { .. })
+    ));
+}
+
+#[test]
+fn free_or_own_threepids_are_no_conflict() {
+    let mut d = desired();
+    d.threepids = Some(vec![email("a@example.org"), email("b@example.org")]);
+    let owners = Owners {
+        threepids: vec![
+            (email("a@example.org"), None),
+            (email("b@example.org"), Some("@alice:example.org".into())),
+        ],
+        ..Owners::default()
+    };
+    assert!(plan(&d, Some(&account()), owned(), &owners).is_ok());
+}
+
+#[test]
+fn desired_from_spec_normalises_and_keeps_unset_fields_unmanaged() {
+    let spec = MatrixUserSpec {
+        homeserver_ref: HomeserverRef { name: "hs".into() },
+        localpart: None,
+        display_name: Some("Alice".into()),
+        avatar_url: None,
+        admin: None,
+        deactivated: Some(false),
+        locked: None,
+        user_type: None,
+        password: None,
+        threepids: Some(vec![
+            ThreepidSpec {
+                medium: ThreepidMedium::Email,
+                address: " Alice@Example.ORG ".into(),
+            },
+            ThreepidSpec {
+                medium: ThreepidMedium::Email,
+                address: "alice@example.org".into(),
+            },
+            ThreepidSpec {
+                medium: ThreepidMedium::Msisdn,
+                address: "447700900000".into(),
+            },
+        ]),
+        external_ids: Some(vec![ExternalIdSpec {
+            auth_provider: "oidc".into(),
+            external_id: "Abc".into(),
+        }]),
+        deletion_policy: DeletionPolicy::default(),
+        adopt: false,
+    };
+    let d = desired_from_spec(&spec, user_id(), None);
+    assert_eq!(
+        d.threepids,
+        Some(vec![email("alice@example.org"), msisdn("447700900000")])
+    );
+    assert_eq!(
+        d.external_ids,
+        Some(vec![ext("oidc", "Abc")]),
+        "external ids are case-sensitive"
+    );
+    assert_eq!(d.displayname.as_deref(), Some("Alice"));
+    assert_eq!(
+        (d.admin, d.locked, d.avatar_url, d.user_type),
+        (None, None, None, None)
+    );
+    assert_eq!(d.deactivated, Some(false));
+}
+
+#[test]
+fn deletion_policies() {
+    let active = account();
+    let mut deactivated = account();
+    deactivated.deactivated = true;
+    let mut erased = deactivated.clone();
+    erased.erased = true;
+    use DeletionPolicy::*;
+    let cases: [(
+        DeletionPolicy,
+        bool,
+        Option<&SynapseUser>,
+        Option<DeletionAction>,
+    ); 12] = [
+        (
+            Deactivate,
+            true,
+            Some(&active),
+            Some(DeletionAction::Deactivate { erase: false }),
+        ),
+        (Deactivate, true, Some(&deactivated), None),
+        (Deactivate, true, None, None),
+        (Deactivate, false, Some(&active), None),
+        (
+            Erase,
+            true,
+            Some(&active),
+            Some(DeletionAction::Deactivate { erase: true }),
+        ),
+        (
+            Erase,
+            true,
+            Some(&deactivated),
+            Some(DeletionAction::Deactivate { erase: true }),
+        ),
+        (Erase, true, Some(&erased), None),
+        (Erase, false, Some(&active), None),
+        (Erase, true, None, None),
+        (Retain, true, Some(&active), None),
+        (Retain, true, Some(&deactivated), None),
+        (Retain, false, Some(&active), None),
+    ];
+    for (policy, owned, account, expected) in cases {
+        assert_eq!(
+            plan_deletion(policy, owned, account),
+            expected,
+            "{policy:?} owned={owned} {account:?}"
+        );
+    }
+}
+
+#[test]
+fn changed_fields_names_fields_never_values() {
+    let u = UserUpdate {
+        password: Some(SecretString::new("hunter2")),
+        logout_devices: Some(true),
+        threepids: Some(vec![email("a@example.org")]),
+        ..UserUpdate::default()
+    };
+    assert_eq!(changed_fields(&u), vec!["password", "threepids"]);
+}

@@ -1,0 +1,9 @@
+//! Shared helpers for the integration tests.
+//!
+//! Use from a test file with `mod common;` and then `common::synapse()`.
+#![allow(dead_code)]
+
+pub mod synapse;
+
+#[allow(unused_imports)] // not every test binary uses every item
+pub use synapse::{SERVER_NAME, SYNAPSE_VERSION, SynapseServer, synapse};
