@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod apply;
+pub mod controller;
+pub mod health;
 pub mod plan;
 pub mod secret;
 pub mod synapse;

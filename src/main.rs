@@ -1,6 +1,10 @@
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use matrix_user_operator::{controller, health, tls};
+use tracing::{error, info};
 
 /// Keeps Matrix accounts on a Synapse homeserver in line with MatrixUser resources.
 #[derive(Parser)]
@@ -14,6 +18,135 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions (Homeserver, MatrixUser) as YAML.
     Crd,
+    /// Run the operator against the cluster of the in-cluster config or KUBECONFIG.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// How often each resource is checked against Synapse for drift, e.g. 30s, 10m, 1h (±10% jitter).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    resync_interval: Duration,
+    /// Reconciles in flight at once, per kind.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u16,
+    /// Limit on each admin API request, e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Address for /healthz and /readyz; `0` disables it.
+    #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
+    health_addr: ListenAddr,
+    /// Log format: `text` for terminals, `json` for log collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, in RUST_LOG syntax (default: RUST_LOG, else `info`).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy)]
+struct ListenAddr(Option<SocketAddr>);
+
+fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    if s == "0" {
+        return Ok(ListenAddr(None));
+    }
+    s.parse()
+        .map(|a| ListenAddr(Some(a)))
+        .map_err(|e| format!("{e} (expected HOST:PORT, or 0 to disable)"))
+}
+
+/// `90s`, `10m`, `1h`, `2h30m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (use e.g. 30s, 10m, 1h)");
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        number.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(bad()),
+        };
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    info!("shutting down");
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    tls::install_crypto_provider();
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (in-cluster config or KUBECONFIG): {e}"))?;
+    let listener = health::bind(args.health_addr.0)
+        .await
+        .map_err(|e| format!("cannot listen for health checks: {e}"))?;
+    let readiness = health::Readiness::default();
+    let health_task = listener.map(|l| tokio::spawn(health::serve(l, readiness.clone())));
+    let config = controller::Config {
+        resync_interval: args.resync_interval,
+        request_timeout: args.request_timeout,
+        namespace: args.namespace,
+        concurrency: args.concurrency,
+    };
+    info!(namespace = config.namespace.as_deref().unwrap_or("(all)"), resync = ?config.resync_interval, "starting");
+    controller::run(client, config, shutdown_signal(), move || {
+        readiness.set_ready()
+    })
+    .await;
+    if let Some(task) = health_task {
+        task.abort();
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -29,5 +162,51 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Run(args) => {
+            init_logging(args.log_format, args.log_level.as_deref());
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "m", "10x", "0s", "10m5"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn listen_addr_zero_disables() {
+        assert!(parse_listen_addr("0").unwrap().0.is_none());
+        assert_eq!(
+            parse_listen_addr("127.0.0.1:9000").unwrap().0,
+            Some("127.0.0.1:9000".parse().unwrap())
+        );
+        assert!(parse_listen_addr("nope").is_err());
     }
 }

@@ -1,0 +1,103 @@
+use crate::apply::SyncError;
+use crate::plan::Refusal;
+use crate::synapse::{ErrorClass, InvalidUserId, SynapseError};
+
+/// Why a reconcile did not bring its resource in line. Each variant is one
+/// failure site; [`Error::reason`] is the condition reason and Event reason,
+/// [`Error::is_transient`] decides retry-with-backoff against wait-for-change.
+///
+/// Messages name the resources involved, never a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Homeserver {name:?} not found in this namespace")]
+    HomeserverNotFound { name: String },
+    #[error("Homeserver {name:?} is not ready: {message}")]
+    HomeserverNotReady { name: String, message: String },
+    #[error("Secret {name:?} not found")]
+    SecretNotFound { name: String, key: String },
+    #[error("Secret {name:?} has no key {key:?}")]
+    SecretKeyMissing { name: String, key: String },
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error(transparent)]
+    InvalidUserId(#[from] InvalidUserId),
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("MatrixUser {other:?} already manages {user_id}")]
+    DuplicateUser { user_id: String, other: String },
+    #[error("Secret {name:?} exists and is not owned by this MatrixUser; it is left alone")]
+    CredentialsSecretNotOwned { name: String },
+    #[error("Synapse: {0}")]
+    Synapse(#[from] SynapseError),
+    #[error("Synapse does not settle: {0}")]
+    NotSettling(String),
+    #[error(
+        "the homeserver says its server name is {actual:?}, but spec.serverName is {expected:?}"
+    )]
+    ServerNameMismatch { expected: String, actual: String },
+    #[error("the admin token belongs to {user_id}, who is not a server admin")]
+    NotAdmin { user_id: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl From<SyncError> for Error {
+    fn from(e: SyncError) -> Self {
+        match e {
+            SyncError::Refused(r) => Error::Refused(r),
+            SyncError::Synapse(s) => Error::Synapse(s),
+            e @ SyncError::NotSettling { .. } => Error::NotSettling(e.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// The condition and Event reason: a closed set, documented in the README.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::HomeserverNotFound { .. } => "HomeserverNotFound",
+            Error::HomeserverNotReady { .. } => "HomeserverNotReady",
+            Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. } => "SecretNotFound",
+            Error::InvalidSpec(_) | Error::InvalidUserId(_) => "InvalidSpec",
+            Error::Refused(Refusal::AdminNotAllowed) => "AdminNotAllowed",
+            Error::Refused(
+                Refusal::AdoptionNotRequested { .. } | Refusal::AdoptionNotAllowed { .. },
+            ) => "AdoptionRefused",
+            Error::Refused(Refusal::ThreepidInUse { .. } | Refusal::ExternalIdInUse { .. }) => {
+                "Conflict"
+            }
+            Error::DuplicateUser { .. } | Error::CredentialsSecretNotOwned { .. } => "Conflict",
+            Error::Synapse(e) => match e.class() {
+                ErrorClass::Unauthorized => "Unauthorized",
+                ErrorClass::Forbidden => "NotAdmin",
+                ErrorClass::Conflict => "Conflict",
+                ErrorClass::Transient if matches!(e, SynapseError::Transport { .. }) => {
+                    "Unreachable"
+                }
+                _ => "SynapseError",
+            },
+            Error::NotSettling(_) => "SynapseError",
+            Error::ServerNameMismatch { .. } => "ServerNameMismatch",
+            Error::NotAdmin { .. } => "NotAdmin",
+            Error::Kube(_) => "KubernetesError",
+        }
+    }
+
+    /// Worth retrying with backoff, as opposed to waiting for a change of
+    /// the spec, a Secret or the Homeserver.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Synapse(e) => e.is_transient(),
+            Error::NotSettling(_) | Error::Kube(_) => true,
+            _ => false,
+        }
+    }
+
+    /// How long Synapse asked to wait, if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Synapse(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Homeserver reconcile: can the admin token reach and administer Synapse?
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::controller::Action;
+use kube::{Api, ResourceExt};
+use tracing::{info, instrument, warn};
+
+use super::{Context, Error, patch_status};
+use crate::api::{Homeserver, HomeserverStatus, Ready, set_condition};
+use crate::synapse::ErrorClass;
+
+struct Checked {
+    server_name: String,
+    server_version: String,
+}
+
+#[instrument(skip_all, fields(homeserver = %hs.name_any(), namespace = hs.namespace().unwrap_or_default()))]
+pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let result = check(&hs, &ctx).await;
+    let old = hs.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    status.observed_generation = hs.metadata.generation;
+    let ready = match &result {
+        Ok(c) => {
+            status.server_name = Some(c.server_name.clone());
+            status.server_version = Some(c.server_version.clone());
+            Ready::ok(
+                "Connected",
+                format!("connected to {} ({})", c.server_name, c.server_version),
+            )
+        }
+        Err(e) => Ready::not_ready(e.reason(), e.to_string()),
+    };
+    set_condition(
+        &mut status.conditions,
+        &ready,
+        hs.metadata.generation,
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    if status != old {
+        let api: Api<Homeserver> =
+            Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
+        patch_status(&api, &hs.name_any(), &status).await?;
+        match &result {
+            Ok(_) => info!(reason = ready.reason, "homeserver ready"),
+            Err(e) => warn!(reason = ready.reason, error = %e, "homeserver not ready"),
+        }
+    }
+    match result {
+        Ok(_) => {
+            ctx.reset_backoff(hs.as_ref());
+            Ok(ctx.resync())
+        }
+        Err(e) if e.is_transient() => Err(e),
+        // A bad token or URL waits for a change of the spec or the Secret
+        // (both watched), and is looked at again at the next resync.
+        Err(_) => Ok(ctx.resync()),
+    }
+}
+
+async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
+    let client = ctx.synapse_client(hs).await?;
+    let admin = client.whoami().await?;
+    let server_name = admin
+        .split_once(':')
+        .map(|(_, s)| s.to_string())
+        .ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "whoami answered {admin:?}, which is not a Matrix ID"
+            ))
+        })?;
+    if let Some(expected) = &hs.spec.server_name
+        && *expected != server_name
+    {
+        return Err(Error::ServerNameMismatch {
+            expected: expected.clone(),
+            actual: server_name,
+        });
+    }
+    let server_version = client.server_version().await?;
+    // Any admin endpoint tells an admin token from a user's.
+    match client.get_user_raw(&admin).await {
+        Ok(_) => {}
+        Err(e) if e.class() == ErrorClass::Forbidden => {
+            return Err(Error::NotAdmin { user_id: admin });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Checked {
+        server_name,
+        server_version,
+    })
+}
+
+pub fn error_policy(hs: Arc<Homeserver>, error: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.backoff(hs.as_ref(), error))
+}
+
+/// The status a Homeserver must show before its MatrixUsers are reconciled.
+pub fn ready_server_name(status: Option<&HomeserverStatus>) -> Result<String, String> {
+    let Some(status) = status else {
+        return Err("not checked yet".into());
+    };
+    match crate::api::ready_condition(&status.conditions) {
+        Some(c) if c.status == "True" => status
+            .server_name
+            .clone()
+            .ok_or_else(|| "no server name yet".into()),
+        Some(c) => Err(format!("{}: {}", c.reason, c.message)),
+        None => Err("not checked yet".into()),
+    }
+}

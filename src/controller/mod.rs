@@ -1,0 +1,345 @@
+//! The kube-runtime wiring: one controller for Homeservers, one for
+//! MatrixUsers, Secrets watched by metadata only.
+
+mod error;
+mod homeserver;
+mod matrixuser;
+mod secrets;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use tracing::{info, warn};
+
+pub use error::Error;
+pub use homeserver::reconcile_homeserver;
+pub use matrixuser::{FINALIZER, reconcile_user};
+
+use crate::api::{Homeserver, MatrixUser};
+use crate::synapse::{ClientConfig, SynapseClient};
+
+/// The field manager of every write, and the Events' reporting controller.
+pub const MANAGER: &str = "matrix-user-operator";
+
+/// How the controllers behave.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How often an in-sync resource is checked against Synapse (with
+    /// ±10% jitter): Synapse changes produce no watch events.
+    pub resync_interval: Duration,
+    /// Limit on each admin API request.
+    pub request_timeout: Duration,
+    /// Watch this namespace only; all when `None`.
+    pub namespace: Option<String>,
+    /// Reconciles in flight at once, per kind.
+    pub concurrency: u16,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(600),
+            request_timeout: Duration::from_secs(30),
+            namespace: None,
+            concurrency: 4,
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    recorder: Recorder,
+    /// All MatrixUsers, to find two that claim one Matrix ID.
+    users: Store<MatrixUser>,
+    synapse_clients: Mutex<HashMap<(String, String), CachedClient>>,
+    /// Failed attempts in a row, per object, for exponential backoff.
+    failures: Mutex<HashMap<(String, String, String), u32>>,
+}
+
+struct CachedClient {
+    config: (String, String, usize),
+    client: SynapseClient,
+}
+
+impl Context {
+    pub fn new(client: Client, config: Config, users: Store<MatrixUser>) -> Self {
+        let recorder = Recorder::new(client.clone(), Reporter::from(MANAGER));
+        Self {
+            client,
+            config,
+            recorder,
+            users,
+            synapse_clients: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// The admin client of a Homeserver, made anew when its URL, token or
+    /// request limit changed.
+    async fn synapse_client(&self, hs: &Homeserver) -> Result<SynapseClient, Error> {
+        let ns = hs.namespace().unwrap_or_default();
+        let token = secrets::read_key(&self.client, &ns, &hs.spec.admin_token_secret_ref).await?;
+        let limit = hs.spec.max_concurrent_requests.max(1) as usize;
+        let fingerprint = (hs.spec.url.clone(), token.expose().to_string(), limit);
+        let key = (ns, hs.name_any());
+        let mut cache = self
+            .synapse_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(cached) = cache.get(&key)
+            && cached.config == fingerprint
+        {
+            return Ok(cached.client.clone());
+        }
+        let client = SynapseClient::new(ClientConfig {
+            base_url: hs.spec.url.clone(),
+            admin_token: token,
+            max_concurrent_requests: limit,
+            timeout: self.config.request_timeout,
+        })
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        cache.insert(
+            key,
+            CachedClient {
+                config: fingerprint,
+                client: client.clone(),
+            },
+        );
+        Ok(client)
+    }
+
+    /// The requeue after a success: the resync interval, ±10%.
+    fn resync(&self) -> Action {
+        let base = self.config.resync_interval.as_secs_f64();
+        Action::requeue(Duration::from_secs_f64(
+            base * (0.9 + 0.2 * random_fraction()),
+        ))
+    }
+
+    fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> (String, String, String) {
+        (
+            K::kind(&()).into_owned(),
+            obj.meta().namespace.clone().unwrap_or_default(),
+            obj.meta().name.clone().unwrap_or_default(),
+        )
+    }
+
+    fn reset_backoff<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::failure_key(obj));
+    }
+
+    /// The wait before retrying a failed reconcile: Synapse's retry_after
+    /// when it sent one, else 1 s doubling per failure in a row, up to 5 min.
+    pub fn backoff<K: Resource<DynamicType = ()>>(&self, obj: &K, error: &Error) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(Self::failure_key(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        if let Some(wait) = error.retry_after() {
+            return wait;
+        }
+        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+    }
+
+    async fn publish<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "cannot publish an Event");
+        }
+    }
+}
+
+/// A fraction in [0, 1) from the OS's randomness (0.5 if it has none).
+fn random_fraction() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    match ring::rand::SystemRandom::new().fill(&mut b) {
+        Ok(()) => u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0),
+        Err(_) => 0.5,
+    }
+}
+
+/// Writes `status` with server-side apply on the status subresource.
+async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn api_for<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers until `shutdown` resolves. `ready` is told once the
+/// caches have synced.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce() + Send + 'static,
+) {
+    let shutdown = shutdown.shared();
+    let users_api: Api<MatrixUser> = api_for(&client, &config.namespace);
+    let homeservers_api: Api<Homeserver> = api_for(&client, &config.namespace);
+    // Secrets are watched by metadata only: their values never reach the
+    // operator except the few it reads by name.
+    let secrets_api: Api<PartialObjectMeta<Secret>> = match &config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let controller_config =
+        kube::runtime::controller::Config::default().concurrency(config.concurrency);
+
+    let users = Controller::new(users_api, watcher::Config::default().any_semantic())
+        .with_config(controller_config.clone());
+    let store = users.store();
+    let ctx = Arc::new(Context::new(client.clone(), config, store.clone()));
+
+    let by_homeserver = store.clone();
+    let by_secret = store.clone();
+    let users = users
+        .watches(
+            homeservers_api.clone(),
+            watcher::Config::default(),
+            move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
+        )
+        .watches_stream(
+            watcher(secrets_api.clone(), watcher::Config::default())
+                .default_backoff()
+                .touched_objects(),
+            move |secret| users_of_secret(&by_secret, &secret),
+        )
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile_user, matrixuser::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "MatrixUser reconcile failed");
+            }
+        });
+
+    let homeservers = Controller::new(homeservers_api, watcher::Config::default().any_semantic())
+        .with_config(controller_config);
+    let hs_store = homeservers.store();
+    let homeservers = homeservers
+        .watches_stream(
+            watcher(secrets_api, watcher::Config::default())
+                .default_backoff()
+                .touched_objects(),
+            move |secret| homeservers_of_secret(&hs_store, &secret),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile_homeserver, homeserver::error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "Homeserver reconcile failed");
+            }
+        });
+
+    let readiness = async move {
+        if store.wait_until_ready().await.is_ok() {
+            info!("caches synced");
+            ready();
+        }
+    };
+    futures::join!(users, homeservers, readiness);
+    info!("controllers stopped");
+}
+
+fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
+    let (ns, name) = (hs.namespace(), hs.name_any());
+    store
+        .state()
+        .iter()
+        .filter(|u| u.namespace() == ns && u.spec.homeserver_ref.name == name)
+        .map(|u| ObjectRef::from_obj(u.as_ref()))
+        .collect()
+}
+
+/// MatrixUsers that read a Secret: their password Secret, or the Secret they
+/// own (generated credentials).
+fn users_of_secret(
+    store: &Store<MatrixUser>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<MatrixUser>> {
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    let owners: Vec<&str> = secret
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "MatrixUser")
+        .map(|o| o.uid.as_str())
+        .collect();
+    store
+        .state()
+        .iter()
+        .filter(|u| u.namespace() == ns)
+        .filter(|u| {
+            let by_name = u
+                .spec
+                .password
+                .as_ref()
+                .and_then(|p| p.secret_ref.as_ref())
+                .is_some_and(|r| r.name == name);
+            by_name || u.uid().is_some_and(|uid| owners.contains(&uid.as_str()))
+        })
+        .map(|u| ObjectRef::from_obj(u.as_ref()))
+        .collect()
+}
+
+fn homeservers_of_secret(
+    store: &Store<Homeserver>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<Homeserver>> {
+    let (ns, name) = (secret.namespace(), secret.name_any());
+    store
+        .state()
+        .iter()
+        .filter(|h| h.namespace() == ns && h.spec.admin_token_secret_ref.name == name)
+        .map(|h| ObjectRef::from_obj(h.as_ref()))
+        .collect()
+}
