@@ -257,8 +257,8 @@ fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId) -> Result<()
     let localpart = user.spec.effective_localpart(&name);
     let older = ctx.users.state().into_iter().find(|other| {
         let other_name = other.name_any();
-        other.uid() != user.uid()
-            && other.namespace() == user.namespace()
+        other.namespace() == user.namespace()
+            && other_name != name
             && other.spec.homeserver_ref == user.spec.homeserver_ref
             && other.spec.effective_localpart(&other_name) == localpart
             && key(other) < mine

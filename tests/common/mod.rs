@@ -3,6 +3,7 @@
 //! Use from a test file with `mod common;` and then `common::synapse()`.
 #![allow(dead_code)]
 
+pub mod fake_kube;
 pub mod synapse;
 
 #[allow(unused_imports)] // not every test binary uses every item

@@ -1,0 +1,629 @@
+//! Controller tests: reconcile against a fake Kubernetes API server (the
+//! kube-rs tower-test pattern) and a real Synapse.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::fake_kube::FakeApiServer;
+use common::synapse;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use matrix_user_operator::api::{Homeserver, MatrixUser};
+use matrix_user_operator::controller::{
+    Config, Context, FINALIZER, reconcile_homeserver, reconcile_user,
+};
+use serde_json::{Value, json};
+
+const NS: &str = "chat";
+
+fn homeserver(policy: Value) -> Value {
+    let s = synapse();
+    json!({
+        "apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+        "metadata": {"name": "hs", "namespace": NS, "generation": 1},
+        "spec": {"url": s.base_url, "adminTokenSecretRef": {"name": "admin", "key": "token"}, "policy": policy},
+        "status": {
+            "serverName": s.server_name, "serverVersion": common::SYNAPSE_VERSION, "observedGeneration": 1,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Connected", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+        }
+    })
+}
+
+fn secret(name: &str, key: &str, value: &str) -> Value {
+    use std::io::Write;
+    let mut b64 = Vec::new();
+    {
+        // Base64 by hand keeps the test free of another dependency.
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for chunk in value.as_bytes().chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    b64.write_all(&[A[(n >> (18 - 6 * i) & 63) as usize]])
+                        .unwrap();
+                } else {
+                    b64.write_all(b"=").unwrap();
+                }
+            }
+        }
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {key: String::from_utf8(b64).unwrap()}
+    })
+}
+
+fn matrix_user(name: &str, spec: Value, status: Value) -> Value {
+    json!({
+        "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+        "metadata": {"name": name, "namespace": NS, "generation": 1, "finalizers": [FINALIZER]},
+        "spec": spec,
+        "status": status,
+    })
+}
+
+/// The fake server, seeded with a ready Homeserver and its admin token.
+fn cluster(policy: Value) -> (kube::Client, FakeApiServer) {
+    let (client, fake) = FakeApiServer::start();
+    fake.put(homeserver(policy));
+    fake.put(secret("admin", "token", &synapse().admin_token));
+    (client, fake)
+}
+
+fn context(client: kube::Client, users: &[&MatrixUser]) -> Arc<Context> {
+    let mut writer = Writer::<MatrixUser>::default();
+    for u in users {
+        writer.apply_watcher_event(&watcher::Event::Apply((*u).clone()));
+    }
+    Arc::new(Context::new(client, Config::default(), writer.as_reader()))
+}
+
+/// The object as the fake server now holds it.
+fn stored(fake: &FakeApiServer, obj: &Value) -> MatrixUser {
+    serde_json::from_value(
+        fake.get(&common::fake_kube::path_of(obj))
+            .expect("object stored"),
+    )
+    .unwrap()
+}
+
+fn ready_of(u: &MatrixUser) -> (String, String, String) {
+    let c = u
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("Ready condition");
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+async fn account(user_id: &str) -> (u16, Value) {
+    synapse()
+        .admin_get(&format!("/_synapse/admin/v2/users/{user_id}"))
+        .await
+}
+
+#[tokio::test]
+async fn new_user_is_created_and_recorded_then_in_sync_costs_no_writes() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-new");
+    let (client, fake) = cluster(json!({}));
+    fake.put(secret("alice-pw", "password", "first-password"));
+    let obj = matrix_user(
+        "alice",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Alice",
+               "threepids": [{"medium": "email", "address": format!("{lp}@Example.org")}],
+               "password": {"secretRef": {"name": "alice-pw", "key": "password"}}}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let ctx = context(client, &[&user]);
+
+    let action = reconcile_user(Arc::new(user), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert_ne!(
+        action,
+        Action::await_change(),
+        "an in-sync user is resynced"
+    );
+
+    let user = stored(&fake, &obj);
+    assert_eq!(ready_of(&user).0, "True", "{:?}", ready_of(&user));
+    assert_eq!(ready_of(&user).1, "InSync");
+    let status = user.status.clone().unwrap();
+    assert_eq!(status.user_id.as_deref(), Some(s.user_id(&lp).as_str()));
+    assert_eq!(status.observed_generation, Some(1));
+    let digest = status
+        .password_digest
+        .clone()
+        .expect("password digest recorded");
+    assert!(!digest.contains("first-password"));
+    assert_eq!(
+        fake.event_reasons(),
+        vec!["Created", "Updated", "PasswordChanged"]
+    );
+    let (code, acc) = account(&s.user_id(&lp)).await;
+    assert_eq!(code, 200);
+    assert_eq!(acc["displayname"], "Alice");
+    assert_eq!(acc["threepids"][0]["address"], format!("{lp}@example.org"));
+    assert!(s.login(&lp, "first-password").await.is_ok());
+
+    // The same resource, now with its status: one GET to Synapse, no write
+    // anywhere — neither Kubernetes nor Synapse.
+    fake.clear_requests();
+    let token = s.login(&lp, "first-password").await.unwrap();
+    reconcile_user(Arc::new(user.clone()), ctx.clone())
+        .await
+        .expect("reconcile");
+    let lines: Vec<String> = fake.requests().iter().map(|r| r.line()).collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("GET /apis/matrix-operator.io/v1alpha1/namespaces/{NS}/homeservers/hs"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/admin"),
+            format!("GET /api/v1/namespaces/{NS}/secrets/alice-pw"),
+        ]
+    );
+    let (_, after) = account(&s.user_id(&lp)).await;
+    assert_eq!(
+        after["threepids"], acc["threepids"],
+        "threepids not re-sent (timestamps unchanged)"
+    );
+    assert_eq!(
+        s.whoami_status(&token).await,
+        200,
+        "no password re-sent: sessions survive"
+    );
+
+    // A new password in the Secret is applied.
+    fake.put(secret("alice-pw", "password", "second-password"));
+    fake.clear_requests();
+    reconcile_user(Arc::new(user), ctx)
+        .await
+        .expect("reconcile");
+    assert_eq!(fake.event_reasons(), vec!["PasswordChanged"]);
+    assert!(s.login(&lp, "second-password").await.is_ok());
+    assert_eq!(s.login(&lp, "first-password").await, Err(403));
+    let user = stored(&fake, &obj);
+    assert_ne!(user.status.unwrap().password_digest.unwrap(), digest);
+}
+
+#[tokio::test]
+async fn missing_password_secret_is_a_condition_naming_it() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-nosecret");
+    let (client, fake) = cluster(json!({}));
+    let obj = matrix_user(
+        "bob",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp,
+               "password": {"secretRef": {"name": "bob-pw", "key": "pass"}}}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let action = reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .expect("permanent: no error");
+    assert_ne!(action, Action::await_change());
+    let (status, reason, message) = ready_of(&stored(&fake, &obj));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "SecretNotFound")
+    );
+    assert!(message.contains("bob-pw"), "{message}");
+    assert_eq!(fake.event_reasons(), vec!["SecretNotFound"]);
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404, "nothing created");
+
+    // A key missing from an existing Secret names the key.
+    let (c, fake2) = cluster(json!({}));
+    fake2.put(secret("bob-pw", "other", "x"));
+    fake2.put(obj.clone());
+    reconcile_user(Arc::new(user.clone()), context(c, &[&user]))
+        .await
+        .unwrap();
+    let (_, reason, message) = ready_of(&stored(&fake2, &obj));
+    assert_eq!(reason, "SecretNotFound");
+    assert!(
+        message.contains("bob-pw") && message.contains("pass"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-adopt");
+    s.register_user(&lp, "their-password", false).await;
+    let spec =
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Taken Over"});
+
+    let (client, fake) = cluster(json!({"allowAdoption": true}));
+    let obj = matrix_user("carol", spec.clone(), Value::Null);
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    let refused = stored(&fake, &obj);
+    assert_eq!(ready_of(&refused).1, "AdoptionRefused");
+    assert_eq!(
+        refused.status.unwrap().user_id,
+        None,
+        "not recorded as owned"
+    );
+    assert_eq!(
+        account(&s.user_id(&lp)).await.1["displayname"],
+        lp.as_str(),
+        "untouched"
+    );
+
+    // adopt: true but the Homeserver does not allow it.
+    let mut adopting = spec.clone();
+    adopting["adopt"] = json!(true);
+    let (client, fake) = cluster(json!({"allowAdoption": false}));
+    let obj = matrix_user("carol", adopting.clone(), Value::Null);
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    assert_eq!(reason, "AdoptionRefused");
+    assert!(message.contains("allowAdoption"), "{message}");
+    assert_eq!(
+        account(&s.user_id(&lp)).await.1["displayname"],
+        lp.as_str(),
+        "untouched"
+    );
+
+    // Both allow it: adopted, recorded, changed.
+    let (client, fake) = cluster(json!({"allowAdoption": true}));
+    fake.put(obj.clone());
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    let adopted = stored(&fake, &obj);
+    assert_eq!(ready_of(&adopted).1, "InSync");
+    assert_eq!(
+        adopted.status.unwrap().user_id.as_deref(),
+        Some(s.user_id(&lp).as_str())
+    );
+    assert_eq!(fake.event_reasons(), vec!["Adopted", "Updated"]);
+    assert_eq!(
+        account(&s.user_id(&lp)).await.1["displayname"],
+        "Taken Over"
+    );
+}
+
+#[tokio::test]
+async fn admin_needs_the_homeserver_policy() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-admin");
+    let (client, fake) = cluster(json!({"allowAdminUsers": false}));
+    let obj = matrix_user(
+        "dave",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "admin": true}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    assert_eq!(ready_of(&stored(&fake, &obj)).1, "AdminNotAllowed");
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404);
+}
+
+#[tokio::test]
+async fn the_newer_of_two_users_for_one_matrix_id_gets_a_conflict_and_writes_nothing() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-dup");
+    let (client, fake) = cluster(json!({}));
+    let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": lp});
+    let mut older = matrix_user("first", spec.clone(), Value::Null);
+    older["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    older["metadata"]["uid"] = json!("uid-older");
+    let mut newer = matrix_user("second", spec, Value::Null);
+    newer["metadata"]["creationTimestamp"] = json!("2026-02-01T00:00:00Z");
+    newer["metadata"]["uid"] = json!("uid-newer");
+    fake.put(older.clone());
+    fake.put(newer.clone());
+    let older_user: MatrixUser = serde_json::from_value(older).unwrap();
+    let newer_user: MatrixUser = serde_json::from_value(newer.clone()).unwrap();
+    let ctx = context(client, &[&older_user, &newer_user]);
+    reconcile_user(Arc::new(newer_user), ctx).await.unwrap();
+    let (_, reason, message) = ready_of(&stored(&fake, &newer));
+    assert_eq!(reason, "Conflict");
+    assert!(message.contains("first"), "{message}");
+    assert_eq!(
+        account(&s.user_id(&lp)).await.0,
+        404,
+        "no write reached Synapse"
+    );
+}
+
+#[tokio::test]
+async fn an_email_of_another_account_is_a_conflict_and_stays_there() {
+    let s = synapse();
+    let owner = s.unique_localpart("ctl-owner");
+    s.register_user(&owner, "pw", false).await;
+    let email = format!("{owner}@example.org");
+    s.admin_put(
+        &format!("/_synapse/admin/v2/users/{}", s.user_id(&owner)),
+        json!({"threepids": [{"medium": "email", "address": email}]}),
+    )
+    .await;
+    let lp = s.unique_localpart("ctl-thief");
+    let (client, fake) = cluster(json!({}));
+    let obj = matrix_user(
+        "thief",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp,
+               "threepids": [{"medium": "email", "address": email.to_uppercase()}]}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    assert_eq!(reason, "Conflict");
+    assert!(message.contains(&s.user_id(&owner)), "{message}");
+    assert_eq!(
+        account(&s.user_id(&owner)).await.1["threepids"][0]["address"],
+        email.as_str()
+    );
+}
+
+async fn deleted_with_policy(policy: &str) -> (String, Value, Vec<String>) {
+    let s = synapse();
+    let lp = s.unique_localpart(&format!("ctl-del-{}", policy.to_lowercase()));
+    let (client, fake) = cluster(json!({}));
+    let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Doomed", "deletionPolicy": policy});
+    let obj = matrix_user("eve", spec, Value::Null);
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let ctx = context(client, &[&user]);
+    reconcile_user(Arc::new(user), ctx.clone()).await.unwrap();
+    let mut deleting = stored(&fake, &obj);
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    fake.put(serde_json::to_value(&deleting).unwrap());
+    fake.clear_requests();
+    reconcile_user(Arc::new(deleting), ctx)
+        .await
+        .expect("cleanup");
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed, object gone"
+    );
+    let (_, acc) = account(&s.user_id(&lp)).await;
+    (lp, acc, fake.event_reasons())
+}
+
+#[tokio::test]
+async fn deletion_deactivates_by_default() {
+    let (_, acc, events) = deleted_with_policy("Deactivate").await;
+    assert_eq!(acc["deactivated"], true);
+    assert_eq!(acc["erased"], false);
+    assert_eq!(events, vec!["Deactivated"]);
+}
+
+#[tokio::test]
+async fn deletion_erases_with_erase() {
+    let (_, acc, events) = deleted_with_policy("Erase").await;
+    assert_eq!(acc["deactivated"], true);
+    assert_eq!(acc["erased"], true);
+    assert_eq!(acc["displayname"], Value::Null);
+    assert_eq!(events, vec!["Erased"]);
+}
+
+#[tokio::test]
+async fn deletion_retains_with_retain() {
+    let (_, acc, events) = deleted_with_policy("Retain").await;
+    assert_eq!(acc["deactivated"], false);
+    assert_eq!(acc["displayname"], "Doomed");
+    assert_eq!(events, vec!["Retained"]);
+}
+
+#[tokio::test]
+async fn deletion_lets_go_when_the_homeserver_is_gone() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gone");
+    let (client, fake) = FakeApiServer::start();
+    let mut obj = matrix_user(
+        "frank",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
+        json!({"userId": s.user_id(&lp)}),
+    );
+    obj["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .expect("cleanup lets go");
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed"
+    );
+    assert_eq!(fake.event_reasons(), vec!["HomeserverGone"]);
+}
+
+#[tokio::test]
+async fn deletion_of_an_account_never_owned_touches_nothing() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-notmine");
+    s.register_user(&lp, "pw", false).await;
+    let (client, fake) = cluster(json!({}));
+    let mut obj = matrix_user(
+        "gina",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
+        Value::Null,
+    );
+    obj["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    assert!(fake.get(&common::fake_kube::path_of(&obj)).is_none());
+    assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], false);
+}
+
+#[tokio::test]
+async fn generated_password_goes_into_an_owned_secret_and_logs_in() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gen");
+    let (client, fake) = cluster(json!({}));
+    let mut obj = matrix_user(
+        "gen",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
+        Value::Null,
+    );
+    obj["metadata"]["uid"] = json!("uid-gen");
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let ctx = context(client, &[&user]);
+    reconcile_user(Arc::new(user.clone()), ctx.clone())
+        .await
+        .unwrap();
+    let secret = fake
+        .get(&format!("/api/v1/namespaces/{NS}/secrets/gen-credentials"))
+        .expect("Secret created");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-gen");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+    let keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        vec!["homeserverUrl", "password", "userId", "username"]
+    );
+    let password: Vec<u8> = serde_json::from_value(secret["data"]["password"].clone())
+        .map(|b: k8s_openapi::ByteString| b.0)
+        .unwrap();
+    let password = String::from_utf8(password).unwrap();
+    assert_eq!(password.len(), 32);
+    assert!(s.login(&lp, &password).await.is_ok());
+    assert_eq!(ready_of(&stored(&fake, &obj)).1, "InSync");
+    assert!(
+        fake.event_reasons()
+            .contains(&"CredentialsGenerated".to_string())
+    );
+
+    // The next pass reads the same Secret and changes nothing.
+    fake.clear_requests();
+    reconcile_user(Arc::new(stored(&fake, &obj)), ctx)
+        .await
+        .unwrap();
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
+#[tokio::test]
+async fn generated_password_never_overwrites_a_secret_it_does_not_own() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gen-taken");
+    let (client, fake) = cluster(json!({}));
+    fake.put(secret("taken-credentials", "password", "someone-elses"));
+    let obj = matrix_user(
+        "taken",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .unwrap();
+    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    assert_eq!(reason, "Conflict");
+    assert!(message.contains("taken-credentials"), "{message}");
+    let kept = fake
+        .get(&format!(
+            "/api/v1/namespaces/{NS}/secrets/taken-credentials"
+        ))
+        .unwrap();
+    assert_eq!(
+        kept["data"],
+        secret("taken-credentials", "password", "someone-elses")["data"]
+    );
+    assert!(kept["metadata"]["ownerReferences"].is_null());
+    assert!(
+        fake.writes().iter().all(|w| !w.path.contains("/secrets")),
+        "{:?}",
+        fake.writes()
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404);
+}
+
+async fn homeserver_outcome(
+    token: &str,
+    url: Option<&str>,
+    server_name: Option<&str>,
+) -> (String, String, Result<(), String>) {
+    let (client, fake) = FakeApiServer::start();
+    let mut hs = homeserver(json!({}));
+    hs["status"] = Value::Null;
+    if let Some(url) = url {
+        hs["spec"]["url"] = json!(url);
+    }
+    if let Some(name) = server_name {
+        hs["spec"]["serverName"] = json!(name);
+    }
+    fake.put(hs.clone());
+    fake.put(secret("admin", "token", token));
+    let hs_obj: Homeserver = serde_json::from_value(hs.clone()).unwrap();
+    let result = reconcile_homeserver(Arc::new(hs_obj), context(client, &[])).await;
+    let stored: Homeserver =
+        serde_json::from_value(fake.get(&common::fake_kube::path_of(&hs)).unwrap()).unwrap();
+    let status = stored.status.unwrap();
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    (
+        c.reason.clone(),
+        c.message.clone(),
+        result.map(|_| ()).map_err(|e| e.to_string()),
+    )
+}
+
+#[tokio::test]
+async fn homeserver_conditions() {
+    let s = synapse();
+    let (reason, message, result) = homeserver_outcome(&s.admin_token, None, None).await;
+    assert_eq!(reason, "Connected", "{message}");
+    assert!(message.contains(common::SYNAPSE_VERSION), "{message}");
+    assert!(result.is_ok());
+
+    let (reason, message, result) = homeserver_outcome("not-a-token", None, None).await;
+    assert_eq!(reason, "Unauthorized", "{message}");
+    assert!(
+        !message.contains("not-a-token"),
+        "the token never shows: {message}"
+    );
+    assert!(result.is_ok(), "a bad token waits for a new Secret");
+
+    let lp = s.unique_localpart("ctl-plain");
+    let user_token = s.register_user(&lp, "pw", false).await;
+    let (reason, message, _) = homeserver_outcome(&user_token, None, None).await;
+    assert_eq!(reason, "NotAdmin", "{message}");
+
+    let (reason, message, _) =
+        homeserver_outcome(&s.admin_token, None, Some("other.example")).await;
+    assert_eq!(reason, "ServerNameMismatch", "{message}");
+
+    // Nothing listens on port 9 of loopback.
+    let (reason, _, result) =
+        homeserver_outcome(&s.admin_token, Some("http://127.0.0.1:9"), None).await;
+    assert_eq!(reason, "Unreachable");
+    assert!(result.is_err(), "unreachable is retried with backoff");
+}
