@@ -43,9 +43,7 @@ pub enum SyncError {
     Refused(#[from] Refusal),
     #[error(transparent)]
     Synapse(#[from] SynapseError),
-    #[error(
-        "the account does not settle: after {MAX_ROUNDS} rounds Synapse still differs in {fields:?}"
-    )]
+    #[error("the account does not settle: after {MAX_ROUNDS} rounds Synapse still differs in {fields:?}")]
     NotSettling { fields: Vec<&'static str> },
 }
 
@@ -116,9 +114,7 @@ pub async fn sync_account(
             None => {}
         }
     }
-    Err(SyncError::NotSettling {
-        fields: last_fields,
-    })
+    Err(SyncError::NotSettling { fields: last_fields })
 }
 
 /// Returns the error unless it is a rate limit short enough to wait out
@@ -146,9 +142,7 @@ async fn look_up_owners(
         owners.threepids.push((t, owner));
     }
     for e in wanted.external_ids {
-        let owner = client
-            .external_id_owner(&e.auth_provider, &e.external_id)
-            .await?;
+        let owner = client.external_id_owner(&e.auth_provider, &e.external_id).await?;
         owners.external_ids.push((e, owner));
     }
     Ok(owners)

@@ -5,6 +5,8 @@ pub mod api;
 pub mod apply;
 pub mod controller;
 pub mod health;
+pub mod leader;
+pub mod metrics;
 pub mod plan;
 pub mod secret;
 pub mod synapse;

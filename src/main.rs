@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use futures::FutureExt;
+use matrix_user_operator::leader::{LeaderElector, LeaderError, LeaseConfig};
+use matrix_user_operator::metrics::Metrics;
 use matrix_user_operator::{controller, health, tls};
 use tracing::{error, info};
 
@@ -36,15 +39,32 @@ struct RunArgs {
     /// Limit on each admin API request, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     request_timeout: Duration,
-    /// Address for /healthz and /readyz; `0` disables it.
+    /// Address for /healthz, /readyz and /metrics; `0` disables it.
     #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
     health_addr: ListenAddr,
+    /// Leader election on a Lease, so one replica of several reconciles:
+    /// `auto` is on inside a cluster and off elsewhere.
+    #[arg(long, value_enum, default_value_t = LeaderElection::Auto)]
+    leader_election: LeaderElection,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This replica's name in the Lease (default: the pod name, else host name and process ID).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
     /// Log format: `text` for terminals, `json` for log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Log filter, in RUST_LOG syntax (default: RUST_LOG, else `info`).
     #[arg(long)]
     log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LeaderElection {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -122,6 +142,37 @@ async fn shutdown_signal() {
     info!("shutting down");
 }
 
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
+fn lease_config(args: &RunArgs) -> Option<LeaseConfig> {
+    let on = match args.leader_election {
+        LeaderElection::On => true,
+        LeaderElection::Off => false,
+        LeaderElection::Auto => in_cluster(),
+    };
+    if !on {
+        return None;
+    }
+    let namespace = args
+        .leader_election_namespace
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "default".to_string());
+    let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    Some(LeaseConfig::new(namespace, identity))
+}
+
 async fn run(args: RunArgs) -> Result<(), String> {
     tls::install_crypto_provider();
     let client = kube::Client::try_default()
@@ -130,23 +181,52 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let listener = health::bind(args.health_addr.0)
         .await
         .map_err(|e| format!("cannot listen for health checks: {e}"))?;
+    let metrics = Metrics::new();
     let readiness = health::Readiness::default();
-    let health_task = listener.map(|l| tokio::spawn(health::serve(l, readiness.clone())));
+    let health_task = listener.map(|l| tokio::spawn(health::serve(l, readiness.clone(), metrics.clone())));
+    let lease = lease_config(&args);
     let config = controller::Config {
         resync_interval: args.resync_interval,
         request_timeout: args.request_timeout,
         namespace: args.namespace,
         concurrency: args.concurrency,
     };
-    info!(namespace = config.namespace.as_deref().unwrap_or("(all)"), resync = ?config.resync_interval, "starting");
-    controller::run(client, config, shutdown_signal(), move || {
-        readiness.set_ready()
-    })
-    .await;
+    info!(
+        namespace = config.namespace.as_deref().unwrap_or("(all)"),
+        resync = ?config.resync_interval,
+        leader_election = lease.is_some(),
+        "starting"
+    );
+    let shutdown = shutdown_signal().shared();
+    let result = match lease {
+        None => {
+            let ready = readiness.clone();
+            controller::run(client, config, metrics, shutdown, move || ready.set_ready()).await;
+            Ok(())
+        }
+        Some(lease) => {
+            readiness.set_standby();
+            info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "standing by for the lease");
+            let elector = LeaderElector::new(client.clone(), lease);
+            let (ready, leading) = (readiness.clone(), readiness.clone());
+            let work = {
+                let shutdown = shutdown.clone();
+                move || -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+                    Box::pin(controller::run(client, config, metrics, shutdown, move || {
+                        ready.set_ready()
+                    }))
+                }
+            };
+            match elector.run(work, move || leading.set_leader(), shutdown).await {
+                Ok(()) | Err(LeaderError::ShutDown) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
     if let Some(task) = health_task {
         task.abort();
     }
-    Ok(())
+    result
 }
 
 fn main() -> ExitCode {
@@ -164,10 +244,7 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => {
             init_logging(args.log_format, args.log_level.as_deref());
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");

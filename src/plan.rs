@@ -105,13 +105,9 @@ impl Plan {
 /// Why the operator will not act on the spec as it is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error(
-        "admin: true is not allowed by the Homeserver's policy (policy.allowAdminUsers is false)"
-    )]
+    #[error("admin: true is not allowed by the Homeserver's policy (policy.allowAdminUsers is false)")]
     AdminNotAllowed,
-    #[error(
-        "{user_id} already exists and was not created for this MatrixUser; set spec.adopt: true to take it over"
-    )]
+    #[error("{user_id} already exists and was not created for this MatrixUser; set spec.adopt: true to take it over")]
     AdoptionNotRequested { user_id: String },
     #[error(
         "{user_id} already exists and was not created for this MatrixUser; the Homeserver's policy.allowAdoption is false"
@@ -165,11 +161,7 @@ fn external_id_set(ids: &[ExternalId]) -> BTreeSet<&ExternalId> {
 
 /// The desired account from a spec, its Matrix ID and its password (read
 /// from the Secret by the caller).
-pub fn desired_from_spec(
-    spec: &MatrixUserSpec,
-    user_id: UserId,
-    password: Option<DesiredPassword>,
-) -> Desired {
+pub fn desired_from_spec(spec: &MatrixUserSpec, user_id: UserId, password: Option<DesiredPassword>) -> Desired {
     Desired {
         user_id,
         displayname: spec.display_name.clone(),
@@ -212,9 +204,7 @@ pub fn lookups(desired: &Desired, account: Option<&SynapseUser>) -> Lookups {
     if let Some(wanted) = &desired.threepids
         && !ends_deactivated(desired, account)
     {
-        let held = account
-            .map(|a| threepid_set(&a.threepids))
-            .unwrap_or_default();
+        let held = account.map(|a| threepid_set(&a.threepids)).unwrap_or_default();
         out.threepids = wanted
             .iter()
             .filter(|t| !held.contains(&(t.medium.clone(), t.address.clone())))
@@ -222,14 +212,8 @@ pub fn lookups(desired: &Desired, account: Option<&SynapseUser>) -> Lookups {
             .collect();
     }
     if let Some(wanted) = &desired.external_ids {
-        let held: BTreeSet<&ExternalId> = account
-            .map(|a| external_id_set(&a.external_ids))
-            .unwrap_or_default();
-        out.external_ids = wanted
-            .iter()
-            .filter(|e| !held.contains(e))
-            .cloned()
-            .collect();
+        let held: BTreeSet<&ExternalId> = account.map(|a| external_id_set(&a.external_ids)).unwrap_or_default();
+        out.external_ids = wanted.iter().filter(|e| !held.contains(e)).cloned().collect();
     }
     out
 }
@@ -376,11 +360,7 @@ pub enum DeletionAction {
 
 /// The call that carries out `policy` on the account, if one is needed.
 /// An account this resource does not own is never touched.
-pub fn plan_deletion(
-    policy: DeletionPolicy,
-    owned: bool,
-    account: Option<&SynapseUser>,
-) -> Option<DeletionAction> {
+pub fn plan_deletion(policy: DeletionPolicy, owned: bool, account: Option<&SynapseUser>) -> Option<DeletionAction> {
     let account = account.filter(|_| owned)?;
     match policy {
         DeletionPolicy::Retain => None,

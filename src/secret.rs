@@ -75,18 +75,12 @@ fn digest_with(password: &SecretString, iterations: u32, salt: &[u8]) -> String 
 /// A digest that does not parse matches nothing.
 pub fn digest_matches(digest: &str, password: &SecretString) -> bool {
     let mut parts = digest.split('$');
-    let (Some(DIGEST_SCHEME), Some(iterations), Some(salt), Some(hash), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    let (Some(DIGEST_SCHEME), Some(iterations), Some(salt), Some(hash), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return false;
     };
-    let (Ok(iterations), Some(salt), Some(hash)) =
-        (iterations.parse::<u32>(), unhex(salt), unhex(hash))
-    else {
+    let (Ok(iterations), Some(salt), Some(hash)) = (iterations.parse::<u32>(), unhex(salt), unhex(hash)) else {
         return false;
     };
     let Some(iterations) = NonZeroU32::new(iterations) else {

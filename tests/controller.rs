@@ -11,9 +11,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use matrix_user_operator::api::{Homeserver, MatrixUser};
-use matrix_user_operator::controller::{
-    Config, Context, FINALIZER, reconcile_homeserver, reconcile_user,
-};
+use matrix_user_operator::controller::{Config, Context, FINALIZER, reconcile_homeserver, reconcile_user};
+use matrix_user_operator::metrics::Metrics;
 use serde_json::{Value, json};
 
 const NS: &str = "chat";
@@ -45,8 +44,7 @@ fn secret(name: &str, key: &str, value: &str) -> Value {
                 .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
             for i in 0..4 {
                 if i <= chunk.len() {
-                    b64.write_all(&[A[(n >> (18 - 6 * i) & 63) as usize]])
-                        .unwrap();
+                    b64.write_all(&[A[(n >> (18 - 6 * i) & 63) as usize]]).unwrap();
                 } else {
                     b64.write_all(b"=").unwrap();
                 }
@@ -78,20 +76,20 @@ fn cluster(policy: Value) -> (kube::Client, FakeApiServer) {
 }
 
 fn context(client: kube::Client, users: &[&MatrixUser]) -> Arc<Context> {
+    context_with_metrics(client, users, Metrics::new())
+}
+
+fn context_with_metrics(client: kube::Client, users: &[&MatrixUser], metrics: Metrics) -> Arc<Context> {
     let mut writer = Writer::<MatrixUser>::default();
     for u in users {
         writer.apply_watcher_event(&watcher::Event::Apply((*u).clone()));
     }
-    Arc::new(Context::new(client, Config::default(), writer.as_reader()))
+    Arc::new(Context::new(client, Config::default(), writer.as_reader(), metrics))
 }
 
 /// The object as the fake server now holds it.
 fn stored(fake: &FakeApiServer, obj: &Value) -> MatrixUser {
-    serde_json::from_value(
-        fake.get(&common::fake_kube::path_of(obj))
-            .expect("object stored"),
-    )
-    .unwrap()
+    serde_json::from_value(fake.get(&common::fake_kube::path_of(obj)).expect("object stored")).unwrap()
 }
 
 fn ready_of(u: &MatrixUser) -> (String, String, String) {
@@ -126,14 +124,8 @@ async fn new_user_is_created_and_recorded_then_in_sync_costs_no_writes() {
     let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
     let ctx = context(client, &[&user]);
 
-    let action = reconcile_user(Arc::new(user), ctx.clone())
-        .await
-        .expect("reconcile");
-    assert_ne!(
-        action,
-        Action::await_change(),
-        "an in-sync user is resynced"
-    );
+    let action = reconcile_user(Arc::new(user), ctx.clone()).await.expect("reconcile");
+    assert_ne!(action, Action::await_change(), "an in-sync user is resynced");
 
     let user = stored(&fake, &obj);
     assert_eq!(ready_of(&user).0, "True", "{:?}", ready_of(&user));
@@ -141,15 +133,9 @@ async fn new_user_is_created_and_recorded_then_in_sync_costs_no_writes() {
     let status = user.status.clone().unwrap();
     assert_eq!(status.user_id.as_deref(), Some(s.user_id(&lp).as_str()));
     assert_eq!(status.observed_generation, Some(1));
-    let digest = status
-        .password_digest
-        .clone()
-        .expect("password digest recorded");
+    let digest = status.password_digest.clone().expect("password digest recorded");
     assert!(!digest.contains("first-password"));
-    assert_eq!(
-        fake.event_reasons(),
-        vec!["Created", "Updated", "PasswordChanged"]
-    );
+    assert_eq!(fake.event_reasons(), vec!["Created", "Updated", "PasswordChanged"]);
     let (code, acc) = account(&s.user_id(&lp)).await;
     assert_eq!(code, 200);
     assert_eq!(acc["displayname"], "Alice");
@@ -186,9 +172,7 @@ async fn new_user_is_created_and_recorded_then_in_sync_costs_no_writes() {
     // A new password in the Secret is applied.
     fake.put(secret("alice-pw", "password", "second-password"));
     fake.clear_requests();
-    reconcile_user(Arc::new(user), ctx)
-        .await
-        .expect("reconcile");
+    reconcile_user(Arc::new(user), ctx).await.expect("reconcile");
     assert_eq!(fake.event_reasons(), vec!["PasswordChanged"]);
     assert!(s.login(&lp, "second-password").await.is_ok());
     assert_eq!(s.login(&lp, "first-password").await, Err(403));
@@ -214,10 +198,7 @@ async fn missing_password_secret_is_a_condition_naming_it() {
         .expect("permanent: no error");
     assert_ne!(action, Action::await_change());
     let (status, reason, message) = ready_of(&stored(&fake, &obj));
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("False", "SecretNotFound")
-    );
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "SecretNotFound"));
     assert!(message.contains("bob-pw"), "{message}");
     assert_eq!(fake.event_reasons(), vec!["SecretNotFound"]);
     assert_eq!(account(&s.user_id(&lp)).await.0, 404, "nothing created");
@@ -231,10 +212,7 @@ async fn missing_password_secret_is_a_condition_naming_it() {
         .unwrap();
     let (_, reason, message) = ready_of(&stored(&fake2, &obj));
     assert_eq!(reason, "SecretNotFound");
-    assert!(
-        message.contains("bob-pw") && message.contains("pass"),
-        "{message}"
-    );
+    assert!(message.contains("bob-pw") && message.contains("pass"), "{message}");
 }
 
 #[tokio::test]
@@ -242,8 +220,7 @@ async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
     let s = synapse();
     let lp = s.unique_localpart("ctl-adopt");
     s.register_user(&lp, "their-password", false).await;
-    let spec =
-        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Taken Over"});
+    let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Taken Over"});
 
     let (client, fake) = cluster(json!({"allowAdoption": true}));
     let obj = matrix_user("carol", spec.clone(), Value::Null);
@@ -254,11 +231,7 @@ async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
         .unwrap();
     let refused = stored(&fake, &obj);
     assert_eq!(ready_of(&refused).1, "AdoptionRefused");
-    assert_eq!(
-        refused.status.unwrap().user_id,
-        None,
-        "not recorded as owned"
-    );
+    assert_eq!(refused.status.unwrap().user_id, None, "not recorded as owned");
     assert_eq!(
         account(&s.user_id(&lp)).await.1["displayname"],
         lp.as_str(),
@@ -297,10 +270,7 @@ async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
         Some(s.user_id(&lp).as_str())
     );
     assert_eq!(fake.event_reasons(), vec!["Adopted", "Updated"]);
-    assert_eq!(
-        account(&s.user_id(&lp)).await.1["displayname"],
-        "Taken Over"
-    );
+    assert_eq!(account(&s.user_id(&lp)).await.1["displayname"], "Taken Over");
 }
 
 #[tokio::test]
@@ -343,11 +313,7 @@ async fn the_newer_of_two_users_for_one_matrix_id_gets_a_conflict_and_writes_not
     let (_, reason, message) = ready_of(&stored(&fake, &newer));
     assert_eq!(reason, "Conflict");
     assert!(message.contains("first"), "{message}");
-    assert_eq!(
-        account(&s.user_id(&lp)).await.0,
-        404,
-        "no write reached Synapse"
-    );
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404, "no write reached Synapse");
 }
 
 #[tokio::test]
@@ -387,21 +353,20 @@ async fn deleted_with_policy(policy: &str) -> (String, Value, Vec<String>) {
     let s = synapse();
     let lp = s.unique_localpart(&format!("ctl-del-{}", policy.to_lowercase()));
     let (client, fake) = cluster(json!({}));
-    let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Doomed", "deletionPolicy": policy});
+    let spec =
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Doomed", "deletionPolicy": policy});
     let obj = matrix_user("eve", spec, Value::Null);
     fake.put(obj.clone());
     let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
     let ctx = context(client, &[&user]);
     reconcile_user(Arc::new(user), ctx.clone()).await.unwrap();
     let mut deleting = stored(&fake, &obj);
-    deleting.metadata.deletion_timestamp = Some(
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
-    );
+    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
     fake.put(serde_json::to_value(&deleting).unwrap());
     fake.clear_requests();
-    reconcile_user(Arc::new(deleting), ctx)
-        .await
-        .expect("cleanup");
+    reconcile_user(Arc::new(deleting), ctx).await.expect("cleanup");
     assert!(
         fake.get(&common::fake_kube::path_of(&obj)).is_none(),
         "finalizer removed, object gone"
@@ -493,19 +458,14 @@ async fn generated_password_goes_into_an_owned_secret_and_logs_in() {
     fake.put(obj.clone());
     let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
     let ctx = context(client, &[&user]);
-    reconcile_user(Arc::new(user.clone()), ctx.clone())
-        .await
-        .unwrap();
+    reconcile_user(Arc::new(user.clone()), ctx.clone()).await.unwrap();
     let secret = fake
         .get(&format!("/api/v1/namespaces/{NS}/secrets/gen-credentials"))
         .expect("Secret created");
     assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-gen");
     assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
     let keys: Vec<&String> = secret["data"].as_object().unwrap().keys().collect();
-    assert_eq!(
-        keys,
-        vec!["homeserverUrl", "password", "userId", "username"]
-    );
+    assert_eq!(keys, vec!["homeserverUrl", "password", "userId", "username"]);
     let password: Vec<u8> = serde_json::from_value(secret["data"]["password"].clone())
         .map(|b: k8s_openapi::ByteString| b.0)
         .unwrap();
@@ -513,16 +473,11 @@ async fn generated_password_goes_into_an_owned_secret_and_logs_in() {
     assert_eq!(password.len(), 32);
     assert!(s.login(&lp, &password).await.is_ok());
     assert_eq!(ready_of(&stored(&fake, &obj)).1, "InSync");
-    assert!(
-        fake.event_reasons()
-            .contains(&"CredentialsGenerated".to_string())
-    );
+    assert!(fake.event_reasons().contains(&"CredentialsGenerated".to_string()));
 
     // The next pass reads the same Secret and changes nothing.
     fake.clear_requests();
-    reconcile_user(Arc::new(stored(&fake, &obj)), ctx)
-        .await
-        .unwrap();
+    reconcile_user(Arc::new(stored(&fake, &obj)), ctx).await.unwrap();
     assert!(fake.writes().is_empty(), "{:?}", fake.writes());
 }
 
@@ -546,9 +501,7 @@ async fn generated_password_never_overwrites_a_secret_it_does_not_own() {
     assert_eq!(reason, "Conflict");
     assert!(message.contains("taken-credentials"), "{message}");
     let kept = fake
-        .get(&format!(
-            "/api/v1/namespaces/{NS}/secrets/taken-credentials"
-        ))
+        .get(&format!("/api/v1/namespaces/{NS}/secrets/taken-credentials"))
         .unwrap();
     assert_eq!(
         kept["data"],
@@ -581,14 +534,9 @@ async fn homeserver_outcome(
     fake.put(secret("admin", "token", token));
     let hs_obj: Homeserver = serde_json::from_value(hs.clone()).unwrap();
     let result = reconcile_homeserver(Arc::new(hs_obj), context(client, &[])).await;
-    let stored: Homeserver =
-        serde_json::from_value(fake.get(&common::fake_kube::path_of(&hs)).unwrap()).unwrap();
+    let stored: Homeserver = serde_json::from_value(fake.get(&common::fake_kube::path_of(&hs)).unwrap()).unwrap();
     let status = stored.status.unwrap();
-    let c = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     (
         c.reason.clone(),
         c.message.clone(),
@@ -606,10 +554,7 @@ async fn homeserver_conditions() {
 
     let (reason, message, result) = homeserver_outcome("not-a-token", None, None).await;
     assert_eq!(reason, "Unauthorized", "{message}");
-    assert!(
-        !message.contains("not-a-token"),
-        "the token never shows: {message}"
-    );
+    assert!(!message.contains("not-a-token"), "the token never shows: {message}");
     assert!(result.is_ok(), "a bad token waits for a new Secret");
 
     let lp = s.unique_localpart("ctl-plain");
@@ -617,13 +562,65 @@ async fn homeserver_conditions() {
     let (reason, message, _) = homeserver_outcome(&user_token, None, None).await;
     assert_eq!(reason, "NotAdmin", "{message}");
 
-    let (reason, message, _) =
-        homeserver_outcome(&s.admin_token, None, Some("other.example")).await;
+    let (reason, message, _) = homeserver_outcome(&s.admin_token, None, Some("other.example")).await;
     assert_eq!(reason, "ServerNameMismatch", "{message}");
 
     // Nothing listens on port 9 of loopback.
-    let (reason, _, result) =
-        homeserver_outcome(&s.admin_token, Some("http://127.0.0.1:9"), None).await;
+    let (reason, _, result) = homeserver_outcome(&s.admin_token, Some("http://127.0.0.1:9"), None).await;
     assert_eq!(reason, "Unreachable");
     assert!(result.is_err(), "unreachable is retried with backoff");
+}
+
+/// `/metrics` over HTTP, as Prometheus would scrape it.
+async fn scrape(metrics: Metrics) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(matrix_user_operator::health::serve(
+        listener,
+        matrix_user_operator::health::Readiness::default(),
+        metrics,
+    ));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    server.abort();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
+#[tokio::test]
+async fn metrics_endpoint_serves_every_family_after_a_reconcile() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-metrics");
+    let (client, fake) = cluster(json!({}));
+    let obj = matrix_user(
+        "mia",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj).unwrap();
+    let metrics = Metrics::new();
+    let ctx = context_with_metrics(client, &[&user], metrics.clone());
+    reconcile_user(Arc::new(user), ctx.clone()).await.unwrap();
+    let hs: Homeserver = serde_json::from_value(homeserver(json!({}))).unwrap();
+    reconcile_homeserver(Arc::new(hs), ctx).await.unwrap();
+    let text = scrape(metrics).await;
+    for expected in [
+        r#"matrix_user_operator_reconciliations_total{kind="MatrixUser",result="success"} 1"#,
+        r#"matrix_user_operator_reconciliations_total{kind="Homeserver",result="success"} 1"#,
+        r#"matrix_user_operator_reconcile_duration_seconds_count{kind="MatrixUser"} 1"#,
+        r#"matrix_user_operator_admin_requests_total{endpoint="get_user",status_class="4xx"} 1"#,
+        r#"matrix_user_operator_admin_requests_total{endpoint="put_user",status_class="2xx"}"#,
+        r#"matrix_user_operator_admin_requests_total{endpoint="whoami",status_class="2xx"} 1"#,
+        r#"matrix_user_operator_admin_request_duration_seconds_count{endpoint="put_user"}"#,
+        r#"matrix_user_operator_matrixusers{reason="InSync"} 1"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
 }

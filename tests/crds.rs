@@ -12,11 +12,7 @@ fn crds_dir_matches_the_binary_output() {
         .arg("crd")
         .output()
         .expect("run matrix-user-operator crd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8(out.stdout).unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
     let committed = std::fs::read_to_string(path).expect("crds/crds.yaml");
@@ -24,10 +20,7 @@ fn crds_dir_matches_the_binary_output() {
         printed == committed,
         "crds/crds.yaml is stale: run `cargo run -- crd > crds/crds.yaml` and commit it"
     );
-    let docs: Vec<&str> = printed
-        .split("---\n")
-        .filter(|d| !d.trim().is_empty())
-        .collect();
+    let docs: Vec<&str> = printed.split("---\n").filter(|d| !d.trim().is_empty()).collect();
     assert_eq!(docs.len(), 2);
     for doc in docs {
         let crd: Value = serde_yaml::from_str(doc).expect("each document parses");
@@ -44,10 +37,7 @@ fn crd_schema_carries_grammar_enums_and_columns() {
     let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
     assert_eq!(spec["localpart"]["pattern"], "^[a-z0-9._=/+-]+$");
     assert_eq!(spec["avatarUrl"]["pattern"], r"^(mxc://[^/\s]+/[^/\s]+)?$");
-    assert_eq!(
-        spec["deletionPolicy"]["enum"],
-        json!(["Deactivate", "Erase", "Retain"])
-    );
+    assert_eq!(spec["deletionPolicy"]["enum"], json!(["Deactivate", "Erase", "Retain"]));
     assert_eq!(spec["deletionPolicy"]["default"], "Deactivate");
     assert_eq!(spec["userType"]["enum"], json!(["bot", "support"]));
     assert_eq!(
@@ -103,11 +93,7 @@ fn cel_rejects_bad_input() {
             "deactivated and locked",
             user(
                 "a",
-                with(
-                    with(base(), "deactivated", json!(true)),
-                    "locked",
-                    json!(true),
-                ),
+                with(with(base(), "deactivated", json!(true)), "locked", json!(true)),
             ),
             "cannot both be true",
         ),
@@ -140,21 +126,14 @@ fn cel_rejects_bad_input() {
         ),
         (
             "password with no source",
-            user(
-                "a",
-                with(base(), "password", json!({"logoutDevicesOnChange": true})),
-            ),
+            user("a", with(base(), "password", json!({"logoutDevicesOnChange": true}))),
             "exactly one of",
         ),
         (
             "email without @",
             user(
                 "a",
-                with(
-                    base(),
-                    "threepids",
-                    json!([{"medium": "email", "address": "nope"}]),
-                ),
+                with(base(), "threepids", json!([{"medium": "email", "address": "nope"}])),
             ),
             "needs an '@'",
         ),
@@ -164,21 +143,12 @@ fn cel_rejects_bad_input() {
         assert!(err.contains(expected), "{case}: {err}");
     }
     // Each of the rules alone passes when the input is fine.
-    validate_cel(&user("1234", with(base(), "localpart", json!("n1234"))))
-        .expect("name all digits, localpart set");
+    validate_cel(&user("1234", with(base(), "localpart", json!("n1234")))).expect("name all digits, localpart set");
     validate_cel(&user("a", with(base(), "deactivated", json!(true)))).expect("deactivated alone");
+    validate_cel(&user("a", with(base(), "password", json!({"generate": true})))).expect("generate alone");
     validate_cel(&user(
         "a",
-        with(base(), "password", json!({"generate": true})),
-    ))
-    .expect("generate alone");
-    validate_cel(&user(
-        "a",
-        with(
-            base(),
-            "threepids",
-            json!([{"medium": "msisdn", "address": "4477"}]),
-        ),
+        with(base(), "threepids", json!([{"medium": "msisdn", "address": "4477"}])),
     ))
     .expect("msisdn");
 }
@@ -188,21 +158,11 @@ fn cel_keeps_the_matrix_id_immutable() {
     let old = user("alice", with(base(), "localpart", json!("alice")));
     validate_cel_update(&old.clone(), &old).expect("unchanged");
     let renamed = user("alice", with(base(), "localpart", json!("alice2")));
-    assert!(
-        validate_cel_update(&renamed, &old).is_err(),
-        "localpart change"
-    );
+    assert!(validate_cel_update(&renamed, &old).is_err(), "localpart change");
     let defaulted = user("alice", base());
-    validate_cel_update(&defaulted, &old)
-        .expect("dropping a localpart equal to the name keeps the ID");
+    validate_cel_update(&defaulted, &old).expect("dropping a localpart equal to the name keeps the ID");
     let old_default = user("bob", base());
-    assert!(
-        validate_cel_update(
-            &user("bob", with(base(), "localpart", json!("robert"))),
-            &old_default
-        )
-        .is_err()
-    );
+    assert!(validate_cel_update(&user("bob", with(base(), "localpart", json!("robert"))), &old_default).is_err());
     let moved = user(
         "alice",
         with(
@@ -211,8 +171,5 @@ fn cel_keeps_the_matrix_id_immutable() {
             json!({"name": "other"}),
         ),
     );
-    assert!(
-        validate_cel_update(&moved, &old).is_err(),
-        "homeserverRef change"
-    );
+    assert!(validate_cel_update(&moved, &old).is_err(), "homeserverRef change");
 }

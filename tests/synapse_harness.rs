@@ -15,11 +15,7 @@ async fn synapse_runs_and_accounts_work() {
     let version = body["server_version"].as_str().unwrap_or_default();
     assert_eq!(version, SYNAPSE_VERSION, "server_version: {body}");
     // Straight to stderr so the line survives libtest's output capture.
-    let _ = writeln!(
-        std::io::stderr(),
-        "synapse {version} at {}",
-        server.base_url
-    );
+    let _ = writeln!(std::io::stderr(), "synapse {version} at {}", server.base_url);
 
     let localpart = server.unique_localpart("smoke");
     let password = "correct horse battery staple";
@@ -35,10 +31,7 @@ async fn synapse_runs_and_accounts_work() {
     assert_eq!(server.whoami_status("not-a-token").await, 401);
 
     let (status, user) = server
-        .admin_get(&format!(
-            "/_synapse/admin/v2/users/{}",
-            server.user_id(&localpart)
-        ))
+        .admin_get(&format!("/_synapse/admin/v2/users/{}", server.user_id(&localpart)))
         .await;
     assert_eq!(status, 200, "{user}");
     assert_eq!(user["name"], server.user_id(&localpart));

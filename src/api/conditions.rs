@@ -42,12 +42,7 @@ pub fn ready_condition(conditions: &[Condition]) -> Option<&Condition> {
 /// `lastTransitionTime` moves only when the status flips, so recording the
 /// same outcome twice leaves the conditions equal and no status write is
 /// needed.
-pub fn set_condition(
-    conditions: &mut Vec<Condition>,
-    ready: &Ready,
-    generation: Option<i64>,
-    now: Time,
-) {
+pub fn set_condition(conditions: &mut Vec<Condition>, ready: &Ready, generation: Option<i64>, now: Time) {
     let status = if ready.ready { "True" } else { "False" };
     let new = |last_transition_time| Condition {
         type_: READY.to_string(),
@@ -81,19 +76,9 @@ mod tests {
     #[test]
     fn same_outcome_keeps_the_conditions_equal() {
         let mut conditions = Vec::new();
-        set_condition(
-            &mut conditions,
-            &Ready::ok("InSync", "in sync"),
-            Some(1),
-            at(10),
-        );
+        set_condition(&mut conditions, &Ready::ok("InSync", "in sync"), Some(1), at(10));
         let before = conditions.clone();
-        set_condition(
-            &mut conditions,
-            &Ready::ok("InSync", "in sync"),
-            Some(1),
-            at(20),
-        );
+        set_condition(&mut conditions, &Ready::ok("InSync", "in sync"), Some(1), at(20));
         assert_eq!(conditions, before);
     }
 
@@ -106,12 +91,7 @@ mod tests {
             Some(1),
             at(10),
         );
-        set_condition(
-            &mut conditions,
-            &Ready::not_ready("SynapseError", "b"),
-            Some(2),
-            at(20),
-        );
+        set_condition(&mut conditions, &Ready::not_ready("SynapseError", "b"), Some(2), at(20));
         assert_eq!(conditions[0].last_transition_time, at(10));
         assert_eq!(conditions[0].reason, "SynapseError");
         assert_eq!(conditions[0].observed_generation, Some(2));

@@ -23,22 +23,10 @@ use super::SecretKeyRef;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(
-        name = "Server Name",
-        type_ = "string",
-        json_path = ".status.serverName"
-    ),
-    printcolumn(
-        name = "Version",
-        type_ = "string",
-        json_path = ".status.serverVersion"
-    ),
+    printcolumn(name = "Server Name", type_ = "string", json_path = ".status.serverName"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.serverVersion"),
     printcolumn(name = "URL", type_ = "string", json_path = ".spec.url", priority = 1),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct HomeserverSpec {

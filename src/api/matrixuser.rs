@@ -168,19 +168,7 @@ pub struct PasswordSpec {
     pub logout_devices_on_change: bool,
 }
 
-#[derive(
-    Serialize,
-    Deserialize,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ThreepidMedium {
     Email,
@@ -216,9 +204,7 @@ pub struct ExternalIdSpec {
 }
 
 /// What deleting a MatrixUser does to its account.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 pub enum DeletionPolicy {
     /// Deactivate the account (its Matrix ID stays taken; it cannot be reused).
     #[default]

@@ -7,8 +7,8 @@ mod matrixuser;
 pub use conditions::{Ready, ready_condition, set_condition};
 pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus};
 pub use matrixuser::{
-    DeletionPolicy, ExternalIdSpec, HomeserverRef, MatrixUser, MatrixUserSpec, MatrixUserStatus,
-    PasswordSpec, SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,
+    DeletionPolicy, ExternalIdSpec, HomeserverRef, MatrixUser, MatrixUserSpec, MatrixUserStatus, PasswordSpec,
+    SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,
 };
 
 /// The API group of every kind here.

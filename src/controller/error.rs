@@ -31,9 +31,7 @@ pub enum Error {
     Synapse(#[from] SynapseError),
     #[error("Synapse does not settle: {0}")]
     NotSettling(String),
-    #[error(
-        "the homeserver says its server name is {actual:?}, but spec.serverName is {expected:?}"
-    )]
+    #[error("the homeserver says its server name is {actual:?}, but spec.serverName is {expected:?}")]
     ServerNameMismatch { expected: String, actual: String },
     #[error("the admin token belongs to {user_id}, who is not a server admin")]
     NotAdmin { user_id: String },
@@ -60,20 +58,16 @@ impl Error {
             Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. } => "SecretNotFound",
             Error::InvalidSpec(_) | Error::InvalidUserId(_) => "InvalidSpec",
             Error::Refused(Refusal::AdminNotAllowed) => "AdminNotAllowed",
-            Error::Refused(
-                Refusal::AdoptionNotRequested { .. } | Refusal::AdoptionNotAllowed { .. },
-            ) => "AdoptionRefused",
-            Error::Refused(Refusal::ThreepidInUse { .. } | Refusal::ExternalIdInUse { .. }) => {
-                "Conflict"
+            Error::Refused(Refusal::AdoptionNotRequested { .. } | Refusal::AdoptionNotAllowed { .. }) => {
+                "AdoptionRefused"
             }
+            Error::Refused(Refusal::ThreepidInUse { .. } | Refusal::ExternalIdInUse { .. }) => "Conflict",
             Error::DuplicateUser { .. } | Error::CredentialsSecretNotOwned { .. } => "Conflict",
             Error::Synapse(e) => match e.class() {
                 ErrorClass::Unauthorized => "Unauthorized",
                 ErrorClass::Forbidden => "NotAdmin",
                 ErrorClass::Conflict => "Conflict",
-                ErrorClass::Transient if matches!(e, SynapseError::Transport { .. }) => {
-                    "Unreachable"
-                }
+                ErrorClass::Transient if matches!(e, SynapseError::Transport { .. }) => "Unreachable",
                 _ => "SynapseError",
             },
             Error::NotSettling(_) => "SynapseError",

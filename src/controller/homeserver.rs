@@ -18,7 +18,15 @@ struct Checked {
 
 #[instrument(skip_all, fields(homeserver = %hs.name_any(), namespace = hs.namespace().unwrap_or_default()))]
 pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let result = check(&hs, &ctx).await;
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&hs, &ctx).await;
+    let outcome = if result.is_ok() { "success" } else { "error" };
+    ctx.metrics.reconciled("Homeserver", outcome, started.elapsed());
+    result
+}
+
+async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
+    let result = check(hs, ctx).await;
     let old = hs.status.clone().unwrap_or_default();
     let mut status = old.clone();
     status.observed_generation = hs.metadata.generation;
@@ -40,8 +48,7 @@ pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Res
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
     if status != old {
-        let api: Api<Homeserver> =
-            Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
+        let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
         patch_status(&api, &hs.name_any(), &status).await?;
         match &result {
             Ok(_) => info!(reason = ready.reason, "homeserver ready"),
@@ -66,11 +73,7 @@ async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
     let server_name = admin
         .split_once(':')
         .map(|(_, s)| s.to_string())
-        .ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "whoami answered {admin:?}, which is not a Matrix ID"
-            ))
-        })?;
+        .ok_or_else(|| Error::InvalidSpec(format!("whoami answered {admin:?}, which is not a Matrix ID")))?;
     if let Some(expected) = &hs.spec.server_name
         && *expected != server_name
     {
@@ -104,10 +107,7 @@ pub fn ready_server_name(status: Option<&HomeserverStatus>) -> Result<String, St
         return Err("not checked yet".into());
     };
     match crate::api::ready_condition(&status.conditions) {
-        Some(c) if c.status == "True" => status
-            .server_name
-            .clone()
-            .ok_or_else(|| "no server name yet".into()),
+        Some(c) if c.status == "True" => status.server_name.clone().ok_or_else(|| "no server name yet".into()),
         Some(c) => Err(format!("{}: {}", c.reason, c.message)),
         None => Err("not checked yet".into()),
     }

@@ -12,10 +12,7 @@ use tracing::{info, instrument, warn};
 
 use super::homeserver::ready_server_name;
 use super::{Context, Error, patch_status, secrets};
-use crate::api::{
-    DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, Ready,
-    set_condition,
-};
+use crate::api::{DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, Ready, set_condition};
 use crate::apply::{Progress, delete_account, sync_account};
 use crate::plan::{Authority, DeletionAction, DesiredPassword, desired_from_spec};
 use crate::secret::{SecretString, digest_matches, password_digest};
@@ -29,12 +26,19 @@ const MAX_PASSWORD_LEN: usize = 512;
 
 #[instrument(skip_all, fields(user = %user.name_any(), namespace = user.namespace().unwrap_or_default()))]
 pub async fn reconcile_user(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<MatrixUser> =
-        Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
+    let started = std::time::Instant::now();
+    let result = reconcile_user_inner(user, &ctx).await;
+    let outcome = if result.is_ok() { "success" } else { "error" };
+    ctx.metrics.reconciled("MatrixUser", outcome, started.elapsed());
+    result
+}
+
+async fn reconcile_user_inner(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+    let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER, user, |event| async {
         match event {
-            Finalizer::Apply(user) => apply(user, &ctx).await,
-            Finalizer::Cleanup(user) => cleanup(user, &ctx).await,
+            Finalizer::Apply(user) => apply(user, ctx).await,
+            Finalizer::Cleanup(user) => cleanup(user, ctx).await,
         }
     })
     .await
@@ -65,11 +69,10 @@ async fn ready_homeserver(ctx: &Context, user: &MatrixUser) -> Result<ReadyHomes
         .get_opt(name)
         .await?
         .ok_or_else(|| Error::HomeserverNotFound { name: name.clone() })?;
-    let server_name =
-        ready_server_name(hs.status.as_ref()).map_err(|message| Error::HomeserverNotReady {
-            name: name.clone(),
-            message,
-        })?;
+    let server_name = ready_server_name(hs.status.as_ref()).map_err(|message| Error::HomeserverNotReady {
+        name: name.clone(),
+        message,
+    })?;
     let client = ctx.synapse_client(&hs).await?;
     Ok(ReadyHomeserver {
         server_name,
@@ -106,22 +109,14 @@ async fn apply(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
     }
     status.password_digest = outcome.password_digest.clone();
     let ready = match &result {
-        Ok(()) => Ready::ok(
-            "InSync",
-            format!("{} is in line with the spec", display_id(&outcome)),
-        ),
+        Ok(()) => Ready::ok("InSync", format!("{} is in line with the spec", display_id(&outcome))),
         Err(e) => Ready::not_ready(e.reason(), e.to_string()),
     };
-    set_condition(
-        &mut status.conditions,
-        &ready,
-        user.metadata.generation,
-        now(),
-    );
+    set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
+    ctx.metrics.user_reason(&user.namespace().unwrap_or_default(), &user.name_any(), Some(ready.reason));
     let condition_changed = status.conditions != old.conditions;
     if status != old {
-        let api: Api<MatrixUser> =
-            Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
+        let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
         patch_status(&api, &user.name_any(), &status).await?;
     }
     publish_progress(ctx, &user, &outcome).await;
@@ -158,12 +153,7 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-async fn sync(
-    user: &MatrixUser,
-    ctx: &Context,
-    old: &MatrixUserStatus,
-    out: &mut Outcome,
-) -> Result<(), Error> {
+async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mut Outcome) -> Result<(), Error> {
     let hs = ready_homeserver(ctx, user).await?;
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
@@ -175,30 +165,20 @@ async fn sync(
         None => None,
         Some(p) => {
             let value = match (&p.secret_ref, p.generate) {
-                (Some(r), _) => {
-                    secrets::read_key(&ctx.client, &user.namespace().unwrap_or_default(), r).await?
-                }
+                (Some(r), _) => secrets::read_key(&ctx.client, &user.namespace().unwrap_or_default(), r).await?,
                 (None, true) => {
                     let (value, created) =
-                        secrets::generated_password(&ctx.client, user, user_id.as_str(), &hs.url)
-                            .await?;
+                        secrets::generated_password(&ctx.client, user, user_id.as_str(), &hs.url).await?;
                     if created {
                         out.generated_secret = Some(secrets::credentials_secret_name(user));
                     }
                     value
                 }
                 (None, false) => {
-                    return Err(Error::InvalidSpec(
-                        "password needs secretRef or generate: true".into(),
-                    ));
+                    return Err(Error::InvalidSpec("password needs secretRef or generate: true".into()));
                 }
             };
-            check_password(
-                &value,
-                p.secret_ref
-                    .as_ref()
-                    .map(|r| (r.name.as_str(), r.key.as_str())),
-            )?;
+            check_password(&value, p.secret_ref.as_ref().map(|r| (r.name.as_str(), r.key.as_str())))?;
             let applied = old
                 .password_digest
                 .as_deref()
@@ -246,12 +226,7 @@ fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<
 /// Two MatrixUsers naming one Matrix ID: the older one (by creation time,
 /// then name) keeps it, the newer one gets a Conflict and writes nothing.
 fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId) -> Result<(), Error> {
-    let key = |u: &MatrixUser| {
-        (
-            u.meta().creation_timestamp.clone().map(|t| t.0),
-            u.name_any(),
-        )
-    };
+    let key = |u: &MatrixUser| (u.meta().creation_timestamp.clone().map(|t| t.0), u.name_any());
     let mine = key(user);
     let name = user.name_any();
     let localpart = user.spec.effective_localpart(&name);
@@ -323,27 +298,16 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
         .await;
     }
     if p.deactivated {
-        ctx.publish(
-            user,
-            EventType::Normal,
-            "Deactivated",
-            format!("deactivated {id}"),
-        )
-        .await;
+        ctx.publish(user, EventType::Normal, "Deactivated", format!("deactivated {id}"))
+            .await;
     }
     if p.reactivated {
-        ctx.publish(
-            user,
-            EventType::Normal,
-            "Reactivated",
-            format!("re-activated {id}"),
-        )
-        .await;
+        ctx.publish(user, EventType::Normal, "Reactivated", format!("re-activated {id}"))
+            .await;
     }
     if p.reactivated_without_password {
-        let note = format!(
-            "re-activated {id} without a password: it cannot log in with one until spec.password is set"
-        );
+        let note =
+            format!("re-activated {id} without a password: it cannot log in with one until spec.password is set");
         ctx.publish(user, EventType::Warning, "ReactivatedWithoutPassword", note)
             .await;
     }
@@ -353,34 +317,37 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
 }
 
 async fn cleanup(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+    let result = cleanup_account(&user, ctx).await;
+    if result.is_ok() {
+        ctx.metrics
+            .user_reason(&user.namespace().unwrap_or_default(), &user.name_any(), None);
+    }
+    result
+}
+
+async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
     let policy = user.spec.deletion_policy;
     let owned_id = user.status.as_ref().and_then(|s| s.user_id.clone());
     let Some(owned_id) = owned_id.filter(|_| policy != DeletionPolicy::Retain) else {
         let note = match policy {
-            DeletionPolicy::Retain => {
-                "deletionPolicy is Retain: the account is left as it is".to_string()
-            }
-            _ => "no account was created or adopted for this MatrixUser: nothing to clean up"
-                .to_string(),
+            DeletionPolicy::Retain => "deletionPolicy is Retain: the account is left as it is".to_string(),
+            _ => "no account was created or adopted for this MatrixUser: nothing to clean up".to_string(),
         };
-        ctx.publish(user.as_ref(), EventType::Normal, "Retained", note)
-            .await;
+        ctx.publish(user.as_ref(), EventType::Normal, "Retained", note).await;
         return Ok(Action::await_change());
     };
-    let hs = match ready_homeserver(ctx, &user).await {
+    let hs = match ready_homeserver(ctx, user).await {
         Ok(hs) => hs,
         Err(Error::HomeserverNotFound { name }) => {
             // The Homeserver is gone for good (deleted, or its namespace is
             // going): nothing can reach the account, and holding on would
             // wedge the deletion.
-            let note = format!(
-                "Homeserver {name:?} is gone: {owned_id} was left as it is ({policy:?} not applied)"
-            );
+            let note = format!("Homeserver {name:?} is gone: {owned_id} was left as it is ({policy:?} not applied)");
             ctx.publish(user.as_ref(), EventType::Warning, "HomeserverGone", note)
                 .await;
             return Ok(Action::await_change());
         }
-        Err(e) => return Err(record_cleanup_failure(ctx, &user, e).await),
+        Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
     };
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
@@ -391,19 +358,16 @@ async fn cleanup(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> 
                 Some(DeletionAction::Deactivate { erase: true }) => {
                     ("Erased", format!("deactivated and erased {user_id}"))
                 }
-                Some(DeletionAction::Deactivate { erase: false }) => {
-                    ("Deactivated", format!("deactivated {user_id}"))
-                }
+                Some(DeletionAction::Deactivate { erase: false }) => ("Deactivated", format!("deactivated {user_id}")),
                 None => (
                     "Deleted",
                     format!("{user_id} needed no change for deletionPolicy {policy:?}"),
                 ),
             };
-            ctx.publish(user.as_ref(), EventType::Normal, reason, note)
-                .await;
+            ctx.publish(user.as_ref(), EventType::Normal, reason, note).await;
             Ok(Action::await_change())
         }
-        Err(e) => Err(record_cleanup_failure(ctx, &user, e.into()).await),
+        Err(e) => Err(record_cleanup_failure(ctx, user, e.into()).await),
     }
 }
 
@@ -412,25 +376,14 @@ async fn record_cleanup_failure(ctx: &Context, user: &MatrixUser, e: Error) -> E
     let old = user.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let ready = Ready::not_ready(e.reason(), format!("deletion waits: {e}"));
-    set_condition(
-        &mut status.conditions,
-        &ready,
-        user.metadata.generation,
-        now(),
-    );
+    set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
     if status != old {
-        let api: Api<MatrixUser> =
-            Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
+        let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
         if let Err(patch_error) = patch_status(&api, &user.name_any(), &status).await {
             warn!(error = %patch_error, "cannot record the failed deletion");
         }
-        ctx.publish(
-            user,
-            EventType::Warning,
-            e.reason(),
-            format!("deletion waits: {e}"),
-        )
-        .await;
+        ctx.publish(user, EventType::Warning, e.reason(), format!("deletion waits: {e}"))
+            .await;
     }
     e
 }

@@ -27,7 +27,8 @@ pub use homeserver::reconcile_homeserver;
 pub use matrixuser::{FINALIZER, reconcile_user};
 
 use crate::api::{Homeserver, MatrixUser};
-use crate::synapse::{ClientConfig, SynapseClient};
+use crate::metrics::Metrics;
+use crate::synapse::{ClientConfig, RequestObserver, SynapseClient};
 
 /// The field manager of every write, and the Events' reporting controller.
 pub const MANAGER: &str = "matrix-user-operator";
@@ -61,6 +62,7 @@ impl Default for Config {
 pub struct Context {
     pub client: Client,
     pub config: Config,
+    pub metrics: Metrics,
     recorder: Recorder,
     /// All MatrixUsers, to find two that claim one Matrix ID.
     users: Store<MatrixUser>,
@@ -75,11 +77,12 @@ struct CachedClient {
 }
 
 impl Context {
-    pub fn new(client: Client, config: Config, users: Store<MatrixUser>) -> Self {
+    pub fn new(client: Client, config: Config, users: Store<MatrixUser>, metrics: Metrics) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter::from(MANAGER));
         Self {
             client,
             config,
+            metrics,
             recorder,
             users,
             synapse_clients: Mutex::default(),
@@ -95,10 +98,7 @@ impl Context {
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
         let fingerprint = (hs.spec.url.clone(), token.expose().to_string(), limit);
         let key = (ns, hs.name_any());
-        let mut cache = self
-            .synapse_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.synapse_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cached) = cache.get(&key)
             && cached.config == fingerprint
         {
@@ -109,6 +109,10 @@ impl Context {
             admin_token: token,
             max_concurrent_requests: limit,
             timeout: self.config.request_timeout,
+            observer: Some(RequestObserver({
+                let metrics = self.metrics.clone();
+                Arc::new(move |endpoint, status, took| metrics.admin_request(endpoint, status, took))
+            })),
         })
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
         cache.insert(
@@ -124,9 +128,7 @@ impl Context {
     /// The requeue after a success: the resync interval, ±10%.
     fn resync(&self) -> Action {
         let base = self.config.resync_interval.as_secs_f64();
-        Action::requeue(Duration::from_secs_f64(
-            base * (0.9 + 0.2 * random_fraction()),
-        ))
+        Action::requeue(Duration::from_secs_f64(base * (0.9 + 0.2 * random_fraction())))
     }
 
     fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> (String, String, String) {
@@ -156,13 +158,7 @@ impl Context {
         Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
     }
 
-    async fn publish<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
+    async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -197,12 +193,8 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await?;
     Ok(())
 }
 
@@ -221,6 +213,7 @@ where
 pub async fn run(
     client: Client,
     config: Config,
+    metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send + 'static,
 ) {
@@ -233,13 +226,12 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let controller_config =
-        kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
 
-    let users = Controller::new(users_api, watcher::Config::default().any_semantic())
-        .with_config(controller_config.clone());
+    let users =
+        Controller::new(users_api, watcher::Config::default().any_semantic()).with_config(controller_config.clone());
     let store = users.store();
-    let ctx = Arc::new(Context::new(client.clone(), config, store.clone()));
+    let ctx = Arc::new(Context::new(client.clone(), config, store.clone(), metrics));
 
     let by_homeserver = store.clone();
     let by_secret = store.clone();
@@ -263,8 +255,8 @@ pub async fn run(
             }
         });
 
-    let homeservers = Controller::new(homeservers_api, watcher::Config::default().any_semantic())
-        .with_config(controller_config);
+    let homeservers =
+        Controller::new(homeservers_api, watcher::Config::default().any_semantic()).with_config(controller_config);
     let hs_store = homeservers.store();
     let homeservers = homeservers
         .watches_stream(
@@ -303,10 +295,7 @@ fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<Object
 
 /// MatrixUsers that read a Secret: their password Secret, or the Secret they
 /// own (generated credentials).
-fn users_of_secret(
-    store: &Store<MatrixUser>,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<MatrixUser>> {
+fn users_of_secret(store: &Store<MatrixUser>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<MatrixUser>> {
     let (ns, name) = (secret.namespace(), secret.name_any());
     let owners: Vec<&str> = secret
         .owner_references()
@@ -331,10 +320,7 @@ fn users_of_secret(
         .collect()
 }
 
-fn homeservers_of_secret(
-    store: &Store<Homeserver>,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<Homeserver>> {
+fn homeservers_of_secret(store: &Store<Homeserver>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Homeserver>> {
     let (ns, name) = (secret.namespace(), secret.name_any());
     store
         .state()

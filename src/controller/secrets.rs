@@ -16,19 +16,12 @@ use crate::secret::{SecretString, generate_password};
 const GENERATED_PASSWORD_LEN: usize = 32;
 
 /// The value of one key of a Secret in `namespace`.
-pub async fn read_key(
-    client: &Client,
-    namespace: &str,
-    r: &SecretKeyRef,
-) -> Result<SecretString, Error> {
+pub async fn read_key(client: &Client, namespace: &str, r: &SecretKeyRef) -> Result<SecretString, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get_opt(&r.name)
-        .await?
-        .ok_or_else(|| Error::SecretNotFound {
-            name: r.name.clone(),
-            key: r.key.clone(),
-        })?;
+    let secret = api.get_opt(&r.name).await?.ok_or_else(|| Error::SecretNotFound {
+        name: r.name.clone(),
+        key: r.key.clone(),
+    })?;
     value_of(&secret, &r.key).ok_or_else(|| Error::SecretKeyMissing {
         name: r.name.clone(),
         key: r.key.clone(),
@@ -71,27 +64,21 @@ pub async fn generated_password(
             if !owned {
                 return Err(Error::CredentialsSecretNotOwned { name });
             }
-            let password =
-                value_of(&existing, "password").ok_or_else(|| Error::SecretKeyMissing {
-                    name: name.clone(),
-                    key: "password".into(),
-                })?;
+            let password = value_of(&existing, "password").ok_or_else(|| Error::SecretKeyMissing {
+                name: name.clone(),
+                key: "password".into(),
+            })?;
             return Ok((password, false));
         }
-        let password = generate_password(GENERATED_PASSWORD_LEN).map_err(|_| {
-            Error::InvalidSpec("the system has no randomness to generate a password".into())
-        })?;
+        let password = generate_password(GENERATED_PASSWORD_LEN)
+            .map_err(|_| Error::InvalidSpec("the system has no randomness to generate a password".into()))?;
         let owner = user
             .controller_owner_ref(&())
             .ok_or_else(|| Error::InvalidSpec("the MatrixUser has no uid".into()))?;
         let data: BTreeMap<String, ByteString> = [
             (
                 "username",
-                user_id
-                    .trim_start_matches('@')
-                    .split(':')
-                    .next()
-                    .unwrap_or_default(),
+                user_id.trim_start_matches('@').split(':').next().unwrap_or_default(),
             ),
             ("password", password.expose()),
             ("userId", user_id),
@@ -109,10 +96,7 @@ pub async fn generated_password(
         secret.metadata.namespace = Some(ns.clone());
         secret.metadata.owner_references = Some(vec![owner]);
         secret.metadata.labels = Some(BTreeMap::from([
-            (
-                "app.kubernetes.io/managed-by".to_string(),
-                super::MANAGER.to_string(),
-            ),
+            ("app.kubernetes.io/managed-by".to_string(), super::MANAGER.to_string()),
             ("matrix-operator.io/matrixuser".to_string(), user.name_any()),
         ]));
         match api
@@ -142,10 +126,7 @@ mod tests {
     #[test]
     fn data_wins_over_string_data_and_missing_keys_are_none() {
         let s = Secret {
-            data: Some(BTreeMap::from([(
-                "k".to_string(),
-                ByteString(b"from-data".to_vec()),
-            )])),
+            data: Some(BTreeMap::from([("k".to_string(), ByteString(b"from-data".to_vec()))])),
             string_data: Some(BTreeMap::from([
                 ("k".to_string(), "from-string".to_string()),
                 ("o".into(), "x".into()),

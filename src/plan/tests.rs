@@ -76,10 +76,7 @@ fn password(value: &str, applied: bool, logout_devices: bool) -> DesiredPassword
 
 /// The update an owned, existing account gets.
 fn update(d: &Desired, a: &SynapseUser) -> UserUpdate {
-    match plan(d, Some(a), owned(), &Owners::default())
-        .unwrap()
-        .action
-    {
+    match plan(d, Some(a), owned(), &Owners::default()).unwrap().action {
         None => UserUpdate::default(),
         Some(Action::Update(u)) => u,
         Some(Action::Create) => panic!("an existing account is never created"),
@@ -129,11 +126,7 @@ fn field_cases() -> Vec<(&'static str, Setup, UserUpdate)> {
                 ..none()
             },
         ),
-        (
-            "avatar absent",
-            |_, a| a.avatar_url = Some("mxc://x/y".into()),
-            none(),
-        ),
+        ("avatar absent", |_, a| a.avatar_url = Some("mxc://x/y".into()), none()),
         (
             "avatar equal",
             |d, a| {
@@ -214,11 +207,7 @@ fn field_cases() -> Vec<(&'static str, Setup, UserUpdate)> {
                 ..none()
             },
         ),
-        (
-            "user type absent",
-            |_, a| a.user_type = Some("bot".into()),
-            none(),
-        ),
+        ("user type absent", |_, a| a.user_type = Some("bot".into()), none()),
         (
             "user type equal",
             |d, a| {
@@ -366,11 +355,7 @@ fn field_cases() -> Vec<(&'static str, Setup, UserUpdate)> {
             },
         ),
         ("deactivated absent", |_, a| a.deactivated = true, none()),
-        (
-            "deactivated equal, false",
-            |d, _| d.deactivated = Some(false),
-            none(),
-        ),
+        ("deactivated equal, false", |d, _| d.deactivated = Some(false), none()),
         (
             "deactivated equal, true",
             |d, a| {
@@ -427,10 +412,7 @@ fn several_differences_go_in_one_body() {
     d.locked = Some(true);
     d.password = Some(password("pw", false, false));
     let u = update(&d, &account());
-    assert_eq!(
-        changed_fields(&u),
-        vec!["password", "displayname", "locked"]
-    );
+    assert_eq!(changed_fields(&u), vec!["password", "displayname", "locked"]);
 }
 
 #[test]
@@ -502,9 +484,7 @@ fn every_transition_of_deactivated_and_locked() {
                     a.deactivated = have_deact;
                     a.locked = have_locked;
                     let u = update(&d, &a);
-                    let case = format!(
-                        "want d={want_deact:?} l={want_locked:?}, have d={have_deact} l={have_locked}"
-                    );
+                    let case = format!("want d={want_deact:?} l={want_locked:?}, have d={have_deact} l={have_locked}");
                     let expect_deact = want_deact.filter(|w| *w != have_deact);
                     let expect_locked = want_locked.filter(|w| *w != have_locked);
                     assert_eq!(u.deactivated, expect_deact, "{case}");
@@ -651,10 +631,7 @@ fn an_existing_account_not_owned_is_refused_without_adoption() {
     ];
     for (authority, expected) in cases {
         let err = plan(&d, Some(&a), authority, &Owners::default()).unwrap_err();
-        assert!(
-            format!("{err:?}").starts_with(expected),
-            "{authority:?}: {err:?}"
-        );
+        assert!(format!("{err:?}").starts_with(expected), "{authority:?}: {err:?}");
         assert!(err.to_string().contains("@alice:example.org"));
     }
 }
@@ -670,9 +647,7 @@ fn adoption_needs_both_the_spec_and_the_policy_and_is_recorded() {
     };
     let p = plan(&d, Some(&account()), authority, &Owners::default()).unwrap();
     assert!(p.adopt);
-    assert!(
-        matches!(p.action, Some(Action::Update(ref u)) if u.displayname.as_deref() == Some("Alice"))
-    );
+    assert!(matches!(p.action, Some(Action::Update(ref u)) if u.displayname.as_deref() == Some("Alice")));
     // Adopting an account already in line records it and writes nothing.
     let p = plan(&desired(), Some(&account()), authority, &Owners::default()).unwrap();
     assert!(p.adopt && p.action.is_none() && !p.is_empty());
@@ -730,10 +705,7 @@ fn admin_needs_the_policy() {
 }
 
 fn update_with(d: &Desired, a: &SynapseUser, authority: Authority) -> UserUpdate {
-    match plan(d, Some(a), authority, &Owners::default())
-        .unwrap()
-        .action
-    {
+    match plan(d, Some(a), authority, &Owners::default()).unwrap().action {
         Some(Action::Update(u)) => u,
         other => panic!("expected an update, got {other:?}"),
     }
@@ -774,10 +746,7 @@ fn a_threepid_of_another_account_is_a_conflict_even_before_create() {
         address: "bob@example.org".into(),
         owner: "@bob:example.org".into(),
     };
-    assert_eq!(
-        plan(&d, None, Authority::default(), &owners),
-        Err(expected.clone())
-    );
+    assert_eq!(plan(&d, None, Authority::default(), &owners), Err(expected.clone()));
     assert_eq!(plan(&d, Some(&account()), owned(), &owners), Err(expected));
 }
 
@@ -853,10 +822,7 @@ fn desired_from_spec_normalises_and_keeps_unset_fields_unmanaged() {
         "external ids are case-sensitive"
     );
     assert_eq!(d.displayname.as_deref(), Some("Alice"));
-    assert_eq!(
-        (d.admin, d.locked, d.avatar_url, d.user_type),
-        (None, None, None, None)
-    );
+    assert_eq!((d.admin, d.locked, d.avatar_url, d.user_type), (None, None, None, None));
     assert_eq!(d.deactivated, Some(false));
 }
 
@@ -868,12 +834,7 @@ fn deletion_policies() {
     let mut erased = deactivated.clone();
     erased.erased = true;
     use DeletionPolicy::*;
-    let cases: [(
-        DeletionPolicy,
-        bool,
-        Option<&SynapseUser>,
-        Option<DeletionAction>,
-    ); 12] = [
+    let cases: [(DeletionPolicy, bool, Option<&SynapseUser>, Option<DeletionAction>); 12] = [
         (
             Deactivate,
             true,

@@ -20,6 +20,19 @@ pub struct ClientConfig {
     pub max_concurrent_requests: usize,
     /// Limit on each request, from connect to the last byte.
     pub timeout: Duration,
+    /// Told of every request: endpoint, HTTP status (`None` when no
+    /// response came) and duration. For metrics.
+    pub observer: Option<RequestObserver>,
+}
+
+/// A callback told of every admin request.
+#[derive(Clone)]
+pub struct RequestObserver(pub Arc<dyn Fn(Endpoint, Option<u16>, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for RequestObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestObserver")
+    }
 }
 
 impl ClientConfig {
@@ -29,6 +42,7 @@ impl ClientConfig {
             admin_token,
             max_concurrent_requests: 8,
             timeout: Duration::from_secs(30),
+            observer: None,
         }
     }
 }
@@ -49,6 +63,7 @@ pub struct SynapseClient {
     token: SecretString,
     http: reqwest::Client,
     permits: Arc<Semaphore>,
+    observer: Option<RequestObserver>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +100,7 @@ impl SynapseClient {
             token: config.admin_token,
             http,
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
+            observer: config.observer,
         })
     }
 
@@ -111,11 +127,7 @@ impl SynapseClient {
         body: Option<&(dyn erased::Body + Sync)>,
         accept: &[StatusCode],
     ) -> Result<(StatusCode, Vec<u8>), SynapseError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
         let mut request = self
             .http
             .request(method, self.url(segments))
@@ -125,13 +137,23 @@ impl SynapseClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_json());
         }
-        let transport = |source: reqwest::Error| SynapseError::Transport {
-            endpoint,
-            source: source.without_url(),
+        let started = std::time::Instant::now();
+        let observe = |status: Option<StatusCode>| {
+            if let Some(o) = &self.observer {
+                (o.0)(endpoint, status.map(|s| s.as_u16()), started.elapsed());
+            }
+        };
+        let transport = |source: reqwest::Error| {
+            observe(None);
+            SynapseError::Transport {
+                endpoint,
+                source: source.without_url(),
+            }
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        observe(Some(status));
         if status.is_success() || accept.contains(&status) {
             return Ok((status, bytes));
         }
@@ -222,11 +244,7 @@ impl SynapseClient {
     /// Creates or modifies an account. Synapse treats this as an upsert and
     /// may apply part of the body before failing: read the account again
     /// after an error.
-    pub async fn put_user(
-        &self,
-        user_id: &UserId,
-        update: &UserUpdate,
-    ) -> Result<PutOutcome, SynapseError> {
+    pub async fn put_user(&self, user_id: &UserId, update: &UserUpdate) -> Result<PutOutcome, SynapseError> {
         let segments = ["_synapse", "admin", "v2", "users", user_id.as_str()];
         let (status, bytes) = self
             .send(Endpoint::PutUser, Method::PUT, &segments, Some(update), &[])
@@ -243,39 +261,21 @@ impl SynapseClient {
     pub async fn deactivate(&self, user_id: &UserId, erase: bool) -> Result<(), SynapseError> {
         let segments = ["_synapse", "admin", "v1", "deactivate", user_id.as_str()];
         let body = serde_json::json!({ "erase": erase });
-        self.send(
-            Endpoint::Deactivate,
-            Method::POST,
-            &segments,
-            Some(&body),
-            &[],
-        )
-        .await?;
+        self.send(Endpoint::Deactivate, Method::POST, &segments, Some(&body), &[])
+            .await?;
         Ok(())
     }
 
     /// The account a third-party ID is bound to, if any. Email addresses
     /// are looked up lower-cased: Synapse stores them so and its lookup is
     /// case-sensitive.
-    pub async fn threepid_owner(
-        &self,
-        medium: &str,
-        address: &str,
-    ) -> Result<Option<String>, SynapseError> {
+    pub async fn threepid_owner(&self, medium: &str, address: &str) -> Result<Option<String>, SynapseError> {
         let address = if medium == "email" {
             address.to_lowercase()
         } else {
             address.to_string()
         };
-        let segments = [
-            "_synapse",
-            "admin",
-            "v1",
-            "threepid",
-            medium,
-            "users",
-            address.as_str(),
-        ];
+        let segments = ["_synapse", "admin", "v1", "threepid", medium, "users", address.as_str()];
         self.lookup(Endpoint::ThreepidLookup, &segments).await
     }
 
@@ -297,23 +297,13 @@ impl SynapseClient {
         self.lookup(Endpoint::ExternalIdLookup, &segments).await
     }
 
-    async fn lookup(
-        &self,
-        endpoint: Endpoint,
-        segments: &[&str],
-    ) -> Result<Option<String>, SynapseError> {
+    async fn lookup(&self, endpoint: Endpoint, segments: &[&str]) -> Result<Option<String>, SynapseError> {
         #[derive(Deserialize)]
         struct Owner {
             user_id: String,
         }
         let (status, bytes) = self
-            .send(
-                endpoint,
-                Method::GET,
-                segments,
-                None,
-                &[StatusCode::NOT_FOUND],
-            )
+            .send(endpoint, Method::GET, segments, None, &[StatusCode::NOT_FOUND])
             .await?;
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
@@ -322,11 +312,7 @@ impl SynapseClient {
     }
 }
 
-fn decode<T: DeserializeOwned>(
-    endpoint: Endpoint,
-    status: StatusCode,
-    bytes: &[u8],
-) -> Result<T, SynapseError> {
+fn decode<T: DeserializeOwned>(endpoint: Endpoint, status: StatusCode, bytes: &[u8]) -> Result<T, SynapseError> {
     serde_json::from_slice(bytes).map_err(|e| SynapseError::UnexpectedResponse {
         endpoint,
         status: status.as_u16(),

@@ -125,9 +125,7 @@ impl SynapseError {
         match self {
             SynapseError::InvalidUrl { .. } => ErrorClass::Invalid,
             SynapseError::Transport { .. } => ErrorClass::Transient,
-            SynapseError::UnexpectedResponse { status, .. } if *status >= 500 => {
-                ErrorClass::Transient
-            }
+            SynapseError::UnexpectedResponse { status, .. } if *status >= 500 => ErrorClass::Transient,
             SynapseError::UnexpectedResponse { .. } => ErrorClass::Invalid,
             SynapseError::Api {
                 status,
@@ -136,9 +134,7 @@ impl SynapseError {
                 ..
             } => match (errcode, *status) {
                 (ErrCode::LimitExceeded, _) | (_, 429) => ErrorClass::RateLimited(*retry_after),
-                (ErrCode::UnknownToken | ErrCode::MissingToken, _) | (_, 401) => {
-                    ErrorClass::Unauthorized
-                }
+                (ErrCode::UnknownToken | ErrCode::MissingToken, _) | (_, 401) => ErrorClass::Unauthorized,
                 (ErrCode::ThreepidInUse, _) | (_, 409) => ErrorClass::Conflict,
                 // Two creates of one user raced; reading the account again settles it.
                 (ErrCode::UserInUse, _) => ErrorClass::Transient,
@@ -152,10 +148,7 @@ impl SynapseError {
 
     /// Whether the same call may succeed later with no change on our side.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self.class(),
-            ErrorClass::Transient | ErrorClass::RateLimited(_)
-        )
+        matches!(self.class(), ErrorClass::Transient | ErrorClass::RateLimited(_))
     }
 
     /// How long Synapse asked us to wait, for a rate-limited call.
@@ -234,9 +227,6 @@ mod tests {
         };
         assert_eq!(e.retry_after(), Some(Duration::from_millis(1500)));
         assert_eq!(api(400, "M_INVALID_PARAM").retry_after(), None);
-        assert_eq!(
-            e.to_string(),
-            "put_user: HTTP 429 M_LIMIT_EXCEEDED: Too Many Requests"
-        );
+        assert_eq!(e.to_string(), "put_user: HTTP 429 M_LIMIT_EXCEEDED: Too Many Requests");
     }
 }

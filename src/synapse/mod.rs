@@ -4,9 +4,6 @@ mod client;
 mod error;
 mod types;
 
-pub use client::{ClientConfig, PutOutcome, SynapseClient};
+pub use client::{ClientConfig, PutOutcome, RequestObserver, SynapseClient};
 pub use error::{ErrCode, ErrorClass, SynapseError};
-pub use types::{
-    Endpoint, ExternalId, InvalidUserId, SynapseUser, Threepid, UserId, UserUpdate,
-    validate_localpart,
-};
+pub use types::{Endpoint, ExternalId, InvalidUserId, SynapseUser, Threepid, UserId, UserUpdate, validate_localpart};

@@ -214,10 +214,7 @@ mod tests {
             validate_localpart("_bridge"),
             Err(InvalidUserId::LeadingUnderscore(_))
         ));
-        assert!(matches!(
-            validate_localpart("1234"),
-            Err(InvalidUserId::AllDigits(_))
-        ));
+        assert!(matches!(validate_localpart("1234"), Err(InvalidUserId::AllDigits(_))));
     }
 
     #[test]
@@ -226,10 +223,7 @@ mod tests {
         let fits = "a".repeat(255 - 2 - server.len());
         assert!(UserId::new(&fits, server).is_ok());
         let over = "a".repeat(256 - 2 - server.len());
-        assert!(matches!(
-            UserId::new(&over, server),
-            Err(InvalidUserId::TooLong(_))
-        ));
+        assert!(matches!(UserId::new(&over, server), Err(InvalidUserId::TooLong(_))));
         assert_eq!(UserId::new("a", ""), Err(InvalidUserId::EmptyServerName));
     }
 

@@ -80,8 +80,7 @@ impl FakeApiServer {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect_bytes().await.unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let (status, reply) =
-                    serving.handle(parts.method, parts.uri.path().to_string(), body);
+                let (status, reply) = serving.handle(parts.method, parts.uri.path().to_string(), body);
                 let response = Response::builder()
                     .status(status)
                     .header("content-type", "application/json")
@@ -115,10 +114,7 @@ impl FakeApiServer {
     }
 
     pub fn writes(&self) -> Vec<Recorded> {
-        self.requests()
-            .into_iter()
-            .filter(Recorded::is_write)
-            .collect()
+        self.requests().into_iter().filter(Recorded::is_write).collect()
     }
 
     /// The reasons of the Events posted, in order.
@@ -159,10 +155,7 @@ impl FakeApiServer {
                     let generated = format!("generated-{}", state.next_uid);
                     obj["metadata"]["name"] = json!(generated);
                 }
-                let full = format!(
-                    "{path}/{}",
-                    obj["metadata"]["name"].as_str().unwrap_or_default()
-                );
+                let full = format!("{path}/{}", obj["metadata"]["name"].as_str().unwrap_or_default());
                 if state.objects.contains_key(&full) {
                     return (
                         StatusCode::CONFLICT,
@@ -187,8 +180,7 @@ impl FakeApiServer {
                     return not_found();
                 };
                 if body.is_array() {
-                    let patch: json_patch::Patch =
-                        serde_json::from_value(body).expect("a JSON patch");
+                    let patch: json_patch::Patch = serde_json::from_value(body).expect("a JSON patch");
                     if let Err(e) = json_patch::patch(obj, &patch) {
                         return (
                             StatusCode::UNPROCESSABLE_ENTITY,
@@ -200,9 +192,7 @@ impl FakeApiServer {
                 }
                 let reply = obj.clone();
                 let gone = !reply["metadata"]["deletionTimestamp"].is_null()
-                    && reply["metadata"]["finalizers"]
-                        .as_array()
-                        .is_none_or(|f| f.is_empty());
+                    && reply["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
                 if gone {
                     state.objects.remove(&path);
                 }

@@ -135,12 +135,7 @@ impl SynapseServer {
             "initial_device_display_name": "synapse test harness",
         });
         let (status, body) = self
-            .request(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/login",
-                None,
-                Some(body),
-            )
+            .request(reqwest::Method::POST, "/_matrix/client/v3/login", None, Some(body))
             .await;
         if status != 200 {
             return Err(status);
@@ -170,32 +165,23 @@ impl SynapseServer {
 
     /// `PUT base_url + path` with the admin token and a JSON body.
     pub async fn admin_put(&self, path: &str, body: Value) -> (u16, Value) {
-        self.admin_request(reqwest::Method::PUT, path, Some(body))
-            .await
+        self.admin_request(reqwest::Method::PUT, path, Some(body)).await
     }
 
     /// `POST base_url + path` with the admin token and a JSON body.
     pub async fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.admin_request(reqwest::Method::POST, path, Some(body))
-            .await
+        self.admin_request(reqwest::Method::POST, path, Some(body)).await
     }
 
     /// `DELETE base_url + path` with the admin token.
     pub async fn admin_delete(&self, path: &str) -> (u16, Value) {
-        self.admin_request(reqwest::Method::DELETE, path, None)
-            .await
+        self.admin_request(reqwest::Method::DELETE, path, None).await
     }
 
     /// Any method with the admin token. The response body is parsed as JSON;
     /// an empty body is `Value::Null`, a non-JSON body a `Value::String`.
-    pub async fn admin_request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        self.request(method, path, Some(&self.admin_token), body)
-            .await
+    pub async fn admin_request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.request(method, path, Some(&self.admin_token), body).await
     }
 
     /// Any request to this server, optionally with a bearer token and JSON body.
@@ -216,10 +202,7 @@ impl SynapseServer {
         }
         let response = match request.send().await {
             Ok(response) => response,
-            Err(err) => panic!(
-                "{method} {url}: {err}\n{}",
-                log_tails(&self.data_dir, LOG_TAIL_LINES)
-            ),
+            Err(err) => panic!("{method} {url}: {err}\n{}", log_tails(&self.data_dir, LOG_TAIL_LINES)),
         };
         let status = response.status().as_u16();
         let text = response
@@ -255,13 +238,11 @@ fn parse_body(text: &str) -> Value {
 /// the code under test) the client gets a rustls config with an explicit
 /// provider. Only plain http is used, so the empty root store never matters.
 fn http_client() -> reqwest::Client {
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("rustls: default protocol versions")
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("rustls: default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .no_proxy()
@@ -307,11 +288,7 @@ async fn shared_secret_register(
         .map_err(|err| format!("POST {url}: {err}"))?;
     let status = response.status().as_u16();
     let body = parse_body(&response.text().await.map_err(|e| e.to_string())?);
-    match (
-        status,
-        body["access_token"].as_str(),
-        body["user_id"].as_str(),
-    ) {
+    match (status, body["access_token"].as_str(), body["user_id"].as_str()) {
         (200, Some(token), Some(user_id)) => Ok((token.to_owned(), user_id.to_owned())),
         _ => Err(format!("POST {url}: {status} {body}")),
     }
@@ -327,16 +304,8 @@ fn registration_mac(secret: &str, nonce: &str, user: &str, password: &str, admin
     ctx.update(b"\0");
     ctx.update(password.as_bytes());
     ctx.update(b"\0");
-    ctx.update(if admin {
-        b"admin" as &[u8]
-    } else {
-        b"notadmin"
-    });
-    ctx.sign()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    ctx.update(if admin { b"admin" as &[u8] } else { b"notadmin" });
+    ctx.sign().as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -354,8 +323,8 @@ fn start_on_keeper_thread() -> Result<SynapseServer, String> {
     let spawned = std::thread::Builder::new()
         .name("synapse-keeper".to_owned())
         .spawn(move || {
-            let result = std::panic::catch_unwind(start_server)
-                .unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
+            let result =
+                std::panic::catch_unwind(start_server).unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
             let ok = result.is_ok();
             let _ = tx.send(result);
             if ok {
@@ -365,15 +334,11 @@ fn start_on_keeper_thread() -> Result<SynapseServer, String> {
             }
         });
     if let Err(err) = spawned {
-        return Err(format!(
-            "synapse harness: cannot spawn the keeper thread: {err}"
-        ));
+        return Err(format!("synapse harness: cannot spawn the keeper thread: {err}"));
     }
     rx.recv()
         .unwrap_or_else(|_| Err("synapse harness: keeper thread ended without a result".to_owned()))
-        .map_err(|message| {
-            format!("synapse harness: could not start Synapse {SYNAPSE_VERSION}: {message}")
-        })
+        .map_err(|message| format!("synapse harness: could not start Synapse {SYNAPSE_VERSION}: {message}"))
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -472,12 +437,9 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
         .current_dir(&data_dir)
         .stdin(Stdio::null());
     die_with_parent(&mut generate, libc::SIGKILL);
-    let output = generate.output().map_err(|e| {
-        format!(
-            "running {} -m synapse.app.homeserver: {e}",
-            python.display()
-        )
-    })?;
+    let output = generate
+        .output()
+        .map_err(|e| format!("running {} -m synapse.app.homeserver: {e}", python.display()))?;
     if !output.status.success() {
         return Err(format!(
             "generating the Synapse config failed ({}):\n{}",
@@ -519,8 +481,7 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
 
     // 3. Start it.
     let out_path = data_dir.join("synapse.out");
-    let out =
-        File::create(&out_path).map_err(|e| format!("creating {}: {e}", out_path.display()))?;
+    let out = File::create(&out_path).map_err(|e| format!("creating {}: {e}", out_path.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut command = Command::new(&python);
     command
@@ -534,21 +495,12 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
         .stdout(out)
         .stderr(err);
     die_with_parent(&mut command, libc::SIGTERM);
-    let mut child = command.spawn().map_err(|e| {
-        format!(
-            "starting {} -m synapse.app.homeserver: {e}",
-            python.display()
-        )
-    })?;
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("starting {} -m synapse.app.homeserver: {e}", python.display()))?;
 
     let base_url = format!("http://127.0.0.1:{port}");
-    let result = wait_until_ready(
-        &mut child,
-        &python,
-        &base_url,
-        &data_dir,
-        &registration_shared_secret,
-    );
+    let result = wait_until_ready(&mut child, &python, &base_url, &data_dir, &registration_shared_secret);
     match result {
         Ok((admin_token, admin_user_id)) => {
             stop_at_exit(child.id());
@@ -680,10 +632,7 @@ fn pending_background_updates(python: &Path, db: &Path) -> Result<u64, String> {
         .output()
         .map_err(|e| format!("running {}: {e}", python.display()))?;
     if !output.status.success() {
-        return Err(format!(
-            "counting background updates: {}",
-            output_text(&output)
-        ));
+        return Err(format!("counting background updates: {}", output_text(&output)));
     }
     let text = String::from_utf8_lossy(&output.stdout);
     text.trim()
@@ -692,25 +641,19 @@ fn pending_background_updates(python: &Path, db: &Path) -> Result<u64, String> {
 }
 
 fn read_shared_secret(homeserver_yaml: &Path) -> Result<String, String> {
-    let text = fs::read_to_string(homeserver_yaml)
-        .map_err(|e| format!("reading {}: {e}", homeserver_yaml.display()))?;
-    let config: serde_yaml::Value = serde_yaml::from_str(&text)
-        .map_err(|e| format!("parsing {}: {e}", homeserver_yaml.display()))?;
+    let text =
+        fs::read_to_string(homeserver_yaml).map_err(|e| format!("reading {}: {e}", homeserver_yaml.display()))?;
+    let config: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| format!("parsing {}: {e}", homeserver_yaml.display()))?;
     config["registration_shared_secret"]
         .as_str()
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
-        .ok_or_else(|| {
-            format!(
-                "no registration_shared_secret in {}",
-                homeserver_yaml.display()
-            )
-        })
+        .ok_or_else(|| format!("no registration_shared_secret in {}", homeserver_yaml.display()))
 }
 
 fn free_port() -> Result<u16, String> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("binding 127.0.0.1:0: {e}"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("binding 127.0.0.1:0: {e}"))?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     drop(listener);
     Ok(port)
@@ -826,10 +769,7 @@ fn log_tails(data_dir: &Path, lines: usize) -> String {
             Ok(bytes) => tail(&String::from_utf8_lossy(&bytes), lines),
             Err(e) => format!("({e})"),
         };
-        text.push_str(&format!(
-            "--- last {lines} lines of {} ---\n{body}\n",
-            path.display()
-        ));
+        text.push_str(&format!("--- last {lines} lines of {} ---\n{body}\n", path.display()));
     }
     text
 }
@@ -874,9 +814,7 @@ fn ensure_venv(target: &Path) -> Result<PathBuf, String> {
         .stdin(Stdio::null())
         .output();
     let version = match version {
-        Ok(output) if output.status.success() => {
-            String::from_utf8_lossy(&output.stdout).trim().to_owned()
-        }
+        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
         Ok(output) => {
             return Err(format!(
                 "`{system_python}` does not run ({}): install Python >= 3.10 \
@@ -908,10 +846,7 @@ fn ensure_venv(target: &Path) -> Result<PathBuf, String> {
         fs::remove_dir_all(&venv).map_err(|e| format!("removing {}: {e}", venv.display()))?;
     }
     let mut make_venv = Command::new(&system_python);
-    make_venv
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .stdin(Stdio::null());
+    make_venv.args(["-m", "venv"]).arg(&venv).stdin(Stdio::null());
     die_with_parent(&mut make_venv, libc::SIGKILL);
     let output = make_venv
         .output()
@@ -928,21 +863,14 @@ fn ensure_venv(target: &Path) -> Result<PathBuf, String> {
 
     // pip install, output kept in a log next to the venv.
     let log_path = target.join(format!("synapse-venv-{SYNAPSE_VERSION}.install.log"));
-    let log =
-        File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+    let log = File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
     let log_err = log.try_clone().map_err(|e| e.to_string())?;
     let mut pip = Command::new(&venv_python);
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--no-input",
-    ])
-    .arg(format!("matrix-synapse=={SYNAPSE_VERSION}"))
-    .stdin(Stdio::null())
-    .stdout(log)
-    .stderr(log_err);
+    pip.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"])
+        .arg(format!("matrix-synapse=={SYNAPSE_VERSION}"))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
     die_with_parent(&mut pip, libc::SIGKILL);
     let status = pip
         .status()
