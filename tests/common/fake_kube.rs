@@ -198,6 +198,29 @@ impl FakeApiServer {
                 }
                 (StatusCode::OK, reply)
             }
+            Method::PUT => {
+                let Some(existing) = state.objects.get(&path) else {
+                    return not_found();
+                };
+                // Optimistic concurrency, as the apiserver does it.
+                if !body["metadata"]["resourceVersion"].is_null()
+                    && body["metadata"]["resourceVersion"] != existing["metadata"]["resourceVersion"]
+                {
+                    return (
+                        StatusCode::CONFLICT,
+                        status_body(409, "Conflict", "the object has been modified"),
+                    );
+                }
+                let version: u64 = existing["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut obj = body;
+                obj["metadata"]["uid"] = existing["metadata"]["uid"].clone();
+                obj["metadata"]["resourceVersion"] = json!((version + 1).to_string());
+                state.objects.insert(path, obj.clone());
+                (StatusCode::OK, obj)
+            }
             _ => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 status_body(405, "MethodNotAllowed", "not supported here"),
