@@ -33,7 +33,8 @@ pub struct Progress {
     pub reactivated_without_password: bool,
     /// The names of the fields of each update sent (never their values).
     pub updates: Vec<Vec<&'static str>>,
-    /// Admin API calls that wrote (PUT / POST).
+    /// Write calls (PUT) sent to the admin API, including ones that failed:
+    /// Synapse may have applied part of those.
     pub writes: usize,
 }
 
@@ -91,13 +92,14 @@ pub async fn sync_account(
         };
         last_fields = plan::changed_fields(&update);
         debug!(user_id = %desired.user_id, fields = ?last_fields, "updating the account");
+        progress.writes += 1;
         if let Err(e) = client.put_user(&desired.user_id, &update).await {
-            // The PUT may have been partly applied: plan again from what
-            // Synapse reports, after a short wait if it asked for one.
+            // The PUT may have been partly applied (a rate-limited one sets
+            // the displayname before it fails): plan again from what Synapse
+            // reports, after a short wait if it asked for one.
             wait_if_rate_limited(e).await?;
             continue;
         }
-        progress.writes += 1;
         progress.updates.push(last_fields.clone());
         if update.password.is_some()
             && let Some(p) = desired.password.as_mut()
@@ -142,7 +144,18 @@ async fn look_up_owners(
         owners.threepids.push((t, owner));
     }
     for e in wanted.external_ids {
-        let owner = client.external_id_owner(&e.auth_provider, &e.external_id).await?;
+        let mut owner = client.external_id_owner(&e.auth_provider, &e.external_id).await?;
+        // Synapse caches this lookup, and a PUT that removes an external id
+        // does not invalidate it (1.163.2): believe it only if the account
+        // named still holds the id.
+        if let Some(other) = owner.as_deref().filter(|o| *o != desired.user_id.as_str())
+            && !client
+                .get_user_raw(other)
+                .await?
+                .is_some_and(|u| u.external_ids.contains(&e))
+        {
+            owner = None;
+        }
         owners.external_ids.push((e, owner));
     }
     Ok(owners)

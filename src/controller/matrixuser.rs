@@ -113,7 +113,11 @@ async fn apply(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
         Err(e) => Ready::not_ready(e.reason(), e.to_string()),
     };
     set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
-    ctx.metrics.user_reason(&user.namespace().unwrap_or_default(), &user.name_any(), Some(ready.reason));
+    ctx.metrics.user_reason(
+        &user.namespace().unwrap_or_default(),
+        &user.name_any(),
+        Some(ready.reason),
+    );
     let condition_changed = status.conditions != old.conditions;
     if status != old {
         let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
@@ -272,13 +276,13 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
         )
         .await;
     }
-    let fields: Vec<&str> = p
-        .updates
-        .iter()
-        .flatten()
-        .copied()
-        .filter(|f| !matches!(*f, "password" | "deactivated"))
-        .collect();
+    // A field re-sent after a partly applied call counts once.
+    let mut fields: Vec<&str> = Vec::new();
+    for f in p.updates.iter().flatten().copied() {
+        if !matches!(f, "password" | "deactivated") && !fields.contains(&f) {
+            fields.push(f);
+        }
+    }
     if !fields.is_empty() {
         ctx.publish(
             user,
