@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 pub struct Recorded {
     pub method: Method,
     pub path: String,
+    /// The query string, `""` when there is none.
+    pub query: String,
     pub body: Value,
 }
 
@@ -50,6 +52,18 @@ fn plural(kind: &str) -> String {
     }
 }
 
+/// Whether a path names a collection (`.../secrets`), not one object.
+fn is_collection(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // api/v1/R, api/v1/namespaces/NS/R, apis/G/V/R, apis/G/V/namespaces/NS/R
+    let rest = match segments.first() {
+        Some(&"api") => &segments[2.min(segments.len())..],
+        Some(&"apis") => &segments[3.min(segments.len())..],
+        _ => return false,
+    };
+    matches!(rest, [_] | ["namespaces", _, _])
+}
+
 /// The REST path of an object.
 pub fn path_of(obj: &Value) -> String {
     let api_version = obj["apiVersion"].as_str().expect("apiVersion");
@@ -80,7 +94,18 @@ impl FakeApiServer {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect_bytes().await.unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let (status, reply) = serving.handle(parts.method, parts.uri.path().to_string(), body);
+                let query = parts.uri.query().unwrap_or_default().to_string();
+                if query.split('&').any(|q| q == "watch=true" || q == "watch=1") {
+                    // A watch: record it and hold it open (no events come),
+                    // as an apiserver does until its timeout.
+                    serving.record(parts.method, parts.uri.path().to_string(), query, Value::Null);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(300)).await;
+                        drop(send);
+                    });
+                    continue;
+                }
+                let (status, reply) = serving.handle(parts.method, parts.uri.path().to_string(), query, body);
                 let response = Response::builder()
                     .status(status)
                     .header("content-type", "application/json")
@@ -130,9 +155,19 @@ impl FakeApiServer {
         self.state.lock().unwrap().requests.clear();
     }
 
-    fn handle(&self, method: Method, path: String, body: Value) -> (StatusCode, Value) {
+    fn record(&self, method: Method, path: String, query: String, body: Value) {
+        self.state.lock().unwrap().requests.push(Recorded {
+            method,
+            path,
+            query,
+            body,
+        });
+    }
+
+    fn handle(&self, method: Method, path: String, query: String, body: Value) -> (StatusCode, Value) {
         let mut state = self.state.lock().unwrap();
         state.requests.push(Recorded {
+            query,
             method: method.clone(),
             path: path.clone(),
             body: body.clone(),
@@ -146,6 +181,20 @@ impl FakeApiServer {
         match method {
             Method::GET => match state.objects.get(&path) {
                 Some(obj) => (StatusCode::OK, obj.clone()),
+                // A collection: list what is stored under it.
+                None if is_collection(&path) => {
+                    let prefix = format!("{path}/");
+                    let items: Vec<Value> = state
+                        .objects
+                        .iter()
+                        .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+                        .map(|(_, o)| o.clone())
+                        .collect();
+                    (
+                        StatusCode::OK,
+                        json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
+                    )
+                }
                 None => not_found(),
             },
             Method::POST => {
@@ -179,8 +228,18 @@ impl FakeApiServer {
                 let Some(obj) = state.objects.get_mut(&path) else {
                     return not_found();
                 };
-                if body.is_array() {
-                    let patch: json_patch::Patch = serde_json::from_value(body).expect("a JSON patch");
+                if let Value::Array(ops) = body {
+                    // The apiserver passes a test of a missing path for null
+                    // (kube's finalizer helper relies on it); json_patch fails it.
+                    let ops: Vec<Value> = ops
+                        .into_iter()
+                        .filter(|op| {
+                            !(op["op"] == "test"
+                                && op["value"].is_null()
+                                && op["path"].as_str().is_some_and(|p| obj.pointer(p).is_none()))
+                        })
+                        .collect();
+                    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).expect("a JSON patch");
                     if let Err(e) = json_patch::patch(obj, &patch) {
                         return (
                             StatusCode::UNPROCESSABLE_ENTITY,
