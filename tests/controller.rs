@@ -87,6 +87,21 @@ fn context_with_metrics(client: kube::Client, users: &[&MatrixUser], metrics: Me
     Arc::new(Context::new(client, Config::default(), writer.as_reader(), metrics))
 }
 
+/// Stores `obj` and reconciles it once, with only itself in the cache.
+async fn reconcile_stored(fake: &FakeApiServer, client: kube::Client, obj: &Value) {
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .expect("reconcile");
+}
+
+/// [`reconcile_stored`], then the object as the fake server holds it.
+async fn reconcile_once(fake: &FakeApiServer, client: kube::Client, obj: &Value) -> MatrixUser {
+    reconcile_stored(fake, client, obj).await;
+    stored(fake, obj)
+}
+
 /// The object as the fake server now holds it.
 fn stored(fake: &FakeApiServer, obj: &Value) -> MatrixUser {
     serde_json::from_value(fake.get(&common::fake_kube::path_of(obj)).expect("object stored")).unwrap()
@@ -224,11 +239,7 @@ async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
 
     let (client, fake) = cluster(json!({"allowAdoption": true}));
     let obj = matrix_user("carol", spec.clone(), Value::Null);
-    fake.put(obj.clone());
-    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
+    reconcile_stored(&fake, client, &obj).await;
     let refused = stored(&fake, &obj);
     assert_eq!(ready_of(&refused).1, "AdoptionRefused");
     assert_eq!(refused.status.unwrap().user_id, None, "not recorded as owned");
@@ -243,12 +254,7 @@ async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
     adopting["adopt"] = json!(true);
     let (client, fake) = cluster(json!({"allowAdoption": false}));
     let obj = matrix_user("carol", adopting.clone(), Value::Null);
-    fake.put(obj.clone());
-    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
-    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
     assert_eq!(reason, "AdoptionRefused");
     assert!(message.contains("allowAdoption"), "{message}");
     assert_eq!(
@@ -259,11 +265,7 @@ async fn existing_account_is_refused_without_adoption_and_adopted_with_it() {
 
     // Both allow it: adopted, recorded, changed.
     let (client, fake) = cluster(json!({"allowAdoption": true}));
-    fake.put(obj.clone());
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
-    let adopted = stored(&fake, &obj);
+    let adopted = reconcile_once(&fake, client, &obj).await;
     assert_eq!(ready_of(&adopted).1, "InSync");
     assert_eq!(
         adopted.status.unwrap().user_id.as_deref(),
@@ -283,11 +285,7 @@ async fn admin_needs_the_homeserver_policy() {
         json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "admin": true}),
         Value::Null,
     );
-    fake.put(obj.clone());
-    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
+    reconcile_stored(&fake, client, &obj).await;
     assert_eq!(ready_of(&stored(&fake, &obj)).1, "AdminNotAllowed");
     assert_eq!(account(&s.user_id(&lp)).await.0, 404);
 }
@@ -335,12 +333,7 @@ async fn an_email_of_another_account_is_a_conflict_and_stays_there() {
                "threepids": [{"medium": "email", "address": email.to_uppercase()}]}),
         Value::Null,
     );
-    fake.put(obj.clone());
-    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
-    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
     assert_eq!(reason, "Conflict");
     assert!(message.contains(&s.user_id(&owner)), "{message}");
     assert_eq!(
@@ -435,11 +428,7 @@ async fn deletion_of_an_account_never_owned_touches_nothing() {
         Value::Null,
     );
     obj["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
-    fake.put(obj.clone());
-    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
+    reconcile_stored(&fake, client, &obj).await;
     assert!(fake.get(&common::fake_kube::path_of(&obj)).is_none());
     assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], false);
 }
@@ -492,12 +481,7 @@ async fn generated_password_never_overwrites_a_secret_it_does_not_own() {
         json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
         Value::Null,
     );
-    fake.put(obj.clone());
-    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
-    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
-        .await
-        .unwrap();
-    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
     assert_eq!(reason, "Conflict");
     assert!(message.contains("taken-credentials"), "{message}");
     let kept = fake
