@@ -28,7 +28,11 @@ fn kustomize(dir: &str) -> Vec<Value> {
         .args(["kustomize", &format!("{DEPLOY}/{dir}")])
         .output()
         .unwrap_or_else(|e| panic!("kubectl is needed to render deploy/ ({e}); install the kubectl client"));
-    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_docs(&String::from_utf8(out.stdout).unwrap())
 }
 
@@ -57,7 +61,15 @@ fn every_overlay_renders_and_parses() {
             assert!(d["metadata"]["name"].is_string(), "{dir}: {d}");
         }
         let k = kinds(&docs);
-        for expected in ["Namespace", "ServiceAccount", "Deployment", "Service", "NetworkPolicy", "Role", "RoleBinding"] {
+        for expected in [
+            "Namespace",
+            "ServiceAccount",
+            "Deployment",
+            "Service",
+            "NetworkPolicy",
+            "Role",
+            "RoleBinding",
+        ] {
             assert!(k.contains(expected), "{dir} lacks a {expected}: {k:?}");
         }
     }
@@ -79,14 +91,20 @@ fn args(docs: &[Value]) -> Vec<String> {
 
 #[test]
 fn deployment_args_exist_in_run_help() {
-    let help = Command::new(env!("CARGO_BIN_EXE_matrix-user-operator")).args(["run", "--help"]).output().unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     for dir in [".", "overlays/ha", "overlays/single-namespace"] {
         let args = args(&kustomize(dir));
         assert_eq!(args[0], "run", "{dir}");
         for arg in &args[1..] {
             let flag = arg.split('=').next().unwrap();
-            assert!(help.contains(&format!("{flag} ")), "{dir}: {flag} is not in `run --help`:\n{help}");
+            assert!(
+                help.contains(&format!("{flag} ")),
+                "{dir}: {flag} is not in `run --help`:\n{help}"
+            );
         }
     }
     // And their values parse: the binary accepts the base's args up to the
@@ -116,7 +134,10 @@ fn deployment_is_locked_down_and_probed() {
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     for k in ["cpu", "memory"] {
-        assert!(c["resources"]["requests"][k].is_string() && c["resources"]["limits"][k].is_string(), "{k}");
+        assert!(
+            c["resources"]["requests"][k].is_string() && c["resources"]["limits"][k].is_string(),
+            "{k}"
+        );
     }
     let port = c["ports"][0]["containerPort"].as_u64().unwrap();
     assert!(args(&docs).contains(&format!("--health-addr=0.0.0.0:{port}")));
@@ -170,14 +191,17 @@ fn examples_parse_and_pass_the_schema_rules() {
         }
     }
     assert!(users >= 3);
-    let all: Vec<Value> =
-        parse_docs(&std::fs::read_to_string(format!("{DEPLOY}/examples/matrixusers.yaml")).unwrap());
+    let all: Vec<Value> = parse_docs(&std::fs::read_to_string(format!("{DEPLOY}/examples/matrixusers.yaml")).unwrap());
     let policies: BTreeSet<&str> = all
         .iter()
         .filter(|d| d["kind"] == "MatrixUser")
         .map(|d| d["spec"]["deletionPolicy"].as_str().unwrap_or("Deactivate"))
         .collect();
-    assert_eq!(policies, BTreeSet::from(["Deactivate", "Erase", "Retain"]), "each deletion policy shown");
+    assert_eq!(
+        policies,
+        BTreeSet::from(["Deactivate", "Erase", "Retain"]),
+        "each deletion policy shown"
+    );
 }
 
 /// What one API request needs from RBAC.
@@ -195,7 +219,11 @@ fn access(r: &Recorded) -> Access {
         "apis" => (seg[1].to_string(), &seg[3..]),
         other => panic!("unexpected path {other}"),
     };
-    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 { &rest[2..] } else { rest };
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 {
+        &rest[2..]
+    } else {
+        rest
+    };
     let (resource, named) = match rest {
         [r] => (r.to_string(), false),
         [r, _name] => (r.to_string(), true),
@@ -213,7 +241,11 @@ fn access(r: &Recorded) -> Access {
         (&Method::DELETE, _, _) => "delete",
         (m, _, _) => panic!("unexpected method {m}"),
     };
-    Access { group, resource, verb: verb.to_string() }
+    Access {
+        group,
+        resource,
+        verb: verb.to_string(),
+    }
 }
 
 /// Owner references with blockOwnerDeletion need `update` on the owner's
@@ -222,10 +254,17 @@ fn implied(r: &Recorded) -> Option<Access> {
     if r.method != Method::POST {
         return None;
     }
-    let owner = r.body["metadata"]["ownerReferences"].as_array()?.iter().find(|o| o["blockOwnerDeletion"] == true)?;
+    let owner = r.body["metadata"]["ownerReferences"]
+        .as_array()?
+        .iter()
+        .find(|o| o["blockOwnerDeletion"] == true)?;
     let group = owner["apiVersion"].as_str()?.split('/').next()?.to_string();
     let plural = format!("{}s", owner["kind"].as_str()?.to_lowercase());
-    Some(Access { group, resource: format!("{plural}/finalizers"), verb: "update".into() })
+    Some(Access {
+        group,
+        resource: format!("{plural}/finalizers"),
+        verb: "update".into(),
+    })
 }
 
 fn granted(role: &Value) -> BTreeSet<Access> {
@@ -234,9 +273,17 @@ fn granted(role: &Value) -> BTreeSet<Access> {
         for group in rule["apiGroups"].as_array().unwrap() {
             for resource in rule["resources"].as_array().unwrap() {
                 for verb in rule["verbs"].as_array().unwrap() {
-                    let (g, r, v) = (group.as_str().unwrap(), resource.as_str().unwrap(), verb.as_str().unwrap());
+                    let (g, r, v) = (
+                        group.as_str().unwrap(),
+                        resource.as_str().unwrap(),
+                        verb.as_str().unwrap(),
+                    );
                     assert!(g != "*" && r != "*" && v != "*", "no wildcards: {rule}");
-                    out.insert(Access { group: g.into(), resource: r.into(), verb: v.into() });
+                    out.insert(Access {
+                        group: g.into(),
+                        resource: r.into(),
+                        verb: v.into(),
+                    });
                 }
             }
         }
@@ -262,7 +309,12 @@ async fn exercise_the_operator() -> Vec<Recorded> {
     }));
     fake.put(secret(ns, "admin", "token", &s.admin_token));
     fake.put(secret(ns, "pw", "password", "one"));
-    let ctx = Arc::new(Context::new(client.clone(), Config::default(), Writer::<MatrixUser>::default().as_reader(), Metrics::new()));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Config::default(),
+        Writer::<MatrixUser>::default().as_reader(),
+        Metrics::new(),
+    ));
 
     // The Homeserver reconcile writes the status the users need.
     let hs_path = "/apis/matrix-operator.io/v1alpha1/namespaces/chat/homeservers/hs";
@@ -271,7 +323,10 @@ async fn exercise_the_operator() -> Vec<Recorded> {
 
     let user_path = |name: &str| format!("/apis/matrix-operator.io/v1alpha1/namespaces/{ns}/matrixusers/{name}");
     let get_user = |name: &str| -> MatrixUser { serde_json::from_value(fake.get(&user_path(name)).unwrap()).unwrap() };
-    for (name, password) in [("withpw", json!({"secretRef": {"name": "pw", "key": "password"}})), ("gen", json!({"generate": true}))] {
+    for (name, password) in [
+        ("withpw", json!({"secretRef": {"name": "pw", "key": "password"}})),
+        ("gen", json!({"generate": true})),
+    ] {
         fake.put(json!({
             "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
             "metadata": {"name": name, "namespace": ns, "generation": 1},
@@ -289,7 +344,9 @@ async fn exercise_the_operator() -> Vec<Recorded> {
     let mut deleting = fake.get(&user_path("withpw")).unwrap();
     deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
     fake.put(deleting.clone());
-    reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone()).await.unwrap();
+    reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
+        .await
+        .unwrap();
 
     // Leader election: create, renew, release.
     let elector = LeaderElector::new(client.clone(), LeaseConfig::new(OPERATOR_NS, "me"));
@@ -316,10 +373,21 @@ async fn rbac_allows_exactly_the_calls_the_code_makes() {
     for r in &requests {
         let a = access(r);
         if a.resource == "leases" {
-            assert!(r.path.contains(&format!("/namespaces/{OPERATOR_NS}/")), "Leases live in the operator's namespace");
-            assert!(leases.contains(&a), "the leader-election Role does not allow {a:?} ({})", r.line());
+            assert!(
+                r.path.contains(&format!("/namespaces/{OPERATOR_NS}/")),
+                "Leases live in the operator's namespace"
+            );
+            assert!(
+                leases.contains(&a),
+                "the leader-election Role does not allow {a:?} ({})",
+                r.line()
+            );
         } else {
-            assert!(cluster.contains(&a), "the ClusterRole does not allow {a:?} ({})", r.line());
+            assert!(
+                cluster.contains(&a),
+                "the ClusterRole does not allow {a:?} ({})",
+                r.line()
+            );
         }
         used.insert(a);
         used.extend(implied(r));

@@ -20,7 +20,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use error::Error;
 pub use homeserver::reconcile_homeserver;
@@ -249,11 +249,7 @@ pub async fn run(
         )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_user, matrixuser::error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "MatrixUser reconcile failed");
-            }
-        });
+        .for_each(|result| async move { log_outcome("MatrixUser", result) });
 
     let homeservers =
         Controller::new(homeservers_api, watcher::Config::default().any_semantic()).with_config(controller_config);
@@ -267,11 +263,7 @@ pub async fn run(
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile_homeserver, homeserver::error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!(error = %e, "Homeserver reconcile failed");
-            }
-        });
+        .for_each(|result| async move { log_outcome("Homeserver", result) });
 
     let readiness = async move {
         if store.wait_until_ready().await.is_ok() {
@@ -281,6 +273,21 @@ pub async fn run(
     };
     futures::join!(users, homeservers, readiness);
     info!("controllers stopped");
+}
+
+/// Reconcile failures are logged where they happen, with their context;
+/// here only what the runtime itself reports.
+fn log_outcome<K: Resource, E: std::error::Error>(
+    kind: &str,
+    result: Result<(ObjectRef<K>, Action), kube::runtime::controller::Error<E, watcher::Error>>,
+) {
+    use kube::runtime::controller::Error as RuntimeError;
+    match result {
+        Ok(_) | Err(RuntimeError::ReconcilerFailed(..)) => {}
+        // A requeue still scheduled for an object deleted since.
+        Err(RuntimeError::ObjectNotFound(obj)) => debug!(kind, %obj, "requeued object is gone"),
+        Err(e) => warn!(kind, error = %e, "controller error"),
+    }
 }
 
 fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
