@@ -6,6 +6,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src src
 COPY tests tests
+COPY benches benches
 RUN cargo build --release --locked --bin matrix-user-operator \
  && strip target/release/matrix-user-operator
 

@@ -108,8 +108,8 @@ async fn a_standby_writes_nothing_and_takes_over_when_the_leader_dies() {
     wait_until("a wrote", Duration::from_secs(10), async || exists(&lp_a).await).await;
 
     let (b_leads, b_task) = replica(client.clone(), "b", lp_b.clone(), Arc::default(), SHORT);
-    // Several renew periods of standing by, well short of the lease duration.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Three lease durations: b would have taken over had a not renewed.
+    tokio::time::sleep(SHORT * 3).await;
     assert!(!b_leads.load(Ordering::SeqCst), "b must stand by while a renews");
     assert!(!exists(&lp_b).await, "a standby makes no admin writes");
     assert_eq!(holder(&fake), "a");
@@ -146,7 +146,7 @@ async fn a_leader_that_stops_releases_the_lease_to_the_standby() {
     let released_at = Instant::now();
     stop_a.notify_one();
     a_task.await.unwrap();
-    assert_eq!(holder(&fake), "", "released");
+    assert_ne!(holder(&fake), "a", "released (and maybe taken by b already)");
     wait_until("b leads", Duration::from_secs(10), async || {
         b_leads.load(Ordering::SeqCst)
     })
@@ -157,4 +157,54 @@ async fn a_leader_that_stops_releases_the_lease_to_the_standby() {
     );
     wait_until("b wrote", Duration::from_secs(10), async || exists(&lp_b).await).await;
     b_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_stops_its_work() {
+    let (client, fake) = FakeApiServer::start();
+    let elector = LeaderElector::new(client, lease("a", SHORT));
+    let working = Arc::new(AtomicBool::new(false));
+    let flag = working.clone();
+    let run = tokio::spawn(async move {
+        elector
+            .run(
+                move || {
+                    Box::pin(async move {
+                        // Marks itself working until it is dropped.
+                        struct Working(Arc<AtomicBool>);
+                        impl Drop for Working {
+                            fn drop(&mut self) {
+                                self.0.store(false, Ordering::SeqCst);
+                            }
+                        }
+                        flag.store(true, Ordering::SeqCst);
+                        let _guard = Working(flag);
+                        std::future::pending::<()>().await
+                    })
+                },
+                || {},
+                std::future::pending(),
+            )
+            .await
+    });
+    wait_until("a works", Duration::from_secs(10), async || {
+        working.load(Ordering::SeqCst)
+    })
+    .await;
+    // Another replica takes the lease from under it (as after a partition).
+    let path = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/matrix-user-operator";
+    let mut taken = fake.get(path).expect("lease");
+    taken["spec"]["holderIdentity"] = json!("intruder");
+    taken["metadata"]["resourceVersion"] = json!("999");
+    fake.put(taken);
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns")
+        .unwrap();
+    assert!(
+        matches!(result, Err(matrix_user_operator::leader::LeaderError::Lost(_))),
+        "{result:?}"
+    );
+    assert!(!working.load(Ordering::SeqCst), "the work was dropped");
+    assert_eq!(holder(&fake), "intruder", "the lease is not taken back");
 }
