@@ -46,8 +46,14 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Metrics
         info!(%addr, "serving /healthz and /readyz");
     }
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
-            continue;
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: don't spin.
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let readiness = readiness.clone();
         let metrics = metrics.clone();

@@ -113,13 +113,17 @@ pub enum Refusal {
         "{user_id} already exists and was not created for this MatrixUser; the Homeserver's policy.allowAdoption is false"
     )]
     AdoptionNotAllowed { user_id: String },
-    #[error("the {medium} address {address} belongs to {owner}")]
+    #[error("{user_id} is a server admin; adopting it needs the Homeserver's policy.allowAdminUsers")]
+    AdoptingAdmin { user_id: String },
+    // The owner stays out of the message: it would tell anyone who may create
+    // a MatrixUser which account holds an address.
+    #[error("the {medium} address {address} is bound to another account")]
     ThreepidInUse {
         medium: String,
         address: String,
         owner: String,
     },
-    #[error("the external id {external_id} of {auth_provider} belongs to {owner}")]
+    #[error("the external id {external_id} of {auth_provider} is linked to another account")]
     ExternalIdInUse {
         auth_provider: String,
         external_id: String,
@@ -127,12 +131,18 @@ pub enum Refusal {
     },
 }
 
-/// The form Synapse stores a threepid in: emails lower-cased, both trimmed.
+/// The form Synapse stores a threepid in: trimmed, emails lower-cased.
 /// Sending another form makes Synapse delete and re-add the address.
+///
+/// Synapse case-folds the local part of an email (Python's `casefold`),
+/// which differs from lower-casing outside ASCII (`ß` folds to `ss`): such
+/// an address would be looked up in one form and stored in another, past
+/// the ownership check. [`validate_threepid`] therefore admits ASCII emails
+/// only, for which the two agree.
 pub fn normalize_threepid(medium: ThreepidMedium, address: &str) -> Threepid {
     let address = address.trim();
     let address = match medium {
-        ThreepidMedium::Email => address.to_lowercase(),
+        ThreepidMedium::Email => address.to_ascii_lowercase(),
         ThreepidMedium::Msisdn => address.to_string(),
     };
     Threepid {
@@ -141,12 +151,30 @@ pub fn normalize_threepid(medium: ThreepidMedium, address: &str) -> Threepid {
     }
 }
 
+/// Why a threepid of a spec cannot be managed, if it cannot.
+pub fn validate_threepid(medium: ThreepidMedium, address: &str) -> Result<(), String> {
+    let address = address.trim();
+    match medium {
+        ThreepidMedium::Email => {
+            let printable = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() && b != b'@');
+            match address.split_once('@') {
+                Some((local, domain)) if printable(local) && printable(domain) => Ok(()),
+                _ => Err(format!(
+                    "the email address {address:?} is not ASCII with exactly one '@'"
+                )),
+            }
+        }
+        ThreepidMedium::Msisdn if address.is_empty() => Err("an msisdn is empty".into()),
+        ThreepidMedium::Msisdn => Ok(()),
+    }
+}
+
 fn threepid_set(threepids: &[Threepid]) -> BTreeSet<(String, String)> {
     threepids
         .iter()
         .map(|t| {
             let address = if t.medium == "email" {
-                t.address.trim().to_lowercase()
+                t.address.trim().to_ascii_lowercase()
             } else {
                 t.address.trim().to_string()
             };
@@ -236,6 +264,10 @@ pub fn plan(
         }
         if !authority.adoption_allowed {
             return Err(Refusal::AdoptionNotAllowed { user_id });
+        }
+        // Taking over an admin would hand out admin rights the policy denies.
+        if account.is_some_and(|a| a.admin) && !authority.admin_allowed {
+            return Err(Refusal::AdoptingAdmin { user_id });
         }
         adopt = true;
     }

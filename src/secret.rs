@@ -41,6 +41,8 @@ impl serde::Serialize for SecretString {
 
 const DIGEST_SCHEME: &str = "pbkdf2-sha256";
 const DIGEST_ITERATIONS: u32 = 10_000;
+/// Digests asking for more work than this match nothing.
+const MAX_DIGEST_ITERATIONS: u32 = 1_000_000;
 const SALT_LEN: usize = 16;
 const HASH_LEN: usize = 32;
 
@@ -83,7 +85,8 @@ pub fn digest_matches(digest: &str, password: &SecretString) -> bool {
     let (Ok(iterations), Some(salt), Some(hash)) = (iterations.parse::<u32>(), unhex(salt), unhex(hash)) else {
         return false;
     };
-    let Some(iterations) = NonZeroU32::new(iterations) else {
+    // The digest comes from status, which others may write: bound the work.
+    let Some(iterations) = NonZeroU32::new(iterations).filter(|n| n.get() <= MAX_DIGEST_ITERATIONS) else {
         return false;
     };
     ring::pbkdf2::verify(
@@ -162,6 +165,7 @@ mod tests {
     fn malformed_digests_match_nothing() {
         let pw = SecretString::new("x");
         for d in [
+            "pbkdf2-sha256$4000000000$00$00",
             "",
             "x",
             "pbkdf2-sha256$0$00$00",

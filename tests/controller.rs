@@ -25,6 +25,7 @@ fn homeserver(policy: Value) -> Value {
         "spec": {"url": s.base_url, "adminTokenSecretRef": {"name": "admin", "key": "token"}, "policy": policy},
         "status": {
             "serverName": s.server_name, "serverVersion": common::SYNAPSE_VERSION, "observedGeneration": 1,
+            "adminUserId": s.admin_user_id,
             "conditions": [{"type": "Ready", "status": "True", "reason": "Connected", "message": "",
                             "lastTransitionTime": "2026-01-01T00:00:00Z"}]
         }
@@ -335,7 +336,11 @@ async fn an_email_of_another_account_is_a_conflict_and_stays_there() {
     );
     let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
     assert_eq!(reason, "Conflict");
-    assert!(message.contains(&s.user_id(&owner)), "{message}");
+    assert!(message.contains("another account"), "{message}");
+    assert!(
+        !message.contains(&s.user_id(&owner)),
+        "the owner is not revealed: {message}"
+    );
     assert_eq!(
         account(&s.user_id(&owner)).await.1["threepids"][0]["address"],
         email.as_str()
@@ -607,4 +612,102 @@ async fn metrics_endpoint_serves_every_family_after_a_reconcile() {
     ] {
         assert!(text.contains(expected), "missing {expected} in\n{text}");
     }
+}
+
+#[tokio::test]
+async fn a_homeserver_status_of_an_older_spec_does_not_count() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-stale-hs");
+    let (client, fake) = FakeApiServer::start();
+    let mut hs = homeserver(json!({}));
+    // The URL changed (generation 2) and the Homeserver was not checked since.
+    hs["metadata"]["generation"] = json!(2);
+    fake.put(hs);
+    fake.put(secret("admin", "token", &s.admin_token));
+    let obj = matrix_user(
+        "stale",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
+        Value::Null,
+    );
+    let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
+    assert_eq!(reason, "HomeserverNotReady");
+    assert!(message.contains("spec changed"), "{message}");
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404);
+}
+
+#[tokio::test]
+async fn the_admin_tokens_own_account_is_not_managed() {
+    let s = synapse();
+    let (client, fake) = cluster(json!({"allowAdoption": true, "allowAdminUsers": true}));
+    let localpart = s
+        .admin_user_id
+        .trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let obj = matrix_user(
+        "admin",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": localpart, "adopt": true, "locked": true}),
+        Value::Null,
+    );
+    let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("admin token"), "{message}");
+    assert_eq!(account(&s.admin_user_id).await.1["locked"], false);
+}
+
+#[tokio::test]
+async fn an_account_owned_by_a_matrixuser_elsewhere_cannot_be_adopted() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-owned-elsewhere");
+    s.register_user(&lp, "pw", false).await;
+    let (client, fake) = cluster(json!({"allowAdoption": true}));
+    // Another namespace's MatrixUser (through its own Homeserver) owns it.
+    let mut owner = matrix_user(
+        "owner",
+        json!({"homeserverRef": {"name": "other-hs"}, "localpart": lp}),
+        json!({"userId": s.user_id(&lp)}),
+    );
+    owner["metadata"]["namespace"] = json!("elsewhere");
+    let owner: MatrixUser = serde_json::from_value(owner).unwrap();
+    let obj = matrix_user(
+        "thief",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "adopt": true,
+        "displayName": "Stolen"}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user, &owner]))
+        .await
+        .unwrap();
+    let (_, reason, message) = ready_of(&stored(&fake, &obj));
+    assert_eq!(reason, "Conflict");
+    assert!(message.contains("elsewhere/owner"), "{message}");
+    assert_eq!(account(&s.user_id(&lp)).await.1["displayname"], lp.as_str());
+}
+
+#[tokio::test]
+async fn skip_cleanup_lets_go_without_touching_the_account() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-skip");
+    let (client, fake) = cluster(json!({}));
+    let obj = matrix_user(
+        "kept",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
+        Value::Null,
+    );
+    let created = reconcile_once(&fake, client.clone(), &obj).await;
+    let mut deleting = serde_json::to_value(&created).unwrap();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    deleting["metadata"]["annotations"] = json!({"matrix-operator.io/skip-cleanup": "true"});
+    fake.clear_requests();
+    reconcile_stored(&fake, client, &deleting).await;
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed"
+    );
+    assert_eq!(fake.event_reasons(), vec!["CleanupSkipped"]);
+    assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], false);
 }

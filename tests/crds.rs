@@ -135,7 +135,31 @@ fn cel_rejects_bad_input() {
                 "a",
                 with(base(), "threepids", json!([{"medium": "email", "address": "nope"}])),
             ),
-            "needs an '@'",
+            "exactly one '@'",
+        ),
+        (
+            "non-ASCII email",
+            user(
+                "a",
+                with(
+                    base(),
+                    "threepids",
+                    json!([{"medium": "email", "address": "straße@example.org"}]),
+                ),
+            ),
+            "ASCII",
+        ),
+        (
+            "two @ in an email",
+            user(
+                "a",
+                with(
+                    base(),
+                    "threepids",
+                    json!([{"medium": "email", "address": "a@b@example.org"}]),
+                ),
+            ),
+            "exactly one '@'",
         ),
     ];
     for (case, u, expected) in cases {

@@ -80,6 +80,10 @@ pub struct HomeserverStatus {
     /// The server name Matrix IDs of this homeserver end with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// The user the admin token belongs to. MatrixUsers may not manage it:
+    /// locking or deactivating it would cut the operator off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_user_id: Option<String>,
     /// What `/_synapse/admin/v1/server_version` answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_version: Option<String>,

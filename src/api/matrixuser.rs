@@ -185,7 +185,11 @@ impl ThreepidMedium {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
-#[x_kube(validation = Rule::new("self.medium != 'email' || self.address.contains('@')").message("an email address needs an '@'"))]
+// Synapse case-folds emails, which only agrees with lower-casing for ASCII:
+// see plan::normalize_threepid.
+#[x_kube(validation = Rule::new(
+    "self.medium != 'email' || self.address.matches('^[!-?A-~]+@[!-?A-~]+$')"
+).message("an email address is ASCII with exactly one '@'"))]
 pub struct ThreepidSpec {
     pub medium: ThreepidMedium,
     #[schemars(length(min = 1, max = 320))]

@@ -8,12 +8,13 @@ use kube::{Api, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::{Context, Error, patch_status};
-use crate::api::{Homeserver, HomeserverStatus, Ready, set_condition};
+use crate::api::{Homeserver, Ready, set_condition};
 use crate::synapse::ErrorClass;
 
 struct Checked {
     server_name: String,
     server_version: String,
+    admin_user_id: String,
 }
 
 #[instrument(skip_all, fields(homeserver = %hs.name_any(), namespace = hs.namespace().unwrap_or_default()))]
@@ -34,6 +35,7 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
         Ok(c) => {
             status.server_name = Some(c.server_name.clone());
             status.server_version = Some(c.server_version.clone());
+            status.admin_user_id = Some(c.admin_user_id.clone());
             Ready::ok(
                 "Connected",
                 format!("connected to {} ({})", c.server_name, c.server_version),
@@ -94,6 +96,7 @@ async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
     Ok(Checked {
         server_name,
         server_version,
+        admin_user_id: admin,
     })
 }
 
@@ -102,12 +105,28 @@ pub fn error_policy(hs: Arc<Homeserver>, error: &Error, ctx: Arc<Context>) -> Ac
 }
 
 /// The status a Homeserver must show before its MatrixUsers are reconciled.
-pub fn ready_server_name(status: Option<&HomeserverStatus>) -> Result<String, String> {
-    let Some(status) = status else {
+/// What MatrixUsers need of a ready Homeserver.
+pub struct ReadyStatus {
+    pub server_name: String,
+    /// The admin token's user, which MatrixUsers may not manage.
+    pub admin_user_id: Option<String>,
+}
+
+/// The Homeserver's status, if it says the current spec was checked and
+/// works. A status of an older spec (say, another URL) does not count: it
+/// describes another server, maybe with other accounts of the same names.
+pub fn ready_status(hs: &Homeserver) -> Result<ReadyStatus, String> {
+    let Some(status) = hs.status.as_ref() else {
         return Err("not checked yet".into());
     };
+    if status.observed_generation != hs.metadata.generation {
+        return Err("not checked since its spec changed".into());
+    }
     match crate::api::ready_condition(&status.conditions) {
-        Some(c) if c.status == "True" => status.server_name.clone().ok_or_else(|| "no server name yet".into()),
+        Some(c) if c.status == "True" => Ok(ReadyStatus {
+            server_name: status.server_name.clone().ok_or("no server name yet")?,
+            admin_user_id: status.admin_user_id.clone(),
+        }),
         Some(c) => Err(format!("{}: {}", c.reason, c.message)),
         None => Err("not checked yet".into()),
     }

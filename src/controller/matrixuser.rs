@@ -10,16 +10,20 @@ use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::homeserver::ready_server_name;
+use super::homeserver::ready_status;
 use super::{Context, Error, patch_status, secrets};
 use crate::api::{DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, Ready, set_condition};
 use crate::apply::{Progress, delete_account, sync_account};
-use crate::plan::{Authority, DeletionAction, DesiredPassword, desired_from_spec};
+use crate::plan::{Authority, DeletionAction, DesiredPassword, desired_from_spec, validate_threepid};
 use crate::secret::{SecretString, digest_matches, password_digest};
 use crate::synapse::{SynapseClient, UserId};
 
 /// Put on every MatrixUser so its deletion policy runs before it goes.
 pub const FINALIZER: &str = "matrix-operator.io/cleanup";
+
+/// An annotation that lets a MatrixUser go without applying its deletion
+/// policy: the way out when the homeserver can never be reached again.
+pub const SKIP_CLEANUP: &str = "matrix-operator.io/skip-cleanup";
 
 /// Synapse refuses longer passwords ("Invalid password").
 const MAX_PASSWORD_LEN: usize = 512;
@@ -56,6 +60,7 @@ pub fn error_policy(user: Arc<MatrixUser>, error: &Error, ctx: Arc<Context>) -> 
 /// A Homeserver that is ready, with its admin client.
 struct ReadyHomeserver {
     server_name: String,
+    admin_user_id: Option<String>,
     url: String,
     policy: HomeserverPolicy,
     client: SynapseClient,
@@ -69,13 +74,14 @@ async fn ready_homeserver(ctx: &Context, user: &MatrixUser) -> Result<ReadyHomes
         .get_opt(name)
         .await?
         .ok_or_else(|| Error::HomeserverNotFound { name: name.clone() })?;
-    let server_name = ready_server_name(hs.status.as_ref()).map_err(|message| Error::HomeserverNotReady {
+    let ready = ready_status(&hs).map_err(|message| Error::HomeserverNotReady {
         name: name.clone(),
         message,
     })?;
     let client = ctx.synapse_client(&hs).await?;
     Ok(ReadyHomeserver {
-        server_name,
+        server_name: ready.server_name,
+        admin_user_id: ready.admin_user_id,
         url: hs.spec.url.clone(),
         policy: hs.spec.policy.clone(),
         client,
@@ -140,6 +146,7 @@ async fn apply(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
             } else {
                 // Waits for a change of the spec, a Secret or the Homeserver
                 // (all watched), and is looked at again at the next resync.
+                ctx.reset_backoff(user.as_ref());
                 Ok(ctx.resync())
             }
         }
@@ -163,7 +170,15 @@ async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mu
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
     out.user_id = Some(user_id.clone());
     out.owned = old.user_id.as_deref() == Some(user_id.as_str());
-    check_unique(ctx, user, &user_id)?;
+    if hs.admin_user_id.as_deref() == Some(user_id.as_str()) {
+        return Err(Error::InvalidSpec(format!(
+            "{user_id} is the account of the Homeserver's admin token, which the operator does not manage"
+        )));
+    }
+    check_unique(ctx, user, &user_id, out.owned)?;
+    for t in user.spec.threepids.iter().flatten() {
+        validate_threepid(t.medium, &t.address).map_err(Error::InvalidSpec)?;
+    }
 
     let password = match &user.spec.password {
         None => None,
@@ -229,23 +244,27 @@ fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<
 
 /// Two MatrixUsers naming one Matrix ID: the older one (by creation time,
 /// then name) keeps it, the newer one gets a Conflict and writes nothing.
-fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId) -> Result<(), Error> {
+///
+/// Across namespaces and Homeservers, an account recorded as owned by
+/// another MatrixUser is that one's: this one may not adopt it.
+fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId, owned: bool) -> Result<(), Error> {
     let key = |u: &MatrixUser| (u.meta().creation_timestamp.clone().map(|t| t.0), u.name_any());
     let mine = key(user);
     let name = user.name_any();
     let localpart = user.spec.effective_localpart(&name);
     let older = ctx.users.state().into_iter().find(|other| {
         let other_name = other.name_any();
-        other.namespace() == user.namespace()
-            && other_name != name
+        let same_resource = other.namespace() == user.namespace() && other_name == name;
+        let same_name = other.namespace() == user.namespace()
             && other.spec.homeserver_ref == user.spec.homeserver_ref
-            && other.spec.effective_localpart(&other_name) == localpart
-            && key(other) < mine
+            && other.spec.effective_localpart(&other_name) == localpart;
+        let owns_it = other.status.as_ref().and_then(|s| s.user_id.as_deref()) == Some(user_id.as_str());
+        !same_resource && ((same_name && key(other) < mine) || (owns_it && (!owned || key(other) < mine)))
     });
     match older {
         Some(other) => Err(Error::DuplicateUser {
             user_id: user_id.to_string(),
-            other: other.name_any(),
+            other: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
         }),
         None => Ok(()),
     }
@@ -325,11 +344,18 @@ async fn cleanup(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> 
     if result.is_ok() {
         ctx.metrics
             .user_reason(&user.namespace().unwrap_or_default(), &user.name_any(), None);
+        ctx.reset_backoff(user.as_ref());
     }
     result
 }
 
 async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+    if user.annotations().get(SKIP_CLEANUP).map(String::as_str) == Some("true") {
+        let note = format!("{SKIP_CLEANUP} is \"true\": the account is left as it is");
+        ctx.publish(user.as_ref(), EventType::Warning, "CleanupSkipped", note)
+            .await;
+        return Ok(Action::await_change());
+    }
     let policy = user.spec.deletion_policy;
     let owned_id = user.status.as_ref().and_then(|s| s.user_id.clone());
     let Some(owned_id) = owned_id.filter(|_| policy != DeletionPolicy::Retain) else {

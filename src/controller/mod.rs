@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 pub use error::Error;
 pub use homeserver::reconcile_homeserver;
-pub use matrixuser::{FINALIZER, reconcile_user};
+pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
 
 use crate::api::{Homeserver, MatrixUser};
 use crate::metrics::Metrics;

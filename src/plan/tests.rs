@@ -682,6 +682,68 @@ fn adopting_sends_the_password_of_the_spec() {
 }
 
 #[test]
+fn adopting_an_admin_needs_the_admin_policy() {
+    let mut admin = account();
+    admin.admin = true;
+    let authority = Authority {
+        adopt_requested: true,
+        adoption_allowed: true,
+        ..Authority::default()
+    };
+    let err = plan(&desired(), Some(&admin), authority, &Owners::default()).unwrap_err();
+    assert_eq!(
+        err,
+        Refusal::AdoptingAdmin {
+            user_id: "@alice:example.org".into()
+        }
+    );
+    let allowed = Authority {
+        admin_allowed: true,
+        ..authority
+    };
+    assert!(
+        plan(&desired(), Some(&admin), allowed, &Owners::default())
+            .unwrap()
+            .adopt
+    );
+    // An owned account made admin by someone else is not refused.
+    assert!(plan(&desired(), Some(&admin), owned(), &Owners::default()).is_ok());
+}
+
+#[test]
+fn emails_are_ascii_with_one_at_sign() {
+    for ok in ["alice@example.org", " A.B+c@Example.ORG ", "x@y"] {
+        assert_eq!(validate_threepid(ThreepidMedium::Email, ok), Ok(()), "{ok}");
+    }
+    // `ß` case-folds to `ss` in Synapse but lower-cases to itself here.
+    for bad in ["straße@example.org", "a@b@c", "nope", "@x", "x@", "a b@c", ""] {
+        assert!(validate_threepid(ThreepidMedium::Email, bad).is_err(), "{bad}");
+    }
+    assert_eq!(validate_threepid(ThreepidMedium::Msisdn, "447700900000"), Ok(()));
+    assert_eq!(
+        normalize_threepid(ThreepidMedium::Email, " Alice@EXAMPLE.org "),
+        email("alice@example.org")
+    );
+}
+
+#[test]
+fn conflict_messages_do_not_name_the_owner() {
+    let t = Refusal::ThreepidInUse {
+        medium: "email".into(),
+        address: "a@b".into(),
+        owner: "@bob:x".into(),
+    };
+    let e = Refusal::ExternalIdInUse {
+        auth_provider: "oidc".into(),
+        external_id: "1".into(),
+        owner: "@bob:x".into(),
+    };
+    for r in [t, e] {
+        assert!(!r.to_string().contains("@bob:x"), "{r}");
+    }
+}
+
+#[test]
 fn admin_needs_the_policy() {
     let mut d = desired();
     d.admin = Some(true);

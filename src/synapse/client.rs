@@ -78,10 +78,7 @@ struct MatrixError {
 
 impl SynapseClient {
     pub fn new(config: ClientConfig) -> Result<Self, SynapseError> {
-        let invalid = |reason: String| SynapseError::InvalidUrl {
-            url: config.base_url.clone(),
-            reason,
-        };
+        let invalid = |reason: String| SynapseError::InvalidUrl { reason };
         let base = Url::parse(&config.base_url).map_err(|e| invalid(e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
             return Err(invalid("it must be an http:// or https:// URL".into()));

@@ -96,8 +96,9 @@ pub enum ErrorClass {
 /// and request URLs are left out of transport errors).
 #[derive(Debug, thiserror::Error)]
 pub enum SynapseError {
-    #[error("the homeserver URL {url:?} cannot be used: {reason}")]
-    InvalidUrl { url: String, reason: String },
+    // The URL itself stays out: it may carry credentials.
+    #[error("the homeserver URL cannot be used: {reason}")]
+    InvalidUrl { reason: String },
     #[error("{endpoint}: cannot reach the homeserver: {source}")]
     Transport {
         endpoint: Endpoint,
