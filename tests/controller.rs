@@ -159,12 +159,25 @@ async fn new_user_is_created_and_recorded_then_in_sync_costs_no_writes() {
     assert!(s.login(&lp, "first-password").await.is_ok());
 
     // The same resource, now with its status: one GET to Synapse, no write
-    // anywhere — neither Kubernetes nor Synapse.
+    // anywhere — neither Kubernetes nor Synapse (counted by the client's
+    // request metrics, apart from the code's own bookkeeping).
     fake.clear_requests();
     let token = s.login(&lp, "first-password").await.unwrap();
-    reconcile_user(Arc::new(user.clone()), ctx.clone())
+    let metrics = Metrics::new();
+    let counting = context_with_metrics(ctx.client.clone(), &[&user], metrics.clone());
+    reconcile_user(Arc::new(user.clone()), counting)
         .await
         .expect("reconcile");
+    let admin_requests: Vec<String> = metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("matrix_user_operator_admin_requests_total{"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        admin_requests,
+        vec![r#"matrix_user_operator_admin_requests_total{endpoint="get_user",status_class="2xx"} 1"#]
+    );
     let lines: Vec<String> = fake.requests().iter().map(|r| r.line()).collect();
     assert_eq!(
         lines,

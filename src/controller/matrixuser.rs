@@ -127,7 +127,18 @@ async fn apply(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
     let condition_changed = status.conditions != old.conditions;
     if status != old {
         let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-        patch_status(&api, &user.name_any(), &status).await?;
+        // A new account is the resource's own only once status.userId says
+        // so: try harder before giving up on recording it.
+        let attempts = if status.user_id != old.user_id { 3 } else { 1 };
+        let mut attempt = 1;
+        while let Err(e) = patch_status(&api, &user.name_any(), &status).await {
+            if attempt == attempts {
+                return Err(e.into());
+            }
+            warn!(error = %e, attempt, "cannot record the status; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            attempt += 1;
+        }
     }
     publish_progress(ctx, &user, &outcome).await;
     match result {
