@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::SynapseServer;
+use common::synapse::panic_message;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event;
@@ -208,16 +209,6 @@ async fn start_synapse() -> Result<&'static SynapseServer, String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|panic| panic_message(panic.as_ref()))
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
-    }
 }
 
 fn unix_seconds() -> u64 {

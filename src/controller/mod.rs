@@ -290,14 +290,22 @@ fn log_outcome<K: Resource, E: std::error::Error>(
     }
 }
 
-fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
-    let (ns, name) = (hs.namespace(), hs.name_any());
+/// References to the cached objects that `keep` selects.
+fn refs_where<K>(store: &Store<K>, keep: impl Fn(&K) -> bool) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
     store
         .state()
         .iter()
-        .filter(|u| u.namespace() == ns && u.spec.homeserver_ref.name == name)
-        .map(|u| ObjectRef::from_obj(u.as_ref()))
+        .filter(|o| keep(o))
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect()
+}
+
+fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
+    let (ns, name) = (hs.namespace(), hs.name_any());
+    refs_where(store, |u| u.namespace() == ns && u.spec.homeserver_ref.name == name)
 }
 
 /// MatrixUsers that read a Secret: their password Secret, or the Secret they
@@ -310,29 +318,113 @@ fn users_of_secret(store: &Store<MatrixUser>, secret: &PartialObjectMeta<Secret>
         .filter(|o| o.kind == "MatrixUser")
         .map(|o| o.uid.as_str())
         .collect();
-    store
-        .state()
-        .iter()
-        .filter(|u| u.namespace() == ns)
-        .filter(|u| {
-            let by_name = u
-                .spec
-                .password
-                .as_ref()
-                .and_then(|p| p.secret_ref.as_ref())
-                .is_some_and(|r| r.name == name);
-            by_name || u.uid().is_some_and(|uid| owners.contains(&uid.as_str()))
-        })
-        .map(|u| ObjectRef::from_obj(u.as_ref()))
-        .collect()
+    refs_where(store, |u| {
+        let by_name = u
+            .spec
+            .password
+            .as_ref()
+            .and_then(|p| p.secret_ref.as_ref())
+            .is_some_and(|r| r.name == name);
+        let owner = u.uid().is_some_and(|uid| owners.contains(&uid.as_str()));
+        u.namespace() == ns && (by_name || owner)
+    })
 }
 
 fn homeservers_of_secret(store: &Store<Homeserver>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Homeserver>> {
     let (ns, name) = (secret.namespace(), secret.name_any());
-    store
-        .state()
-        .iter()
-        .filter(|h| h.namespace() == ns && h.spec.admin_token_secret_ref.name == name)
-        .map(|h| ObjectRef::from_obj(h.as_ref()))
-        .collect()
+    refs_where(store, |h| {
+        h.namespace() == ns && h.spec.admin_token_secret_ref.name == name
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use serde_json::json;
+
+    fn store<K>(objects: Vec<serde_json::Value>) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let mut writer = Writer::<K>::default();
+        for o in objects {
+            writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(o).unwrap()));
+        }
+        writer.as_reader()
+    }
+
+    fn user(ns: &str, name: &str, uid: &str, spec: serde_json::Value) -> serde_json::Value {
+        json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+               "metadata": {"name": name, "namespace": ns, "uid": uid}, "spec": spec})
+    }
+
+    fn secret_meta(ns: &str, name: &str, owner_uid: Option<&str>) -> PartialObjectMeta<Secret> {
+        let owners: Vec<serde_json::Value> = owner_uid
+            .map(|uid| json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser", "name": "x", "uid": uid}))
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns, "ownerReferences": owners}}))
+        .unwrap()
+    }
+
+    fn names<K: Resource>(refs: Vec<ObjectRef<K>>) -> Vec<String> {
+        let mut n: Vec<String> = refs
+            .into_iter()
+            .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_secret_triggers_the_users_that_read_or_own_it_in_its_namespace() {
+        let users = store::<MatrixUser>(vec![
+            user(
+                "chat",
+                "a",
+                "uid-a",
+                json!({"homeserverRef": {"name": "hs"}, "password": {"secretRef": {"name": "pw", "key": "k"}}}),
+            ),
+            user(
+                "chat",
+                "b",
+                "uid-b",
+                json!({"homeserverRef": {"name": "hs"}, "password": {"generate": true}}),
+            ),
+            user(
+                "other",
+                "c",
+                "uid-c",
+                json!({"homeserverRef": {"name": "hs"}, "password": {"secretRef": {"name": "pw", "key": "k"}}}),
+            ),
+            user("chat", "d", "uid-d", json!({"homeserverRef": {"name": "hs2"}})),
+        ]);
+        assert_eq!(
+            names(users_of_secret(&users, &secret_meta("chat", "pw", None))),
+            ["chat/a"]
+        );
+        assert_eq!(
+            names(users_of_secret(
+                &users,
+                &secret_meta("chat", "b-credentials", Some("uid-b"))
+            )),
+            ["chat/b"]
+        );
+        assert!(users_of_secret(&users, &secret_meta("chat", "unrelated", None)).is_empty());
+        let hs: Homeserver = serde_json::from_value(
+            json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+            "metadata": {"name": "hs", "namespace": "chat"},
+            "spec": {"url": "http://x", "adminTokenSecretRef": {"name": "admin", "key": "token"}}}),
+        )
+        .unwrap();
+        assert_eq!(names(users_of_homeserver(&users, &hs)), ["chat/a", "chat/b"]);
+        let homeservers = store::<Homeserver>(vec![serde_json::to_value(&hs).unwrap()]);
+        assert_eq!(
+            names(homeservers_of_secret(&homeservers, &secret_meta("chat", "admin", None))),
+            ["chat/hs"]
+        );
+        assert!(homeservers_of_secret(&homeservers, &secret_meta("other", "admin", None)).is_empty());
+    }
 }

@@ -341,7 +341,8 @@ fn start_on_keeper_thread() -> Result<SynapseServer, String> {
         .map_err(|message| format!("synapse harness: could not start Synapse {SYNAPSE_VERSION}: {message}"))
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// The text of a panic's payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
