@@ -724,3 +724,14 @@ async fn skip_cleanup_lets_go_without_touching_the_account() {
     assert_eq!(fake.event_reasons(), vec!["CleanupSkipped"]);
     assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], false);
 }
+
+#[tokio::test]
+async fn a_name_that_is_no_localpart_is_invalid_spec() {
+    let (client, fake) = cluster(json!({}));
+    // The CRD cannot check metadata.name (CEL cost budget): the operator does.
+    let obj = matrix_user("1234", json!({"homeserverRef": {"name": "hs"}}), Value::Null);
+    let (status, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains("all digits"), "{message}");
+    assert_eq!(account(&synapse().user_id("1234")).await.0, 404);
+}
