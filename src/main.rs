@@ -27,9 +27,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces: repeat the flag or separate them with commas (default: all namespaces).
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// How often each resource is checked against Synapse for drift, e.g. 30s, 10m, 1h (±10% jitter).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     resync_interval: Duration,
@@ -188,11 +188,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let config = controller::Config {
         resync_interval: args.resync_interval,
         request_timeout: args.request_timeout,
-        namespace: args.namespace,
+        namespaces: args.namespaces,
         concurrency: args.concurrency,
     };
     info!(
-        namespace = config.namespace.as_deref().unwrap_or("(all)"),
+        namespaces = %if config.namespaces.is_empty() { "(all)".to_string() } else { config.namespaces.join(",") },
         resync = ?config.resync_interval,
         leader_election = lease.is_some(),
         "starting"

@@ -735,3 +735,43 @@ async fn a_name_that_is_no_localpart_is_invalid_spec() {
     assert!(message.contains("all digits"), "{message}");
     assert_eq!(account(&synapse().user_id("1234")).await.0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_watches_only_the_namespaces_it_is_given() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (client, fake) = FakeApiServer::start();
+    let config = Config {
+        namespaces: vec!["team-a".into(), "team-b".into()],
+        ..Config::default()
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+    let flag = ready.clone();
+    matrix_user_operator::controller::run(
+        client,
+        config,
+        Metrics::new(),
+        tokio::time::sleep(std::time::Duration::from_secs(2)),
+        move || flag.store(true, Ordering::SeqCst),
+    )
+    .await;
+    assert!(
+        ready.load(Ordering::SeqCst),
+        "ready once both namespaces' caches synced"
+    );
+    let paths: Vec<String> = fake.requests().iter().map(|r| r.path.clone()).collect();
+    for path in &paths {
+        assert!(
+            path.contains("/namespaces/team-a/") || path.contains("/namespaces/team-b/"),
+            "{path}"
+        );
+    }
+    for ns in ["team-a", "team-b"] {
+        for resource in ["matrixusers", "homeservers", "secrets"] {
+            let suffix = format!("/namespaces/{ns}/{resource}");
+            assert!(
+                paths.iter().any(|p| p.ends_with(&suffix)),
+                "no watch of {suffix} in {paths:?}"
+            );
+        }
+    }
+}

@@ -41,8 +41,8 @@ pub struct Config {
     pub resync_interval: Duration,
     /// Limit on each admin API request.
     pub request_timeout: Duration,
-    /// Watch this namespace only; all when `None`.
-    pub namespace: Option<String>,
+    /// Watch these namespaces only; all when empty.
+    pub namespaces: Vec<String>,
     /// Reconciles in flight at once, per kind.
     pub concurrency: u16,
 }
@@ -52,7 +52,7 @@ impl Default for Config {
         Self {
             resync_interval: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
-            namespace: None,
+            namespaces: Vec::new(),
             concurrency: 4,
         }
     }
@@ -198,7 +198,7 @@ where
     Ok(())
 }
 
-fn api_for<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
@@ -208,8 +208,8 @@ where
     }
 }
 
-/// Runs both controllers until `shutdown` resolves. `ready` is told once the
-/// caches have synced.
+/// Runs both controllers, for each watched namespace (or once for all),
+/// until `shutdown` resolves. `ready` is told once every cache has synced.
 pub async fn run(
     client: Client,
     config: Config,
@@ -218,11 +218,48 @@ pub async fn run(
     ready: impl FnOnce() + Send + 'static,
 ) {
     let shutdown = shutdown.shared();
-    let users_api: Api<MatrixUser> = api_for(&client, &config.namespace);
-    let homeservers_api: Api<Homeserver> = api_for(&client, &config.namespace);
+    let scopes: Vec<Option<&str>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+    };
+    let mut controllers = Vec::new();
+    let mut stores = Vec::new();
+    for scope in scopes {
+        let (running, store) = controllers_for(&client, &config, scope, &metrics, shutdown.clone());
+        controllers.push(running);
+        stores.push(store);
+    }
+    let readiness = async move {
+        for store in stores {
+            if store.wait_until_ready().await.is_err() {
+                return;
+            }
+        }
+        info!("caches synced");
+        ready();
+    };
+    futures::join!(futures::future::join_all(controllers), readiness);
+    info!("controllers stopped");
+}
+
+/// The MatrixUser and Homeserver controllers of one namespace (`None`: all),
+/// and the MatrixUser cache whose sync tells readiness.
+fn controllers_for<S>(
+    client: &Client,
+    config: &Config,
+    namespace: Option<&str>,
+    metrics: &Metrics,
+    shutdown: S,
+) -> (futures::future::BoxFuture<'static, ()>, Store<MatrixUser>)
+where
+    S: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let users_api: Api<MatrixUser> = api_for(client, namespace);
+    let homeservers_api: Api<Homeserver> = api_for(client, namespace);
     // Secrets are watched by metadata only: their values never reach the
     // operator except the few it reads by name.
-    let secrets_api: Api<PartialObjectMeta<Secret>> = match &config.namespace {
+    let secrets_api: Api<PartialObjectMeta<Secret>> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -231,7 +268,12 @@ pub async fn run(
     let users =
         Controller::new(users_api, watcher::Config::default().any_semantic()).with_config(controller_config.clone());
     let store = users.store();
-    let ctx = Arc::new(Context::new(client.clone(), config, store.clone(), metrics));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+    ));
 
     let by_homeserver = store.clone();
     let by_secret = store.clone();
@@ -262,17 +304,13 @@ pub async fn run(
             move |secret| homeservers_of_secret(&hs_store, &secret),
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_homeserver, homeserver::error_policy, ctx.clone())
+        .run(reconcile_homeserver, homeserver::error_policy, ctx)
         .for_each(|result| async move { log_outcome("Homeserver", result) });
 
-    let readiness = async move {
-        if store.wait_until_ready().await.is_ok() {
-            info!("caches synced");
-            ready();
-        }
+    let running = async move {
+        futures::join!(users, homeservers);
     };
-    futures::join!(users, homeservers, readiness);
-    info!("controllers stopped");
+    (running.boxed(), store)
 }
 
 /// Reconcile failures are logged where they happen, with their context;
