@@ -256,6 +256,7 @@ where
     S: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let users_api: Api<MatrixUser> = api_for(client, namespace);
+    let users_api_for_rivals = users_api.clone();
     let homeservers_api: Api<Homeserver> = api_for(client, namespace);
     // Secrets are watched by metadata only: their values never reach the
     // operator except the few it reads by name.
@@ -277,11 +278,19 @@ where
 
     let by_homeserver = store.clone();
     let by_secret = store.clone();
+    let by_rival = store.clone();
     let users = users
         .watches(
             homeservers_api.clone(),
             watcher::Config::default(),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
+        )
+        // When a MatrixUser changes or goes, the others naming the same
+        // Matrix ID (held off with a Conflict) look again.
+        .watches(
+            users_api_for_rivals,
+            watcher::Config::default(),
+            move |u: MatrixUser| rivals_of(&by_rival, &u),
         )
         .watches_stream(
             watcher(secrets_api.clone(), watcher::Config::default())
@@ -339,6 +348,19 @@ where
         .filter(|o| keep(o))
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect()
+}
+
+/// The other MatrixUsers of `user`'s namespace and Homeserver with its localpart.
+fn rivals_of(store: &Store<MatrixUser>, user: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
+    let name = user.name_any();
+    let localpart = user.spec.effective_localpart(&name);
+    refs_where(store, |u| {
+        let other = u.name_any();
+        u.namespace() == user.namespace()
+            && other != name
+            && u.spec.homeserver_ref == user.spec.homeserver_ref
+            && u.spec.effective_localpart(&other) == localpart
+    })
 }
 
 fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
@@ -458,6 +480,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(names(users_of_homeserver(&users, &hs)), ["chat/a", "chat/b"]);
+        // Another MatrixUser naming a's Matrix ID makes a look again.
+        let rival: MatrixUser = serde_json::from_value(user(
+            "chat",
+            "z",
+            "uid-z",
+            json!({"homeserverRef": {"name": "hs"}, "localpart": "a"}),
+        ))
+        .unwrap();
+        assert_eq!(names(rivals_of(&users, &rival)), ["chat/a"]);
+        let elsewhere: MatrixUser = serde_json::from_value(user(
+            "chat",
+            "y",
+            "uid-y",
+            json!({"homeserverRef": {"name": "hs2"}, "localpart": "a"}),
+        ))
+        .unwrap();
+        assert!(rivals_of(&users, &elsewhere).is_empty());
         let homeservers = store::<Homeserver>(vec![serde_json::to_value(&hs).unwrap()]);
         assert_eq!(
             names(homeservers_of_secret(&homeservers, &secret_meta("chat", "admin", None))),
