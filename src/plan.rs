@@ -380,7 +380,32 @@ fn diff(desired: &Desired, a: &SynapseUser) -> (UserUpdate, bool) {
         u.password = Some(p.value.clone());
         u.logout_devices = Some(p.logout_devices);
     }
-    (u, reactivates_without_password)
+    (password_alone(u, reactivating), reactivates_without_password)
+}
+
+/// A password goes in a call of its own: Synapse can fail a PUT after
+/// applying part of it, and a password applied without our knowing is sent
+/// again (logging devices out again). Re-activation is the exception — it
+/// must carry the password, or the account is left without one — and the
+/// other fields then wait a round.
+fn password_alone(u: UserUpdate, reactivating: bool) -> UserUpdate {
+    if u.password.is_none() {
+        return u;
+    }
+    if reactivating {
+        return UserUpdate {
+            deactivated: Some(false),
+            password: u.password,
+            logout_devices: u.logout_devices,
+            ..UserUpdate::default()
+        };
+    }
+    let rest = UserUpdate {
+        password: None,
+        logout_devices: None,
+        ..u.clone()
+    };
+    if rest == UserUpdate::default() { u } else { rest }
 }
 
 /// What deleting a MatrixUser does.

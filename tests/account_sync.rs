@@ -1064,7 +1064,8 @@ async fn existing_account_is_adopted_when_requested_and_allowed() {
     };
     let p = sync_ok(&c, &d, authority).await;
     assert!(p.adopted && !p.created && p.password_applied, "{p:?}");
-    assert_eq!(p.writes, 1, "{p:?}");
+    // The profile first, then the password in a call of its own.
+    assert_eq!(p.updates, vec![vec!["displayname"], vec!["password"]], "{p:?}");
     assert_eq!(raw_ok(s, &id).await["displayname"], "Taken Over");
     s.login(&lp, "operator password")
         .await

@@ -406,13 +406,43 @@ fn an_account_in_sync_plans_nothing() {
 }
 
 #[test]
-fn several_differences_go_in_one_body() {
+fn other_differences_go_in_one_body_and_the_password_alone_after() {
     let mut d = desired();
     d.displayname = Some("Alice".into());
     d.locked = Some(true);
     d.password = Some(password("pw", false, false));
-    let u = update(&d, &account());
-    assert_eq!(changed_fields(&u), vec!["password", "displayname", "locked"]);
+    let mut a = account();
+    let u = update(&d, &a);
+    assert_eq!(changed_fields(&u), vec!["displayname", "locked"]);
+    // Once those are in place, the password follows on its own.
+    a.displayname = Some("Alice".into());
+    a.locked = true;
+    let u = update(&d, &a);
+    assert_eq!(
+        u,
+        UserUpdate {
+            password: Some(SecretString::new("pw")),
+            logout_devices: Some(false),
+            ..UserUpdate::default()
+        }
+    );
+}
+
+#[test]
+fn reactivation_carries_the_password_and_the_rest_follows() {
+    let mut d = desired();
+    d.deactivated = Some(false);
+    d.displayname = Some("Back".into());
+    d.threepids = Some(vec![email("alice@example.org")]);
+    d.password = Some(password("pw", true, false));
+    let mut a = account();
+    a.deactivated = true;
+    let u = update(&d, &a);
+    assert_eq!(changed_fields(&u), vec!["password", "deactivated"]);
+    a.deactivated = false;
+    // The password was applied with the re-activation (the executor marks it so).
+    d.password = Some(password("pw", true, false));
+    assert_eq!(changed_fields(&update(&d, &a)), vec!["displayname", "threepids"]);
 }
 
 #[test]
