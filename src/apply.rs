@@ -33,6 +33,9 @@ pub struct Progress {
     pub reactivated_without_password: bool,
     /// The names of the fields of each update sent (never their values).
     pub updates: Vec<Vec<&'static str>>,
+    /// Synapse's `creation_ts` of the account, once known: recorded with the
+    /// ownership so that it names this very account.
+    pub creation_ts: Option<i64>,
     /// Write calls (PUT) sent to the admin API, including ones that failed:
     /// Synapse may have applied part of those.
     pub writes: usize,
@@ -65,10 +68,14 @@ pub async fn sync_account(
         if plan.adopt {
             info!(user_id = %desired.user_id, "adopting an existing account");
             authority.owned = true;
+            authority.owned_creation_ts = account.as_ref().and_then(|a| a.creation_ts);
             progress.adopted = true;
         }
         let update = match (plan.action, account) {
-            (None, Some(account)) => return Ok(account),
+            (None, Some(account)) => {
+                progress.creation_ts = account.creation_ts;
+                return Ok(account);
+            }
             (Some(Action::Update(update)), _) => update,
             (Some(Action::Create), _) => {
                 let outcome = match client.put_user(&desired.user_id, &Default::default()).await {
@@ -82,6 +89,8 @@ pub async fn sync_account(
                 if outcome.created {
                     info!(user_id = %desired.user_id, "created the account");
                     authority.owned = true;
+                    authority.owned_creation_ts = outcome.user.creation_ts;
+                    progress.creation_ts = outcome.user.creation_ts;
                     progress.created = true;
                 }
                 // Otherwise it appeared meanwhile, untouched by the empty
@@ -166,13 +175,13 @@ pub async fn delete_account(
     client: &SynapseClient,
     user_id: &crate::synapse::UserId,
     policy: DeletionPolicy,
-    owned: bool,
+    authority: Authority,
 ) -> Result<Option<DeletionAction>, SynapseError> {
-    if policy == DeletionPolicy::Retain || !owned {
+    if policy == DeletionPolicy::Retain || !authority.owned {
         return Ok(None);
     }
     let account = client.get_user(user_id).await?;
-    let action = plan::plan_deletion(policy, owned, account.as_ref());
+    let action = plan::plan_deletion(policy, authority, account.as_ref());
     if let Some(DeletionAction::Deactivate { erase }) = action {
         client.deactivate(user_id, erase).await?;
         info!(%user_id, erase, "deactivated the account");

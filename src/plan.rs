@@ -48,6 +48,22 @@ pub struct Authority {
     pub adoption_allowed: bool,
     /// The Homeserver allows admins (`policy.allowAdminUsers`).
     pub admin_allowed: bool,
+    /// When the owned account was created, as Synapse said then
+    /// (`status.accountCreationTs`). An account of the same ID created at
+    /// another time — on another server behind a repointed Homeserver, say —
+    /// is not the one this resource owns.
+    pub owned_creation_ts: Option<i64>,
+}
+
+impl Authority {
+    /// Whether `account` is the one this resource created or adopted.
+    pub fn owns(&self, account: &SynapseUser) -> bool {
+        self.owned
+            && match (self.owned_creation_ts, account.creation_ts) {
+                (Some(recorded), Some(reported)) => recorded == reported,
+                _ => true,
+            }
+    }
 }
 
 /// Who holds each threepid and external id the plan would add (from
@@ -257,7 +273,7 @@ pub fn plan(
         return Err(Refusal::AdminNotAllowed);
     }
     let mut adopt = false;
-    if account.is_some() && !authority.owned {
+    if account.is_some_and(|a| !authority.owns(a)) {
         let user_id = desired.user_id.to_string();
         if !authority.adopt_requested {
             return Err(Refusal::AdoptionNotRequested { user_id });
@@ -417,8 +433,12 @@ pub enum DeletionAction {
 
 /// The call that carries out `policy` on the account, if one is needed.
 /// An account this resource does not own is never touched.
-pub fn plan_deletion(policy: DeletionPolicy, owned: bool, account: Option<&SynapseUser>) -> Option<DeletionAction> {
-    let account = account.filter(|_| owned)?;
+pub fn plan_deletion(
+    policy: DeletionPolicy,
+    authority: Authority,
+    account: Option<&SynapseUser>,
+) -> Option<DeletionAction> {
+    let account = account.filter(|a| authority.owns(a))?;
     match policy {
         DeletionPolicy::Retain => None,
         DeletionPolicy::Deactivate if account.deactivated => None,

@@ -87,6 +87,7 @@ const OWNED: Authority = Authority {
     adopt_requested: false,
     adoption_allowed: false,
     admin_allowed: false,
+    owned_creation_ts: None,
 };
 
 /// A resource that has not recorded an account yet.
@@ -95,6 +96,7 @@ const FRESH: Authority = Authority {
     adopt_requested: false,
     adoption_allowed: false,
     admin_allowed: false,
+    owned_creation_ts: None,
 };
 
 async fn sync(c: &SynapseClient, d: &Desired, authority: Authority) -> (Result<SynapseUser, SyncError>, Progress) {
@@ -685,7 +687,7 @@ async fn delete_with_erase() {
     d.password = Some(password("erase password", false, false));
     sync_ok(&c, &d, FRESH).await;
 
-    let action = delete_account(&c, &id, DeletionPolicy::Erase, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
     assert_eq!(action, Some(DeletionAction::Deactivate { erase: true }));
     let v = raw_ok(s, &id).await;
     assert_eq!(v["deactivated"], true, "{v}");
@@ -703,7 +705,7 @@ async fn delete_with_erase() {
     assert!(v["displayname"].is_null(), "{v}");
 
     // Done already: nothing more to do.
-    let action = delete_account(&c, &id, DeletionPolicy::Erase, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
     assert_eq!(action, None);
 }
 
@@ -718,7 +720,9 @@ async fn delete_with_deactivate() {
     d.password = Some(password("deact password", false, false));
     sync_ok(&c, &d, FRESH).await;
 
-    let action = delete_account(&c, &id, DeletionPolicy::Deactivate, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Deactivate, OWNED)
+        .await
+        .unwrap();
     assert_eq!(action, Some(DeletionAction::Deactivate { erase: false }));
     let v = raw_ok(s, &id).await;
     assert_eq!(v["deactivated"], true, "{v}");
@@ -726,7 +730,9 @@ async fn delete_with_deactivate() {
     assert_eq!(v["displayname"], "Deactivated Only", "{v}");
     assert_eq!(s.login(&lp, "deact password").await, Err(403));
 
-    let action = delete_account(&c, &id, DeletionPolicy::Deactivate, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Deactivate, OWNED)
+        .await
+        .unwrap();
     assert_eq!(action, None);
 }
 
@@ -743,7 +749,7 @@ async fn delete_with_erase_of_a_deactivated_account() {
     let v = raw_ok(s, &id).await;
     assert_eq!((&v["deactivated"], &v["erased"]), (&json!(true), &json!(false)));
 
-    let action = delete_account(&c, &id, DeletionPolicy::Erase, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
     assert_eq!(action, Some(DeletionAction::Deactivate { erase: true }));
     let v = raw_ok(s, &id).await;
     assert_eq!(v["erased"], true, "{v}");
@@ -760,7 +766,7 @@ async fn delete_of_a_missing_account_does_nothing() {
         DeletionPolicy::Deactivate,
         DeletionPolicy::Retain,
     ] {
-        let action = delete_account(&c, &id, policy, true).await.unwrap();
+        let action = delete_account(&c, &id, policy, OWNED).await.unwrap();
         assert_eq!(action, None, "{policy:?}");
     }
     assert_eq!(raw(s, &id).await.0, 404);
@@ -778,7 +784,7 @@ async fn delete_with_retain_leaves_the_account() {
     sync_ok(&c, &d, FRESH).await;
     let before = raw_stable(s, &id).await;
 
-    let action = delete_account(&c, &id, DeletionPolicy::Retain, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Retain, OWNED).await.unwrap();
     assert_eq!(action, None);
     assert_eq!(raw_stable(s, &id).await, before);
     s.login(&lp, "retain password").await.expect("still logs in");
@@ -793,7 +799,7 @@ async fn delete_of_an_account_not_owned_touches_nothing() {
     let before = raw_stable(s, &id).await;
 
     for policy in [DeletionPolicy::Erase, DeletionPolicy::Deactivate] {
-        let action = delete_account(&c, &id, policy, false).await.unwrap();
+        let action = delete_account(&c, &id, policy, FRESH).await.unwrap();
         assert_eq!(action, None, "{policy:?}");
     }
     assert_eq!(raw_stable(s, &id).await, before);
@@ -1242,7 +1248,7 @@ async fn localpart_with_slash_equals_and_plus_round_trips() {
     d.password = Some(password("odd password", true, false));
     let p = sync_ok(&c, &d, OWNED).await;
     assert_eq!(p.writes, 0, "{p:?}");
-    let action = delete_account(&c, &id, DeletionPolicy::Erase, true).await.unwrap();
+    let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
     assert_eq!(action, Some(DeletionAction::Deactivate { erase: true }));
     assert_eq!(raw_ok(s, &id).await["erased"], true);
 }

@@ -775,3 +775,47 @@ async fn run_watches_only_the_namespaces_it_is_given() {
         }
     }
 }
+
+#[tokio::test]
+async fn an_account_of_the_same_id_created_at_another_time_is_not_taken_for_the_owned_one() {
+    // As after a Homeserver was repointed at another server with the same
+    // server name: status records @x as owned, created at another time.
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-repointed");
+    s.register_user(&lp, "their-password", false).await;
+    let (client, fake) = cluster(json!({}));
+    let obj = matrix_user(
+        "repointed",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Mine", "deletionPolicy": "Deactivate"}),
+        json!({"userId": s.user_id(&lp), "accountCreationTs": 1}),
+    );
+    let refused = reconcile_once(&fake, client.clone(), &obj).await;
+    assert_eq!(ready_of(&refused).1, "AdoptionRefused");
+    assert_eq!(
+        account(&s.user_id(&lp)).await.1["displayname"],
+        lp.as_str(),
+        "untouched"
+    );
+    // Deleting it leaves that account alone too.
+    let mut deleting = serde_json::to_value(&refused).unwrap();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    reconcile_stored(&fake, client, &deleting).await;
+    assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], false);
+}
+
+#[tokio::test]
+async fn the_creation_time_of_a_new_account_is_recorded_with_it() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-created-at");
+    let (client, fake) = cluster(json!({}));
+    let obj = matrix_user(
+        "fresh",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
+        Value::Null,
+    );
+    let created = reconcile_once(&fake, client, &obj).await;
+    let status = created.status.unwrap();
+    let (_, acc) = account(&s.user_id(&lp)).await;
+    assert_eq!(status.account_creation_ts, acc["creation_ts"].as_i64());
+    assert!(status.account_creation_ts.is_some());
+}

@@ -245,6 +245,11 @@ pub struct MatrixUserStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// Synapse's creation time of that account (seconds since the epoch):
+    /// an account of the same ID created at another time — on another
+    /// server behind a repointed Homeserver, say — is not this resource's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_creation_ts: Option<i64>,
     /// A salted, slow digest (PBKDF2-HMAC-SHA256) of the password last
     /// applied, to tell when the Secret holds a new one. Never the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -112,6 +112,9 @@ async fn apply(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
         && let Some(id) = &outcome.user_id
     {
         status.user_id = Some(id.to_string());
+        if let Some(ts) = outcome.progress.creation_ts {
+            status.account_creation_ts = Some(ts);
+        }
     }
     status.password_digest = outcome.password_digest.clone();
     let ready = match &result {
@@ -226,6 +229,7 @@ async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mu
         adopt_requested: user.spec.adopt,
         adoption_allowed: hs.policy.allow_adoption,
         admin_allowed: hs.policy.allow_admin_users,
+        owned_creation_ts: old.account_creation_ts,
     };
     let result = sync_account(&hs.client, &desired, authority, &mut out.progress).await;
     out.owned |= out.progress.created || out.progress.adopted;
@@ -392,8 +396,12 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     };
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
-    let owned = user_id.as_str() == owned_id;
-    match delete_account(&hs.client, &user_id, policy, owned).await {
+    let authority = Authority {
+        owned: user_id.as_str() == owned_id,
+        owned_creation_ts: user.status.as_ref().and_then(|s| s.account_creation_ts),
+        ..Authority::default()
+    };
+    match delete_account(&hs.client, &user_id, policy, authority).await {
         Ok(action) => {
             let (reason, note) = match action {
                 Some(DeletionAction::Deactivate { erase: true }) => {

@@ -774,6 +774,40 @@ fn conflict_messages_do_not_name_the_owner() {
 }
 
 #[test]
+fn an_account_of_the_same_id_created_at_another_time_is_not_owned() {
+    let a = account();
+    let mine = Authority {
+        owned: true,
+        owned_creation_ts: a.creation_ts,
+        ..Authority::default()
+    };
+    let mut d = desired();
+    d.displayname = Some("Alice".into());
+    assert!(plan(&d, Some(&a), mine, &Owners::default()).is_ok());
+    let elsewhere = Authority {
+        owned_creation_ts: Some(1),
+        ..mine
+    };
+    assert!(matches!(
+        plan(&d, Some(&a), elsewhere, &Owners::default()),
+        Err(Refusal::AdoptionNotRequested { .. })
+    ));
+    // With adoption asked for and allowed, it is adopted (and recorded anew).
+    let adopting = Authority {
+        adopt_requested: true,
+        adoption_allowed: true,
+        ..elsewhere
+    };
+    assert!(plan(&d, Some(&a), adopting, &Owners::default()).unwrap().adopt);
+    // Statuses from before the creation time was recorded still own.
+    let legacy = Authority {
+        owned_creation_ts: None,
+        ..mine
+    };
+    assert!(plan(&d, Some(&a), legacy, &Owners::default()).is_ok());
+}
+
+#[test]
 fn admin_needs_the_policy() {
     let mut d = desired();
     d.admin = Some(true);
@@ -956,12 +990,31 @@ fn deletion_policies() {
         (Retain, false, Some(&active), None),
     ];
     for (policy, owned, account, expected) in cases {
+        let authority = Authority {
+            owned,
+            ..Authority::default()
+        };
         assert_eq!(
-            plan_deletion(policy, owned, account),
+            plan_deletion(policy, authority, account),
             expected,
             "{policy:?} owned={owned} {account:?}"
         );
     }
+    // Owned, but recorded with another creation time: not this account.
+    let other_time = Authority {
+        owned: true,
+        owned_creation_ts: Some(1),
+        ..Authority::default()
+    };
+    assert_eq!(plan_deletion(Deactivate, other_time, Some(&active)), None);
+    let same_time = Authority {
+        owned_creation_ts: active.creation_ts,
+        ..other_time
+    };
+    assert_eq!(
+        plan_deletion(Deactivate, same_time, Some(&active)),
+        Some(DeletionAction::Deactivate { erase: false })
+    );
 }
 
 #[test]
