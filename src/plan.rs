@@ -28,6 +28,24 @@ pub struct Desired {
     pub external_ids: Option<Vec<ExternalId>>,
 }
 
+impl Desired {
+    /// An account that exists and has nothing else managed.
+    pub fn existing(user_id: UserId) -> Self {
+        Self {
+            user_id,
+            displayname: None,
+            avatar_url: None,
+            admin: None,
+            deactivated: None,
+            locked: None,
+            user_type: None,
+            password: None,
+            threepids: None,
+            external_ids: None,
+        }
+    }
+}
+
 /// The password the account should have.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DesiredPassword {

@@ -45,18 +45,7 @@ fn new_user(s: &SynapseServer, prefix: &str) -> (String, UserId) {
 
 /// Manages nothing but the account's existence.
 fn desired(id: &UserId) -> Desired {
-    Desired {
-        user_id: id.clone(),
-        displayname: None,
-        avatar_url: None,
-        admin: None,
-        deactivated: None,
-        locked: None,
-        user_type: None,
-        password: None,
-        threepids: None,
-        external_ids: None,
-    }
+    Desired::existing(id.clone())
 }
 
 fn password(value: &str, applied: bool, logout_devices: bool) -> DesiredPassword {

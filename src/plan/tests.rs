@@ -24,18 +24,7 @@ fn account() -> SynapseUser {
 
 /// A spec that manages nothing.
 fn desired() -> Desired {
-    Desired {
-        user_id: user_id(),
-        displayname: None,
-        avatar_url: None,
-        admin: None,
-        deactivated: None,
-        locked: None,
-        user_type: None,
-        password: None,
-        threepids: None,
-        external_ids: None,
-    }
+    Desired::existing(user_id())
 }
 
 fn owned() -> Authority {
