@@ -101,10 +101,6 @@ impl SynapseClient {
         })
     }
 
-    pub fn base_url(&self) -> &Url {
-        &self.base
-    }
-
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
         url.path_segments_mut()

@@ -159,15 +159,6 @@ impl SynapseError {
             _ => None,
         }
     }
-
-    pub fn endpoint(&self) -> Option<Endpoint> {
-        match self {
-            SynapseError::InvalidUrl { .. } => None,
-            SynapseError::Transport { endpoint, .. }
-            | SynapseError::Api { endpoint, .. }
-            | SynapseError::UnexpectedResponse { endpoint, .. } => Some(*endpoint),
-        }
-    }
 }
 
 #[cfg(test)]
