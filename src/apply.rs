@@ -3,28 +3,33 @@
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tracing::{debug, info};
 
 use crate::api::DeletionPolicy;
-use crate::plan::{self, Action, Authority, DeletionAction, Desired, Owners, Refusal};
+use crate::plan::{self, Action, Authority, DeletionAction, Desired, Owners, PendingCreation, Refusal, Untouched};
 use crate::synapse::{SynapseClient, SynapseError, SynapseUser};
 
 /// Rounds of read-plan-act before giving up on an account that does not
 /// settle: create, update, one repair of a partly applied update, verify.
 const MAX_ROUNDS: usize = 5;
 
-/// Synapse may ask for a short pause (M_LIMIT_EXCEEDED); waits up to this
-/// long happen in place, longer ones are left to the caller's requeue.
+/// Synapse may ask for a short pause (M_LIMIT_EXCEEDED); waits happen in
+/// place up to this long in all per sync, longer ones are left to the
+/// caller's requeue (a wait in place holds one of the controller's slots).
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(5);
 
 /// What a sync did, kept even when it failed halfway: a created account must
 /// still be recorded as this resource's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// This sync created the account (Synapse answered 201).
+    /// This sync created the account (Synapse answered 201), or recognised
+    /// it as the one a pending creation made.
     pub created: bool,
     /// This sync adopted an existing account.
     pub adopted: bool,
+    /// What became of the pending creation record.
+    pub pending_creation: PendingOutcome,
     /// The desired password was sent and accepted.
     pub password_applied: bool,
     pub deactivated: bool,
@@ -41,6 +46,57 @@ pub struct Progress {
     pub writes: usize,
 }
 
+/// What became of the pending creation record during a sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PendingOutcome {
+    /// No create was asked for: the record is as it was.
+    #[default]
+    Unchanged,
+    /// A create was asked for under this record and its answer never came
+    /// (a timeout, say): keep the record, the account may be this one's.
+    Unanswered(PendingCreation),
+    /// Settled: the account was created (and is owned now), or it existed
+    /// already and is not this resource's creation.
+    Settled,
+}
+
+/// A write the executor is about to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// The empty-body create.
+    Create,
+    /// Any other write to an existing account.
+    Update,
+    /// Not a write to the homeserver: taking an existing account as the
+    /// resource's own (adoption, or the account of a pending creation).
+    Claim,
+}
+
+/// Why a [`WriteGuard`] stopped a sync; the guard keeps the details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Halt;
+
+/// The caller's checks before the executor writes to the homeserver: that
+/// what the sync is based on is current, and for a create, a pending
+/// creation record made durable first.
+pub trait WriteGuard: Send {
+    /// Called before the first write of a sync, before every create and
+    /// before an existing account is taken as the resource's own.
+    /// For a create it returns the pending creation it recorded. An error
+    /// stops the sync before the write.
+    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, Halt>>;
+}
+
+/// A guard that checks nothing and records no pending creation: for callers
+/// with no durable record of their own (tests, benchmarks, tools).
+pub struct Unguarded;
+
+impl WriteGuard for Unguarded {
+    fn before_write(&mut self, _: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, Halt>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
@@ -49,6 +105,9 @@ pub enum SyncError {
     Synapse(#[from] SynapseError),
     #[error("the account does not settle: after {MAX_ROUNDS} rounds Synapse still differs in {fields:?}")]
     NotSettling { fields: Vec<&'static str> },
+    /// The caller's guard stopped the sync before a write.
+    #[error("stopped before writing")]
+    Halted,
 }
 
 /// Brings the account in line with `desired`. On success, returns the
@@ -57,19 +116,36 @@ pub async fn sync_account(
     client: &SynapseClient,
     desired: &Desired,
     mut authority: Authority,
+    guard: &mut dyn WriteGuard,
     progress: &mut Progress,
 ) -> Result<SynapseUser, SyncError> {
     let mut desired = desired.clone();
     let mut last_fields = Vec::new();
+    let mut waited = Duration::ZERO;
+    let mut guarded = false;
     for _ in 0..MAX_ROUNDS {
         let account = client.get_user(&desired.user_id).await?;
         let owners = look_up_owners(client, &desired, account.as_ref()).await?;
         let plan = plan::plan(&desired, account.as_ref(), authority, &owners)?;
-        if plan.adopt {
-            info!(user_id = %desired.user_id, "adopting an existing account");
+        if plan.created_by_pending || plan.adopt {
+            guard
+                .before_write(Write::Claim)
+                .await
+                .map_err(|Halt| SyncError::Halted)?;
+            guarded = true;
+            let created_at = account.as_ref().and_then(|a| a.creation_ts);
             authority.owned = true;
-            authority.owned_creation_ts = account.as_ref().and_then(|a| a.creation_ts);
-            progress.adopted = true;
+            authority.owned_creation_ts = created_at;
+            progress.creation_ts = created_at;
+            if plan.created_by_pending {
+                info!(user_id = %desired.user_id, "recognised the account a pending creation made");
+                authority.pending_creation = None;
+                progress.pending_creation = PendingOutcome::Settled;
+                progress.created = true;
+            } else {
+                info!(user_id = %desired.user_id, "adopting an existing account");
+                progress.adopted = true;
+            }
         }
         let update = match (plan.action, account) {
             (None, Some(account)) => {
@@ -78,14 +154,28 @@ pub async fn sync_account(
             }
             (Some(Action::Update(update)), _) => update,
             (Some(Action::Create), _) => {
+                let pending = guard
+                    .before_write(Write::Create)
+                    .await
+                    .map_err(|Halt| SyncError::Halted)?;
+                guarded = true;
+                authority.pending_creation = pending;
                 let outcome = match client.put_user(&desired.user_id, &Default::default()).await {
                     Ok(o) => o,
                     Err(e) => {
-                        wait_if_rate_limited(e).await?;
+                        // Whether Synapse created the account is unknown:
+                        // the next round's read tells, under the record.
+                        progress.writes += 1;
+                        if let Some(p) = pending {
+                            progress.pending_creation = PendingOutcome::Unanswered(p);
+                        }
+                        wait_if_rate_limited(e, &mut waited).await?;
                         continue;
                     }
                 };
                 progress.writes += 1;
+                authority.pending_creation = None;
+                progress.pending_creation = PendingOutcome::Settled;
                 if outcome.created {
                     info!(user_id = %desired.user_id, "created the account");
                     authority.owned = true;
@@ -99,6 +189,13 @@ pub async fn sync_account(
             }
             (None, None) => unreachable!("plan() creates a missing account"),
         };
+        if !guarded {
+            guard
+                .before_write(Write::Update)
+                .await
+                .map_err(|Halt| SyncError::Halted)?;
+            guarded = true;
+        }
         last_fields = plan::changed_fields(&update);
         debug!(user_id = %desired.user_id, fields = ?last_fields, "updating the account");
         progress.writes += 1;
@@ -106,7 +203,7 @@ pub async fn sync_account(
             // The PUT may have been partly applied (a rate-limited one sets
             // the displayname before it fails): plan again from what Synapse
             // reports, after a short wait if it asked for one.
-            wait_if_rate_limited(e).await?;
+            wait_if_rate_limited(e, &mut waited).await?;
             continue;
         }
         progress.updates.push(last_fields.clone());
@@ -129,12 +226,14 @@ pub async fn sync_account(
 }
 
 /// Returns the error unless it is a rate limit short enough to wait out
-/// here, in which case it waits and returns `Ok`.
-async fn wait_if_rate_limited(e: SynapseError) -> Result<(), SynapseError> {
+/// here within what is left of [`MAX_INLINE_WAIT`], in which case it waits
+/// and returns `Ok`.
+async fn wait_if_rate_limited(e: SynapseError, waited: &mut Duration) -> Result<(), SynapseError> {
     match e.retry_after() {
-        Some(wait) if wait <= MAX_INLINE_WAIT => {
+        Some(wait) if *waited + wait <= MAX_INLINE_WAIT => {
             debug!(?wait, "rate limited by Synapse; waiting");
             tokio::time::sleep(wait).await;
+            *waited += wait;
             Ok(())
         }
         _ => Err(e),
@@ -170,19 +269,19 @@ async fn look_up_owners(
     Ok(owners)
 }
 
-/// Carries out a deletion policy. Returns what was done.
+/// Carries out a deletion policy. Returns what was done, or why nothing was.
 pub async fn delete_account(
     client: &SynapseClient,
     user_id: &crate::synapse::UserId,
     policy: DeletionPolicy,
     authority: Authority,
-) -> Result<Option<DeletionAction>, SynapseError> {
-    if policy == DeletionPolicy::Retain || !authority.owned {
-        return Ok(None);
+) -> Result<Result<DeletionAction, Untouched>, SynapseError> {
+    if policy == DeletionPolicy::Retain {
+        return Ok(Err(Untouched::Retained));
     }
     let account = client.get_user(user_id).await?;
     let action = plan::plan_deletion(policy, authority, account.as_ref());
-    if let Some(DeletionAction::Deactivate { erase }) = action {
+    if let Ok(DeletionAction::Deactivate { erase }) = action {
         client.deactivate(user_id, erase).await?;
         info!(%user_id, erase, "deactivated the account");
     }

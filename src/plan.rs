@@ -71,6 +71,10 @@ pub struct Authority {
     /// another time — on another server behind a repointed Homeserver, say —
     /// is not the one this resource owns.
     pub owned_creation_ts: Option<i64>,
+    /// A creation this resource asked for whose outcome was never recorded
+    /// (`status.pendingCreation` for this Matrix ID), and that no other
+    /// resource claims or owns.
+    pub pending_creation: Option<PendingCreation>,
 }
 
 impl Authority {
@@ -81,6 +85,44 @@ impl Authority {
                 (Some(recorded), Some(reported)) => recorded == reported,
                 _ => true,
             }
+    }
+
+    /// Whether `account` was created by this resource's pending creation:
+    /// the operator stopped after asking Synapse and before recording the
+    /// answer.
+    pub fn created_by_pending(&self, account: &SynapseUser) -> bool {
+        self.pending_creation
+            .zip(account.creation_ts)
+            .is_some_and(|(p, ts)| p.covers(ts))
+    }
+}
+
+/// How long after recording a pending creation the operator may still send
+/// the create; past that it records a new one first.
+pub const PENDING_CREATION_LIFETIME_SECS: i64 = 30;
+
+/// How far Synapse's clock may be off the operator's.
+pub const CLOCK_SKEW_SECS: i64 = 60;
+
+/// A create asked for at `requested_at` (the operator's clock, seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingCreation {
+    pub requested_at: i64,
+}
+
+impl PendingCreation {
+    /// Whether an account created at `creation_ts` (Synapse's clock) can be
+    /// the one asked for: created no earlier than the request and no later
+    /// than the request's lifetime, give or take the clock skew.
+    pub fn covers(self, creation_ts: i64) -> bool {
+        let earliest = self.requested_at - CLOCK_SKEW_SECS;
+        let latest = self.requested_at + PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS;
+        (earliest..=latest).contains(&creation_ts)
+    }
+
+    /// Whether a create may still be sent under this record at `now`.
+    pub fn still_valid_at(self, now: i64) -> bool {
+        (self.requested_at..self.requested_at + PENDING_CREATION_LIFETIME_SECS).contains(&now)
     }
 }
 
@@ -118,6 +160,9 @@ pub struct Plan {
     /// The account exists, is not yet recorded as this resource's, and may be
     /// adopted: record it before acting.
     pub adopt: bool,
+    /// The account exists and is the one this resource's pending creation
+    /// made: record it as created.
+    pub created_by_pending: bool,
     pub action: Option<Action>,
     /// The update re-activates the account with no password to give it: it
     /// will not be able to log in with a password.
@@ -127,7 +172,7 @@ pub struct Plan {
 impl Plan {
     /// Nothing to do: the account matches the spec.
     pub fn is_empty(&self) -> bool {
-        !self.adopt && self.action.is_none()
+        !self.adopt && !self.created_by_pending && self.action.is_none()
     }
 
     /// Whether the action sends the password.
@@ -291,7 +336,8 @@ pub fn plan(
         return Err(Refusal::AdminNotAllowed);
     }
     let mut adopt = false;
-    if account.is_some_and(|a| !authority.owns(a)) {
+    let created_by_pending = account.is_some_and(|a| !authority.owns(a) && authority.created_by_pending(a));
+    if account.is_some_and(|a| !authority.owns(a)) && !created_by_pending {
         let user_id = desired.user_id.to_string();
         if !authority.adopt_requested {
             return Err(Refusal::AdoptionNotRequested { user_id });
@@ -316,6 +362,7 @@ pub fn plan(
     let action = (update != UserUpdate::default()).then_some(Action::Update(update));
     Ok(Plan {
         adopt,
+        created_by_pending,
         action,
         reactivates_without_password,
     })
@@ -449,20 +496,38 @@ pub enum DeletionAction {
     Deactivate { erase: bool },
 }
 
-/// The call that carries out `policy` on the account, if one is needed.
+/// Why deleting a MatrixUser needs no call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Untouched {
+    /// `deletionPolicy: Retain`.
+    Retained,
+    /// Synapse has no such account (any more).
+    AccountGone,
+    /// The policy holds already (deactivated; erased too for `Erase`).
+    AlreadyDone,
+    /// The account is not the one this resource created or adopted.
+    NotOwned,
+}
+
+/// The call that carries out `policy` on the account, or why none is needed.
 /// An account this resource does not own is never touched.
 pub fn plan_deletion(
     policy: DeletionPolicy,
     authority: Authority,
     account: Option<&SynapseUser>,
-) -> Option<DeletionAction> {
-    let account = account.filter(|a| authority.owns(a))?;
+) -> Result<DeletionAction, Untouched> {
+    if policy == DeletionPolicy::Retain {
+        return Err(Untouched::Retained);
+    }
+    let account = account.ok_or(Untouched::AccountGone)?;
+    if !authority.owns(account) && !authority.created_by_pending(account) {
+        return Err(Untouched::NotOwned);
+    }
     match policy {
-        DeletionPolicy::Retain => None,
-        DeletionPolicy::Deactivate if account.deactivated => None,
-        DeletionPolicy::Deactivate => Some(DeletionAction::Deactivate { erase: false }),
-        DeletionPolicy::Erase if account.deactivated && account.erased => None,
-        DeletionPolicy::Erase => Some(DeletionAction::Deactivate { erase: true }),
+        DeletionPolicy::Deactivate if account.deactivated => Err(Untouched::AlreadyDone),
+        DeletionPolicy::Erase if account.deactivated && account.erased => Err(Untouched::AlreadyDone),
+        DeletionPolicy::Erase => Ok(DeletionAction::Deactivate { erase: true }),
+        _ => Ok(DeletionAction::Deactivate { erase: false }),
     }
 }
 

@@ -9,8 +9,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use matrix_user_operator::api::{DeletionPolicy, MatrixUserSpec, UserType};
-use matrix_user_operator::apply::{Progress, SyncError, delete_account, sync_account};
-use matrix_user_operator::plan::{Authority, DeletionAction, Desired, DesiredPassword, Refusal, desired_from_spec};
+use matrix_user_operator::apply::{Progress, SyncError, Unguarded, delete_account, sync_account};
+use matrix_user_operator::plan::{
+    Authority, DeletionAction, Desired, DesiredPassword, Refusal, Untouched, desired_from_spec,
+};
 use matrix_user_operator::secret::SecretString;
 use matrix_user_operator::synapse::{
     ClientConfig, ErrorClass, ExternalId, SynapseClient, SynapseUser, Threepid, UserId,
@@ -77,6 +79,7 @@ const OWNED: Authority = Authority {
     adoption_allowed: false,
     admin_allowed: false,
     owned_creation_ts: None,
+    pending_creation: None,
 };
 
 /// A resource that has not recorded an account yet.
@@ -86,11 +89,12 @@ const FRESH: Authority = Authority {
     adoption_allowed: false,
     admin_allowed: false,
     owned_creation_ts: None,
+    pending_creation: None,
 };
 
 async fn sync(c: &SynapseClient, d: &Desired, authority: Authority) -> (Result<SynapseUser, SyncError>, Progress) {
     let mut progress = Progress::default();
-    let result = sync_account(c, d, authority, &mut progress).await;
+    let result = sync_account(c, d, authority, &mut Unguarded, &mut progress).await;
     (result, progress)
 }
 
@@ -677,7 +681,7 @@ async fn delete_with_erase() {
     sync_ok(&c, &d, FRESH).await;
 
     let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
-    assert_eq!(action, Some(DeletionAction::Deactivate { erase: true }));
+    assert_eq!(action, Ok(DeletionAction::Deactivate { erase: true }));
     let v = raw_ok(s, &id).await;
     assert_eq!(v["deactivated"], true, "{v}");
     assert_eq!(v["erased"], true, "{v}");
@@ -695,7 +699,7 @@ async fn delete_with_erase() {
 
     // Done already: nothing more to do.
     let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
-    assert_eq!(action, None);
+    assert_eq!(action, Err(Untouched::AlreadyDone));
 }
 
 #[tokio::test]
@@ -712,7 +716,7 @@ async fn delete_with_deactivate() {
     let action = delete_account(&c, &id, DeletionPolicy::Deactivate, OWNED)
         .await
         .unwrap();
-    assert_eq!(action, Some(DeletionAction::Deactivate { erase: false }));
+    assert_eq!(action, Ok(DeletionAction::Deactivate { erase: false }));
     let v = raw_ok(s, &id).await;
     assert_eq!(v["deactivated"], true, "{v}");
     assert_eq!(v["erased"], false, "{v}");
@@ -722,7 +726,7 @@ async fn delete_with_deactivate() {
     let action = delete_account(&c, &id, DeletionPolicy::Deactivate, OWNED)
         .await
         .unwrap();
-    assert_eq!(action, None);
+    assert_eq!(action, Err(Untouched::AlreadyDone));
 }
 
 #[tokio::test]
@@ -739,7 +743,7 @@ async fn delete_with_erase_of_a_deactivated_account() {
     assert_eq!((&v["deactivated"], &v["erased"]), (&json!(true), &json!(false)));
 
     let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
-    assert_eq!(action, Some(DeletionAction::Deactivate { erase: true }));
+    assert_eq!(action, Ok(DeletionAction::Deactivate { erase: true }));
     let v = raw_ok(s, &id).await;
     assert_eq!(v["erased"], true, "{v}");
     assert!(v["displayname"].is_null(), "{v}");
@@ -750,13 +754,13 @@ async fn delete_of_a_missing_account_does_nothing() {
     let s = synapse();
     let c = client(s);
     let (_, id) = new_user(s, "del-missing");
-    for policy in [
-        DeletionPolicy::Erase,
-        DeletionPolicy::Deactivate,
-        DeletionPolicy::Retain,
+    for (policy, expected) in [
+        (DeletionPolicy::Erase, Untouched::AccountGone),
+        (DeletionPolicy::Deactivate, Untouched::AccountGone),
+        (DeletionPolicy::Retain, Untouched::Retained),
     ] {
         let action = delete_account(&c, &id, policy, OWNED).await.unwrap();
-        assert_eq!(action, None, "{policy:?}");
+        assert_eq!(action, Err(expected), "{policy:?}");
     }
     assert_eq!(raw(s, &id).await.0, 404);
 }
@@ -774,7 +778,7 @@ async fn delete_with_retain_leaves_the_account() {
     let before = raw_stable(s, &id).await;
 
     let action = delete_account(&c, &id, DeletionPolicy::Retain, OWNED).await.unwrap();
-    assert_eq!(action, None);
+    assert_eq!(action, Err(Untouched::Retained));
     assert_eq!(raw_stable(s, &id).await, before);
     s.login(&lp, "retain password").await.expect("still logs in");
 }
@@ -789,7 +793,7 @@ async fn delete_of_an_account_not_owned_touches_nothing() {
 
     for policy in [DeletionPolicy::Erase, DeletionPolicy::Deactivate] {
         let action = delete_account(&c, &id, policy, FRESH).await.unwrap();
-        assert_eq!(action, None, "{policy:?}");
+        assert_eq!(action, Err(Untouched::NotOwned), "{policy:?}");
     }
     assert_eq!(raw_stable(s, &id).await, before);
     s.login(&lp, "not owned password").await.expect("still logs in");
@@ -1238,6 +1242,6 @@ async fn localpart_with_slash_equals_and_plus_round_trips() {
     let p = sync_ok(&c, &d, OWNED).await;
     assert_eq!(p.writes, 0, "{p:?}");
     let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
-    assert_eq!(action, Some(DeletionAction::Deactivate { erase: true }));
+    assert_eq!(action, Ok(DeletionAction::Deactivate { erase: true }));
     assert_eq!(raw_ok(s, &id).await["erased"], true);
 }

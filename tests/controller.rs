@@ -11,7 +11,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use matrix_user_operator::api::{Homeserver, MatrixUser};
-use matrix_user_operator::controller::{Config, Context, FINALIZER, reconcile_homeserver, reconcile_user};
+use matrix_user_operator::controller::{
+    Config, Context, FINALIZER, HOMESERVER_FINALIZER, reconcile_homeserver, reconcile_user,
+};
 use matrix_user_operator::metrics::Metrics;
 use serde_json::{Value, json};
 
@@ -21,7 +23,7 @@ fn homeserver(policy: Value) -> Value {
     let s = synapse();
     json!({
         "apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
-        "metadata": {"name": "hs", "namespace": NS, "generation": 1},
+        "metadata": {"name": "hs", "namespace": NS, "generation": 1, "finalizers": [HOMESERVER_FINALIZER]},
         "spec": {"url": s.base_url, "adminTokenSecretRef": {"name": "admin", "key": "token"}, "policy": policy},
         "status": {
             "serverName": s.server_name, "serverVersion": common::SYNAPSE_VERSION, "observedGeneration": 1,

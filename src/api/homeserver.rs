@@ -90,4 +90,10 @@ pub struct HomeserverStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The admin token Secret the operator holds with the finalizer
+    /// `matrix-operator.io/admin-token`, so that when the namespace is
+    /// deleted the MatrixUsers' deletion policies can still reach Synapse.
+    /// Released when the Homeserver goes or names another Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_secret: Option<String>,
 }

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
     status = "MatrixUserStatus",
     shortname = "mxu",
     category = "matrix",
+    // Lets the operator find, by field selector, every MatrixUser that could
+    // own a Matrix ID before it adopts one (see controller::ownership).
+    selectable = ".spec.localpart",
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -254,6 +257,23 @@ pub struct MatrixUserStatus {
     /// applied, to tell when the Secret holds a new one. Never the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_digest: Option<String>,
+    /// Recorded just before the operator asks Synapse to create the
+    /// account, and cleared once the outcome is recorded: if the operator
+    /// dies in between, the account Synapse created in that window is
+    /// recognised as this resource's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_creation: Option<PendingCreation>,
+}
+
+/// A creation of an account that was asked for and whose outcome is not
+/// recorded yet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCreation {
+    /// The Matrix ID asked for.
+    pub user_id: String,
+    /// When the operator was about to ask (its clock, seconds since the epoch).
+    pub requested_at: i64,
 }
 
 impl MatrixUserSpec {

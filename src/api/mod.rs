@@ -4,11 +4,13 @@ mod conditions;
 mod homeserver;
 mod matrixuser;
 
-pub use conditions::{Ready, ready_condition, set_condition};
+pub use conditions::{
+    READY, RECONCILING, Ready, STALLED, Standing, condition, is_true, ready_condition, set_condition,
+};
 pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus};
 pub use matrixuser::{
     DeletionPolicy, ExternalIdSpec, HomeserverRef, MatrixUser, MatrixUserSpec, MatrixUserStatus, PasswordSpec,
-    SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,
+    PendingCreation, SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,
 };
 
 /// The API group of every kind here.

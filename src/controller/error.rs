@@ -1,3 +1,4 @@
+use crate::api::Standing;
 use crate::apply::SyncError;
 use crate::plan::Refusal;
 use crate::synapse::{ErrorClass, InvalidUserId, SynapseError};
@@ -12,7 +13,13 @@ pub enum Error {
     #[error("Homeserver {name:?} not found in this namespace")]
     HomeserverNotFound { name: String },
     #[error("Homeserver {name:?} is not ready: {message}")]
-    HomeserverNotReady { name: String, message: String },
+    HomeserverNotReady {
+        name: String,
+        message: String,
+        /// The Homeserver is being checked or retried, as opposed to
+        /// stalled on an error of its own.
+        waiting: bool,
+    },
     #[error("Secret {name:?} not found")]
     SecretNotFound { name: String, key: String },
     #[error("Secret {name:?} has no key {key:?}")]
@@ -37,6 +44,8 @@ pub enum Error {
     NotAdmin { user_id: String },
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the MatrixUser kept changing while it was reconciled; trying again")]
+    Stale,
 }
 
 impl From<SyncError> for Error {
@@ -44,6 +53,9 @@ impl From<SyncError> for Error {
         match e {
             SyncError::Refused(r) => Error::Refused(r),
             SyncError::Synapse(s) => Error::Synapse(s),
+            // The guard that halted keeps the reason; reaching this means
+            // it kept none, which is a stale object at worst.
+            SyncError::Halted => Error::Stale,
             e @ SyncError::NotSettling { .. } => Error::NotSettling(e.to_string()),
         }
     }
@@ -73,7 +85,17 @@ impl Error {
             Error::NotSettling(_) => "SynapseError",
             Error::ServerNameMismatch { .. } => "ServerNameMismatch",
             Error::NotAdmin { .. } => "NotAdmin",
-            Error::Kube(_) => "KubernetesError",
+            Error::Kube(_) | Error::Stale => "KubernetesError",
+        }
+    }
+
+    /// What the error makes of the resource: `Reconciling` while the
+    /// operator keeps at it, `Stalled` when it waits for a change.
+    pub fn standing(&self) -> Standing {
+        match self {
+            Error::HomeserverNotReady { waiting: true, .. } => Standing::Reconciling,
+            e if e.is_transient() => Standing::Reconciling,
+            _ => Standing::Stalled,
         }
     }
 
@@ -82,7 +104,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Synapse(e) => e.is_transient(),
-            Error::NotSettling(_) | Error::Kube(_) => true,
+            Error::NotSettling(_) | Error::Kube(_) | Error::Stale => true,
             _ => false,
         }
     }

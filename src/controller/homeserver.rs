@@ -1,14 +1,17 @@
 //! Homeserver reconcile: can the admin token reach and administer Synapse?
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
+use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{Context, Error, patch_status};
-use crate::api::{Homeserver, Ready, set_condition};
+use super::{Context, Error, SKIP_CLEANUP, patch_status, secrets};
+use crate::api::{Homeserver, HomeserverStatus, MatrixUser, Ready, set_condition};
 use crate::synapse::ErrorClass;
 
 struct Checked {
@@ -17,10 +20,31 @@ struct Checked {
     admin_user_id: String,
 }
 
+/// Put on every Homeserver: it stays until the MatrixUsers that use it are
+/// gone, so their deletion policies can still reach Synapse when the whole
+/// namespace is deleted.
+pub const HOMESERVER_FINALIZER: &str = "matrix-operator.io/cleanup";
+
+/// How often a Homeserver being deleted looks again for its MatrixUsers
+/// (their deletion also triggers it).
+const DELETION_RECHECK: Duration = Duration::from_secs(10);
+
 #[instrument(skip_all, fields(homeserver = %hs.name_any(), namespace = hs.namespace().unwrap_or_default()))]
 pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let result = reconcile_inner(&hs, &ctx).await;
+    let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
+    let result = finalizer(&api, HOMESERVER_FINALIZER, hs, |event| async {
+        match event {
+            Finalizer::Apply(hs) => reconcile_inner(&hs, &ctx).await,
+            Finalizer::Cleanup(hs) => cleanup(&hs, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+        other => Error::InvalidSpec(other.to_string()),
+    });
     let outcome = if result.is_ok() { "success" } else { "error" };
     ctx.metrics.reconciled("Homeserver", outcome, started.elapsed());
     result
@@ -41,24 +65,19 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
                 format!("connected to {} ({})", c.server_name, c.server_version),
             )
         }
-        Err(e) => Ready::not_ready(e.reason(), e.to_string()),
+        Err(e) if e.is_transient() => Ready::reconciling(e.reason(), e.to_string()),
+        Err(e) => Ready::stalled(e.reason(), e.to_string()),
     };
-    set_condition(
-        &mut status.conditions,
-        &ready,
-        hs.metadata.generation,
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
-    if status != old {
-        let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
-        patch_status(&api, &hs.name_any(), &status).await?;
-        match &result {
-            Ok(_) => info!(reason = ready.reason, "homeserver ready"),
-            Err(e) => warn!(reason = ready.reason, error = %e, "homeserver not ready"),
-        }
-    }
+    // The token Secret is held only once it is known to exist.
+    let held = match &result {
+        Err(Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. }) => old.held_secret.clone(),
+        _ => Some(hold_token_secret(ctx, hs, old.held_secret.as_deref()).await?),
+    };
+    status.held_secret = held;
+    record(ctx, hs, &old, status, &ready).await?;
     match result {
         Ok(_) => {
+            info!("homeserver ready");
             ctx.reset_backoff(hs.as_ref());
             Ok(ctx.resync())
         }
@@ -67,6 +86,91 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
         // (both watched), and is looked at again at the next resync.
         Err(_) => Ok(ctx.resync()),
     }
+}
+
+/// Writes the status when it changed.
+async fn record(
+    ctx: &Context,
+    hs: &Homeserver,
+    old: &HomeserverStatus,
+    mut status: HomeserverStatus,
+    ready: &Ready,
+) -> Result<(), Error> {
+    set_condition(&mut status.conditions, ready, hs.metadata.generation, now());
+    if status != *old {
+        let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
+        patch_status(&api, &hs.name_any(), &status).await?;
+        if !ready.is_ready() {
+            warn!(reason = ready.reason, message = %ready.message, "homeserver not ready");
+        }
+    }
+    Ok(())
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Puts the finalizer on the admin token Secret, so that deleting the
+/// namespace leaves the token readable until the MatrixUsers' deletion
+/// policies ran, and releases the one held before if the spec now names
+/// another. Returns the name of the Secret held.
+async fn hold_token_secret(ctx: &Context, hs: &Homeserver, held_before: Option<&str>) -> Result<String, Error> {
+    let ns = hs.namespace().unwrap_or_default();
+    let name = hs.spec.admin_token_secret_ref.name.clone();
+    secrets::hold(&ctx.client, &ns, &name).await?;
+    if let Some(before) = held_before.filter(|b| *b != name) {
+        release_token_secret(ctx, hs, before).await?;
+    }
+    Ok(name)
+}
+
+/// Releases the Secret `name` unless another Homeserver of the namespace
+/// that is not being deleted still uses it.
+async fn release_token_secret(ctx: &Context, hs: &Homeserver, name: &str) -> Result<(), Error> {
+    let ns = hs.namespace().unwrap_or_default();
+    let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &ns);
+    let still_used = api.list(&ListParams::default()).await?.items.iter().any(|other| {
+        other.uid() != hs.uid()
+            && other.meta().deletion_timestamp.is_none()
+            && other.spec.admin_token_secret_ref.name == name
+    });
+    if !still_used {
+        secrets::release(&ctx.client, &ns, name).await?;
+    }
+    Ok(())
+}
+
+/// A Homeserver being deleted: it goes once no MatrixUser uses it, or at
+/// once with `skip-cleanup: "true"` (its MatrixUsers then let go without
+/// their deletion policy).
+async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
+    let ns = hs.namespace().unwrap_or_default();
+    if hs.annotations().get(SKIP_CLEANUP).map(String::as_str) != Some("true") {
+        let users: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &ns);
+        let waiting = users
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|u| u.spec.homeserver_ref.name == hs.name_any())
+            .count();
+        if waiting > 0 {
+            // Its status stays as it is: the MatrixUsers' cleanup needs it
+            // to read Ready.
+            info!(
+                waiting,
+                "deletion waits for the MatrixUsers that use this Homeserver (annotate it with {SKIP_CLEANUP}: \"true\" to let them go without their deletion policy)"
+            );
+            return Ok(Action::requeue(DELETION_RECHECK));
+        }
+    }
+    let held = hs.status.as_ref().and_then(|s| s.held_secret.clone());
+    if let Some(name) = held {
+        release_token_secret(ctx, hs, &name).await?;
+    }
+    info!("homeserver deleted");
+    Ok(Action::await_change())
 }
 
 async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
@@ -104,7 +208,6 @@ pub fn error_policy(hs: Arc<Homeserver>, error: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(ctx.backoff(hs.as_ref(), error))
 }
 
-/// The status a Homeserver must show before its MatrixUsers are reconciled.
 /// What MatrixUsers need of a ready Homeserver.
 pub struct ReadyStatus {
     pub server_name: String,
@@ -112,22 +215,47 @@ pub struct ReadyStatus {
     pub admin_user_id: Option<String>,
 }
 
+/// Why a Homeserver is not ready for its MatrixUsers.
+pub struct NotReady {
+    pub message: String,
+    /// It is being checked, or retried after a transient error: wait for
+    /// it rather than report a failure.
+    pub waiting: bool,
+}
+
+/// Ready reasons of Homeservers written before the `Stalled` condition
+/// existed that mean "retrying".
+const RETRIED_REASONS: [&str; 3] = ["Unreachable", "SynapseError", "KubernetesError"];
+
 /// The Homeserver's status, if it says the current spec was checked and
 /// works. A status of an older spec (say, another URL) does not count: it
 /// describes another server, maybe with other accounts of the same names.
-pub fn ready_status(hs: &Homeserver) -> Result<ReadyStatus, String> {
+pub fn ready_status(hs: &Homeserver) -> Result<ReadyStatus, NotReady> {
+    let waiting = |message: &str| NotReady {
+        message: message.into(),
+        waiting: true,
+    };
     let Some(status) = hs.status.as_ref() else {
-        return Err("not checked yet".into());
+        return Err(waiting("not checked yet"));
     };
     if status.observed_generation != hs.metadata.generation {
-        return Err("not checked since its spec changed".into());
+        return Err(waiting("not checked since its spec changed"));
     }
     match crate::api::ready_condition(&status.conditions) {
         Some(c) if c.status == "True" => Ok(ReadyStatus {
-            server_name: status.server_name.clone().ok_or("no server name yet")?,
+            server_name: status
+                .server_name
+                .clone()
+                .ok_or_else(|| waiting("no server name yet"))?,
             admin_user_id: status.admin_user_id.clone(),
         }),
-        Some(c) => Err(format!("{}: {}", c.reason, c.message)),
-        None => Err("not checked yet".into()),
+        Some(c) => Err(NotReady {
+            message: format!("{}: {}", c.reason, c.message),
+            waiting: match crate::api::condition(&status.conditions, crate::api::STALLED) {
+                Some(stalled) => stalled.status != "True",
+                None => RETRIED_REASONS.contains(&c.reason.as_str()),
+            },
+        }),
+        None => Err(waiting("not checked yet")),
     }
 }

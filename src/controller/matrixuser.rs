@@ -2,7 +2,9 @@
 //! status and Events; and the finalizer that applies the deletion policy.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::future::BoxFuture;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -11,10 +13,13 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::homeserver::ready_status;
-use super::{Context, Error, patch_status, secrets};
-use crate::api::{DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, Ready, set_condition};
-use crate::apply::{Progress, delete_account, sync_account};
-use crate::plan::{Authority, DeletionAction, DesiredPassword, desired_from_spec, validate_threepid};
+use super::{Context, Error, ownership, patch_status_at, secrets};
+use crate::api::{
+    DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, PendingCreation, Ready, STALLED,
+    Standing, set_condition,
+};
+use crate::apply::{Halt, PendingOutcome, Progress, Write, WriteGuard, delete_account, sync_account};
+use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
 use crate::secret::{SecretString, digest_matches, password_digest};
 use crate::synapse::{SynapseClient, UserId};
 
@@ -66,19 +71,23 @@ struct ReadyHomeserver {
     client: SynapseClient,
 }
 
-async fn ready_homeserver(ctx: &Context, user: &MatrixUser) -> Result<ReadyHomeserver, Error> {
+/// The MatrixUser's Homeserver, as it is now.
+async fn homeserver_of(ctx: &Context, user: &MatrixUser) -> Result<Homeserver, Error> {
     let ns = user.namespace().unwrap_or_default();
     let name = &user.spec.homeserver_ref.name;
     let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &ns);
-    let hs = api
-        .get_opt(name)
+    api.get_opt(name)
         .await?
-        .ok_or_else(|| Error::HomeserverNotFound { name: name.clone() })?;
-    let ready = ready_status(&hs).map_err(|message| Error::HomeserverNotReady {
-        name: name.clone(),
-        message,
+        .ok_or_else(|| Error::HomeserverNotFound { name: name.clone() })
+}
+
+async fn ready_homeserver(ctx: &Context, hs: &Homeserver) -> Result<ReadyHomeserver, Error> {
+    let ready = ready_status(hs).map_err(|not_ready| Error::HomeserverNotReady {
+        name: hs.name_any(),
+        message: not_ready.message,
+        waiting: not_ready.waiting,
     })?;
-    let client = ctx.synapse_client(&hs).await?;
+    let client = ctx.synapse_client(hs).await?;
     Ok(ReadyHomeserver {
         server_name: ready.server_name,
         admin_user_id: ready.admin_user_id,
@@ -98,72 +107,336 @@ struct Outcome {
     generated_secret: Option<String>,
 }
 
+/// How many times a pass starts again on a newer copy of the MatrixUser
+/// before it gives up until the next trigger.
+const MAX_RESTARTS: usize = 3;
+
+/// Tries to record a new account's ownership this often before giving up.
+const OWNERSHIP_WRITE_ATTEMPTS: u64 = 3;
+
+/// The end of one pass over one copy of the MatrixUser.
+enum Pass {
+    Done(Result<Action, Error>),
+    /// The copy was stale and nothing was written: start again on this one.
+    Restart(Box<MatrixUser>),
+}
+
 async fn apply(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+    let mut current = user;
+    for _ in 0..MAX_RESTARTS {
+        match apply_once(current, ctx).await {
+            Pass::Done(result) => return result,
+            // A copy being deleted goes through the finalizer's cleanup.
+            Pass::Restart(fresh) if fresh.meta().deletion_timestamp.is_some() => {
+                return Ok(Action::requeue(Duration::ZERO));
+            }
+            Pass::Restart(fresh) => current = Arc::new(*fresh),
+        }
+    }
+    Err(Error::Stale)
+}
+
+async fn apply_once(user: Arc<MatrixUser>, ctx: &Context) -> Pass {
     let old = user.status.clone().unwrap_or_default();
     let mut outcome = Outcome {
         password_digest: old.password_digest.clone(),
         ..Outcome::default()
     };
-    let result = sync(&user, ctx, &old, &mut outcome).await;
-
-    let mut status = old.clone();
-    status.observed_generation = user.metadata.generation;
-    if outcome.owned
-        && let Some(id) = &outcome.user_id
-    {
-        status.user_id = Some(id.to_string());
-        if let Some(ts) = outcome.progress.creation_ts {
-            status.account_creation_ts = Some(ts);
-        }
-    }
-    status.password_digest = outcome.password_digest.clone();
+    let mut guard = Guard::new(ctx, &user);
+    let result = sync(&user, ctx, &old, &mut outcome, &mut guard).await;
+    let result = match (result, guard.stop.take()) {
+        (_, Some(Stop::Stale(fresh))) => return Pass::Restart(fresh),
+        (_, Some(Stop::Failed(e))) => Err(e),
+        (result, None) => result,
+    };
     let ready = match &result {
         Ok(()) => Ready::ok("InSync", format!("{} is in line with the spec", display_id(&outcome))),
-        Err(e) => Ready::not_ready(e.reason(), e.to_string()),
+        Err(e) => ready_of(e),
     };
-    set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
     ctx.metrics.user_reason(
         &user.namespace().unwrap_or_default(),
         &user.name_any(),
         Some(ready.reason),
     );
-    let condition_changed = status.conditions != old.conditions;
-    if status != old {
-        let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-        // A new account is the resource's own only once status.userId says
-        // so: try harder before giving up on recording it.
-        let attempts = if status.user_id != old.user_id { 3 } else { 1 };
-        let mut attempt = 1;
-        while let Err(e) = patch_status(&api, &user.name_any(), &status).await {
-            if attempt == attempts {
-                return Err(e.into());
-            }
-            warn!(error = %e, attempt, "cannot record the status; retrying");
-            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-            attempt += 1;
-        }
-    }
+    let recorded = match record_status(&user, &mut guard, &outcome, &ready).await {
+        Ok(Some(fresh)) => return Pass::Restart(Box::new(fresh)),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
     publish_progress(ctx, &user, &outcome).await;
+    publish_failure(ctx, &user, &old, &ready).await;
+    Pass::Done(recorded.and_then(|()| settle(ctx, &user, result)))
+}
+
+/// The conditions an error makes.
+fn ready_of(e: &Error) -> Ready {
+    match e.standing() {
+        Standing::Stalled => Ready::stalled(e.reason(), e.to_string()),
+        _ => Ready::reconciling(e.reason(), e.to_string()),
+    }
+}
+
+/// Publishes the Warning Event of a failure that is new: a reason or
+/// standing not shown before (a new message alone is not news). Waiting
+/// for a Homeserver that is being checked is no failure.
+async fn publish_failure(ctx: &Context, user: &MatrixUser, old: &MatrixUserStatus, ready: &Ready) {
+    if ready.is_ready() || (ready.standing == Standing::Reconciling && ready.reason == "HomeserverNotReady") {
+        return;
+    }
+    let before = crate::api::ready_condition(&old.conditions).map(|c| (c.status.as_str(), c.reason.as_str()));
+    let shown = before == Some(("False", ready.reason))
+        && crate::api::is_true(&old.conditions, STALLED) == (ready.standing == Standing::Stalled);
+    if !shown {
+        warn!(reason = ready.reason, message = %ready.message, "not in sync");
+        ctx.publish(user, EventType::Warning, ready.reason, ready.message.clone())
+            .await;
+    }
+}
+
+/// The requeue after a pass.
+fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result<Action, Error> {
     match result {
         Ok(()) => {
-            ctx.reset_backoff(user.as_ref());
+            ctx.reset_backoff(user);
             Ok(ctx.resync())
         }
-        Err(e) => {
-            if condition_changed {
-                warn!(reason = e.reason(), error = %e, "not in sync");
-                ctx.publish(user.as_ref(), EventType::Warning, e.reason(), e.to_string())
-                    .await;
-            }
-            if e.is_transient() {
-                Err(e)
-            } else {
-                // Waits for a change of the spec, a Secret or the Homeserver
-                // (all watched), and is looked at again at the next resync.
-                ctx.reset_backoff(user.as_ref());
-                Ok(ctx.resync())
-            }
+        // The Homeserver is being checked: its status change triggers this
+        // MatrixUser again, and a short requeue covers a missed trigger.
+        Err(Error::HomeserverNotReady { waiting: true, .. }) => {
+            ctx.reset_backoff(user);
+            Ok(Action::requeue(Duration::from_secs(5)))
         }
+        Err(e) if e.is_transient() => Err(e),
+        Err(_) => {
+            // Waits for a change of the spec, a Secret or the Homeserver
+            // (all watched), and is looked at again at the next resync.
+            ctx.reset_backoff(user);
+            Ok(ctx.resync())
+        }
+    }
+}
+
+/// The status a pass leaves, built on `base` (the status as last read or
+/// written). Ownership, once recorded, is never dropped: only a new
+/// creation or adoption replaces it.
+fn status_after(
+    base: &MatrixUserStatus,
+    outcome: &Outcome,
+    ready: &Ready,
+    generation: Option<i64>,
+) -> MatrixUserStatus {
+    let mut status = base.clone();
+    status.observed_generation = generation;
+    if outcome.owned
+        && let Some(id) = &outcome.user_id
+    {
+        if status.user_id.as_deref() != Some(id.as_str()) {
+            status.account_creation_ts = None;
+        }
+        status.user_id = Some(id.to_string());
+        if let Some(ts) = outcome.progress.creation_ts {
+            status.account_creation_ts = Some(ts);
+        }
+    }
+    if outcome.progress.password_applied {
+        status.password_digest = outcome.password_digest.clone();
+    }
+    match (outcome.progress.pending_creation, &outcome.user_id) {
+        (PendingOutcome::Unchanged, _) => {}
+        (PendingOutcome::Unanswered(p), Some(id)) => {
+            status.pending_creation = Some(PendingCreation {
+                user_id: id.to_string(),
+                requested_at: p.requested_at,
+            });
+        }
+        (PendingOutcome::Unanswered(_), None) | (PendingOutcome::Settled, _) => status.pending_creation = None,
+    }
+    set_condition(&mut status.conditions, ready, generation, now());
+    status
+}
+
+/// Writes the status of a pass, on the copy of the MatrixUser it was based
+/// on (a resourceVersion precondition): a copy older than the last status
+/// write is never written over. On a conflict, a pass that wrote nothing
+/// starts again on the newer copy (returned); one that wrote records what
+/// it did on the newer copy's status.
+async fn record_status(
+    user: &MatrixUser,
+    guard: &mut Guard<'_>,
+    outcome: &Outcome,
+    ready: &Ready,
+) -> Result<Option<MatrixUser>, Error> {
+    let generation = user.metadata.generation;
+    let wrote = outcome.progress.writes > 0 || guard.wrote_status;
+    let mut status = status_after(&guard.base, outcome, ready, generation);
+    let mut attempt = 1;
+    loop {
+        if status == guard.base {
+            return Ok(None);
+        }
+        match guard.write(&status).await {
+            Ok(()) => return Ok(None),
+            Err(e) if is_conflict(&e) => {
+                let fresh = guard.fetch().await?;
+                if !wrote {
+                    return Ok(Some(fresh));
+                }
+                guard.rebase(&fresh);
+                status = status_after(&guard.base, outcome, ready, generation);
+            }
+            // A new account is the resource's own only once status.userId
+            // says so: try harder before giving up on recording it.
+            Err(e) if status.user_id != guard.base.user_id && attempt < OWNERSHIP_WRITE_ATTEMPTS => {
+                warn!(error = %e, attempt, "cannot record the status; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        attempt += 1;
+        if attempt > OWNERSHIP_WRITE_ATTEMPTS + MAX_RESTARTS as u64 {
+            return Err(Error::Stale);
+        }
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Why a guard stopped a sync.
+enum Stop {
+    /// The copy of the MatrixUser is older than the API server's: nothing
+    /// was written.
+    Stale(Box<MatrixUser>),
+    Failed(Error),
+}
+
+/// The MatrixUser side of [`WriteGuard`]: before the first write to the
+/// homeserver, the copy of the MatrixUser is checked against the API
+/// server; before a create, the pending creation is recorded in status;
+/// before an existing account is taken as the resource's own, no other
+/// MatrixUser may own or be creating it.
+struct Guard<'a> {
+    ctx: &'a Context,
+    user: &'a MatrixUser,
+    api: Api<MatrixUser>,
+    /// The status as last read or written, and the resourceVersion it has.
+    base: MatrixUserStatus,
+    resource_version: Option<String>,
+    /// Known once the Homeserver is: the server part of the Matrix ID.
+    server_name: Option<String>,
+    confirmed: bool,
+    wrote_status: bool,
+    stop: Option<Stop>,
+}
+
+impl<'a> Guard<'a> {
+    fn new(ctx: &'a Context, user: &'a MatrixUser) -> Self {
+        Self {
+            ctx,
+            user,
+            api: Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default()),
+            base: user.status.clone().unwrap_or_default(),
+            resource_version: user.resource_version(),
+            server_name: None,
+            confirmed: false,
+            wrote_status: false,
+            stop: None,
+        }
+    }
+
+    async fn fetch(&self) -> Result<MatrixUser, kube::Error> {
+        self.api.get(&self.user.name_any()).await
+    }
+
+    fn rebase(&mut self, fresh: &MatrixUser) {
+        self.base = fresh.status.clone().unwrap_or_default();
+        self.resource_version = fresh.resource_version();
+    }
+
+    async fn write(&mut self, status: &MatrixUserStatus) -> Result<(), kube::Error> {
+        let written = patch_status_at(
+            &self.api,
+            &self.user.name_any(),
+            status,
+            self.resource_version.as_deref(),
+        )
+        .await?;
+        self.base = status.clone();
+        self.resource_version = written.resource_version();
+        self.wrote_status = true;
+        Ok(())
+    }
+
+    /// Stops the sync: the copy is stale, or the check itself failed.
+    fn halt(&mut self, stop: Stop) -> Halt {
+        self.stop = Some(stop);
+        Halt
+    }
+
+    /// Whether the copy the sync is based on is still the API server's.
+    async fn confirm(&mut self) -> Result<(), Halt> {
+        if self.confirmed {
+            return Ok(());
+        }
+        match self.fetch().await {
+            Ok(fresh) if fresh.resource_version() == self.resource_version => {
+                self.confirmed = true;
+                Ok(())
+            }
+            Ok(fresh) => Err(self.halt(Stop::Stale(Box::new(fresh)))),
+            Err(e) => Err(self.halt(Stop::Failed(e.into()))),
+        }
+    }
+
+    async fn record_pending_creation(&mut self) -> Result<Option<plan::PendingCreation>, Halt> {
+        let Some(user_id) = self.user_id() else {
+            return Ok(None);
+        };
+        let requested_at = k8s_openapi::jiff::Timestamp::now().as_second();
+        let mut status = self.base.clone();
+        status.pending_creation = Some(PendingCreation {
+            user_id: user_id.to_string(),
+            requested_at,
+        });
+        match self.write(&status).await {
+            Ok(()) => {
+                self.confirmed = true;
+                Ok(Some(plan::PendingCreation { requested_at }))
+            }
+            Err(e) if is_conflict(&e) => match self.fetch().await {
+                Ok(fresh) => Err(self.halt(Stop::Stale(Box::new(fresh)))),
+                Err(e) => Err(self.halt(Stop::Failed(e.into()))),
+            },
+            Err(e) => Err(self.halt(Stop::Failed(e.into()))),
+        }
+    }
+
+    fn user_id(&self) -> Option<UserId> {
+        let name = self.user.name_any();
+        let server = self.server_name.as_deref()?;
+        UserId::new(self.user.spec.effective_localpart(&name), server).ok()
+    }
+}
+
+impl WriteGuard for Guard<'_> {
+    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<plan::PendingCreation>, Halt>> {
+        Box::pin(async move {
+            match write {
+                Write::Update => self.confirm().await.map(|()| None),
+                Write::Create => self.record_pending_creation().await,
+                Write::Claim => {
+                    self.confirm().await?;
+                    let Some(user_id) = self.user_id() else {
+                        return Ok(None);
+                    };
+                    match ownership::other_claimant(self.ctx, self.user, &user_id).await {
+                        Ok(()) => Ok(None),
+                        Err(e) => Err(self.halt(Stop::Failed(e))),
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -178,8 +451,15 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mut Outcome) -> Result<(), Error> {
-    let hs = ready_homeserver(ctx, user).await?;
+async fn sync(
+    user: &MatrixUser,
+    ctx: &Context,
+    old: &MatrixUserStatus,
+    out: &mut Outcome,
+    guard: &mut Guard<'_>,
+) -> Result<(), Error> {
+    let hs = ready_homeserver(ctx, &homeserver_of(ctx, user).await?).await?;
+    guard.server_name = Some(hs.server_name.clone());
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
     out.user_id = Some(user_id.clone());
@@ -189,7 +469,7 @@ async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mu
             "{user_id} is the account of the Homeserver's admin token, which the operator does not manage"
         )));
     }
-    check_unique(ctx, user, &user_id, out.owned)?;
+    ownership::check_unique(ctx, user, &user_id, out.owned)?;
     for t in user.spec.threepids.iter().flatten() {
         validate_threepid(t.medium, &t.address).map_err(Error::InvalidSpec)?;
     }
@@ -230,8 +510,9 @@ async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mu
         adoption_allowed: hs.policy.allow_adoption,
         admin_allowed: hs.policy.allow_admin_users,
         owned_creation_ts: old.account_creation_ts,
+        pending_creation: pending_creation_of(old, &user_id),
     };
-    let result = sync_account(&hs.client, &desired, authority, &mut out.progress).await;
+    let result = sync_account(&hs.client, &desired, authority, guard, &mut out.progress).await;
     out.owned |= out.progress.created || out.progress.adopted;
     if out.progress.password_applied
         && let Some(p) = &desired.password
@@ -239,6 +520,17 @@ async fn sync(user: &MatrixUser, ctx: &Context, old: &MatrixUserStatus, out: &mu
         out.password_digest = Some(password_digest(&p.value));
     }
     result.map(|_| ()).map_err(Error::from)
+}
+
+/// The pending creation recorded in `status` for `user_id`, if any.
+fn pending_creation_of(status: &MatrixUserStatus, user_id: &UserId) -> Option<plan::PendingCreation> {
+    status
+        .pending_creation
+        .as_ref()
+        .filter(|p| p.user_id == user_id.as_str())
+        .map(|p| plan::PendingCreation {
+            requested_at: p.requested_at,
+        })
 }
 
 fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<(), Error> {
@@ -255,34 +547,6 @@ fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<
         )));
     }
     Ok(())
-}
-
-/// Two MatrixUsers naming one Matrix ID: the older one (by creation time,
-/// then name) keeps it, the newer one gets a Conflict and writes nothing.
-///
-/// Across namespaces and Homeservers, an account recorded as owned by
-/// another MatrixUser is that one's: this one may not adopt it.
-fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId, owned: bool) -> Result<(), Error> {
-    let key = |u: &MatrixUser| (u.meta().creation_timestamp.clone().map(|t| t.0), u.name_any());
-    let mine = key(user);
-    let name = user.name_any();
-    let localpart = user.spec.effective_localpart(&name);
-    let older = ctx.users.state().into_iter().find(|other| {
-        let other_name = other.name_any();
-        let same_resource = other.namespace() == user.namespace() && other_name == name;
-        let same_name = other.namespace() == user.namespace()
-            && other.spec.homeserver_ref == user.spec.homeserver_ref
-            && other.spec.effective_localpart(&other_name) == localpart;
-        let owns_it = other.status.as_ref().and_then(|s| s.user_id.as_deref()) == Some(user_id.as_str());
-        !same_resource && ((same_name && key(other) < mine) || (owns_it && (!owned || key(other) < mine)))
-    });
-    match older {
-        Some(other) => Err(Error::DuplicateUser {
-            user_id: user_id.to_string(),
-            other: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
-        }),
-        None => Ok(()),
-    }
 }
 
 async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
@@ -365,15 +629,21 @@ async fn cleanup(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> 
 }
 
 async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
-    if user.annotations().get(SKIP_CLEANUP).map(String::as_str) == Some("true") {
-        let note = format!("{SKIP_CLEANUP} is \"true\": the account is left as it is");
+    let skip = |note: String| async move {
         ctx.publish(user.as_ref(), EventType::Warning, "CleanupSkipped", note)
             .await;
-        return Ok(Action::await_change());
+        Ok(Action::await_change())
+    };
+    if skip_cleanup(user.as_ref()) {
+        return skip(format!("{SKIP_CLEANUP} is \"true\": the account is left as it is")).await;
     }
     let policy = user.spec.deletion_policy;
-    let owned_id = user.status.as_ref().and_then(|s| s.user_id.clone());
-    let Some(owned_id) = owned_id.filter(|_| policy != DeletionPolicy::Retain) else {
+    let status = user.status.clone().unwrap_or_default();
+    let recorded = status
+        .user_id
+        .clone()
+        .or_else(|| status.pending_creation.as_ref().map(|p| p.user_id.clone()));
+    let Some(recorded) = recorded.filter(|_| policy != DeletionPolicy::Retain) else {
         let note = match policy {
             DeletionPolicy::Retain => "deletionPolicy is Retain: the account is left as it is".to_string(),
             _ => "no account was created or adopted for this MatrixUser: nothing to clean up".to_string(),
@@ -381,36 +651,58 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
         ctx.publish(user.as_ref(), EventType::Normal, "Retained", note).await;
         return Ok(Action::await_change());
     };
-    let hs = match ready_homeserver(ctx, user).await {
+    let hs = match homeserver_of(ctx, user).await {
         Ok(hs) => hs,
         Err(Error::HomeserverNotFound { name }) => {
-            // The Homeserver is gone for good (deleted, or its namespace is
-            // going): nothing can reach the account, and holding on would
-            // wedge the deletion.
-            let note = format!("Homeserver {name:?} is gone: {owned_id} was left as it is ({policy:?} not applied)");
+            // The Homeserver is gone for good: nothing can reach the
+            // account, and holding on would wedge the deletion. (A
+            // Homeserver that is being deleted waits for its MatrixUsers.)
+            let note = format!("Homeserver {name:?} is gone: {recorded} was left as it is ({policy:?} not applied)");
             ctx.publish(user.as_ref(), EventType::Warning, "HomeserverGone", note)
                 .await;
             return Ok(Action::await_change());
         }
         Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
     };
+    if skip_cleanup(&hs) {
+        return skip(format!(
+            "the Homeserver's {SKIP_CLEANUP} is \"true\": {recorded} is left as it is"
+        ))
+        .await;
+    }
+    let hs = match ready_homeserver(ctx, &hs).await {
+        Ok(hs) => hs,
+        Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
+    };
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
+    if let Some(other) = ownership::live_other_owner(ctx, user, &user_id, status.account_creation_ts) {
+        let note = format!("MatrixUser {other} records {user_id} as its own: it was left as it is");
+        ctx.publish(user.as_ref(), EventType::Warning, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
     let authority = Authority {
-        owned: user_id.as_str() == owned_id,
-        owned_creation_ts: user.status.as_ref().and_then(|s| s.account_creation_ts),
+        owned: status.user_id.as_deref() == Some(user_id.as_str()),
+        owned_creation_ts: status.account_creation_ts,
+        pending_creation: pending_creation_of(&status, &user_id),
         ..Authority::default()
     };
     match delete_account(&hs.client, &user_id, policy, authority).await {
-        Ok(action) => {
-            let (reason, note) = match action {
-                Some(DeletionAction::Deactivate { erase: true }) => {
+        Ok(outcome) => {
+            let (reason, note) = match outcome {
+                Ok(DeletionAction::Deactivate { erase: true }) => {
                     ("Erased", format!("deactivated and erased {user_id}"))
                 }
-                Some(DeletionAction::Deactivate { erase: false }) => ("Deactivated", format!("deactivated {user_id}")),
-                None => (
-                    "Deleted",
-                    format!("{user_id} needed no change for deletionPolicy {policy:?}"),
+                Ok(DeletionAction::Deactivate { erase: false }) => ("Deactivated", format!("deactivated {user_id}")),
+                Err(Untouched::AlreadyDone) => ("Deleted", format!("{user_id} was {policy:?}d already")),
+                Err(Untouched::AccountGone) => ("Deleted", format!("{user_id} does not exist: nothing to do")),
+                Err(Untouched::NotOwned) => (
+                    "Retained",
+                    format!("{user_id} is not the account created for this MatrixUser: it was left as it is"),
+                ),
+                Err(Untouched::Retained) => (
+                    "Retained",
+                    "deletionPolicy is Retain: the account is left as it is".to_string(),
                 ),
             };
             ctx.publish(user.as_ref(), EventType::Normal, reason, note).await;
@@ -420,19 +712,208 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     }
 }
 
+/// Whether a MatrixUser or Homeserver carries `skip-cleanup: "true"`.
+fn skip_cleanup(obj: &impl ResourceExt) -> bool {
+    obj.annotations().get(SKIP_CLEANUP).map(String::as_str) == Some("true")
+}
+
 /// The finalizer stays until the deletion policy ran: say why in status.
 async fn record_cleanup_failure(ctx: &Context, user: &MatrixUser, e: Error) -> Error {
     let old = user.status.clone().unwrap_or_default();
     let mut status = old.clone();
-    let ready = Ready::not_ready(e.reason(), format!("deletion waits: {e}"));
+    let message = format!("deletion waits: {e}");
+    let ready = match e.standing() {
+        Standing::Stalled => Ready::stalled(e.reason(), message.clone()),
+        _ => Ready::reconciling(e.reason(), message.clone()),
+    };
     set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
     if status != old {
         let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-        if let Err(patch_error) = patch_status(&api, &user.name_any(), &status).await {
+        if let Err(patch_error) =
+            patch_status_at(&api, &user.name_any(), &status, user.resource_version().as_deref()).await
+        {
             warn!(error = %patch_error, "cannot record the failed deletion");
         }
-        ctx.publish(user, EventType::Warning, e.reason(), format!("deletion waits: {e}"))
-            .await;
+        ctx.publish(user, EventType::Warning, e.reason(), message).await;
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Refusal;
+    use crate::synapse::{Endpoint, ErrCode, SynapseError};
+    use serde_json::{Value, json};
+
+    /// kstatus's verdict on an object (sigs.k8s.io/cli-utils, pkg/kstatus:
+    /// the generic rules it applies to custom resources).
+    #[derive(Debug, PartialEq, Eq)]
+    enum KStatus {
+        InProgress,
+        Failed,
+        Current,
+        Terminating,
+    }
+
+    fn kstatus(obj: &Value) -> KStatus {
+        if !obj["metadata"]["deletionTimestamp"].is_null() {
+            return KStatus::Terminating;
+        }
+        let observed = &obj["status"]["observedGeneration"];
+        if !observed.is_null() && *observed != obj["metadata"]["generation"] {
+            return KStatus::InProgress;
+        }
+        let holds = |type_: &str| {
+            obj["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == type_ && c["status"] == "True")
+        };
+        if holds("Reconciling") {
+            return KStatus::InProgress;
+        }
+        if holds("Stalled") {
+            return KStatus::Failed;
+        }
+        KStatus::Current
+    }
+
+    fn synapse_error(status: u16, errcode: &str) -> Error {
+        Error::Synapse(SynapseError::Api {
+            endpoint: Endpoint::PutUser,
+            status,
+            errcode: ErrCode::parse(errcode),
+            message: String::new(),
+            retry_after: None,
+        })
+    }
+
+    /// The MatrixUser with the status a pass writes for `ready`.
+    fn written(ready: &Ready, generation: i64) -> Value {
+        let status = status_after(
+            &MatrixUserStatus::default(),
+            &Outcome::default(),
+            ready,
+            Some(generation),
+        );
+        json!({"metadata": {"generation": generation}, "status": status})
+    }
+
+    #[test]
+    fn kstatus_reads_every_reason_as_the_readme_says() {
+        let user_id = "@a:example.org".to_string();
+        let cases: Vec<(Error, KStatus)> = vec![
+            (Error::HomeserverNotFound { name: "hs".into() }, KStatus::Failed),
+            (
+                Error::HomeserverNotReady {
+                    name: "hs".into(),
+                    message: "not checked yet".into(),
+                    waiting: true,
+                },
+                KStatus::InProgress,
+            ),
+            (
+                Error::HomeserverNotReady {
+                    name: "hs".into(),
+                    message: "Unauthorized: …".into(),
+                    waiting: false,
+                },
+                KStatus::Failed,
+            ),
+            (
+                Error::SecretNotFound {
+                    name: "s".into(),
+                    key: "k".into(),
+                },
+                KStatus::Failed,
+            ),
+            (Error::InvalidSpec("x".into()), KStatus::Failed),
+            (Error::Refused(Refusal::AdminNotAllowed), KStatus::Failed),
+            (
+                Error::Refused(Refusal::AdoptionNotRequested {
+                    user_id: user_id.clone(),
+                }),
+                KStatus::Failed,
+            ),
+            (
+                Error::DuplicateUser {
+                    user_id,
+                    other: "ns/b".into(),
+                },
+                KStatus::Failed,
+            ),
+            (Error::CredentialsSecretNotOwned { name: "c".into() }, KStatus::Failed),
+            (synapse_error(401, "M_UNKNOWN_TOKEN"), KStatus::Failed),
+            (synapse_error(403, "M_FORBIDDEN"), KStatus::Failed),
+            (synapse_error(409, "M_UNKNOWN"), KStatus::Failed),
+            (synapse_error(400, "M_INVALID_PARAM"), KStatus::Failed),
+            (synapse_error(502, ""), KStatus::InProgress),
+            (synapse_error(429, "M_LIMIT_EXCEEDED"), KStatus::InProgress),
+            (Error::NotSettling("x".into()), KStatus::InProgress),
+            (Error::Stale, KStatus::InProgress),
+        ];
+        for (e, expected) in cases {
+            let obj = written(&ready_of(&e), 3);
+            assert_eq!(kstatus(&obj), expected, "{} ({e})", e.reason());
+        }
+        assert_eq!(kstatus(&written(&Ready::ok("InSync", "in sync"), 3)), KStatus::Current);
+        // A status of an older generation is in progress, whatever it says.
+        let mut stale = written(&Ready::ok("InSync", "in sync"), 3);
+        stale["metadata"]["generation"] = json!(4);
+        assert_eq!(kstatus(&stale), KStatus::InProgress);
+    }
+
+    #[test]
+    fn ownership_once_recorded_is_never_dropped() {
+        let base = MatrixUserStatus {
+            user_id: Some("@a:example.org".into()),
+            account_creation_ts: Some(1_700_000_000),
+            password_digest: Some("pbkdf2-sha256$1$00$00".into()),
+            ..MatrixUserStatus::default()
+        };
+        // A pass that found nothing of its own (it failed before it knew the
+        // Matrix ID) leaves the record as it is.
+        let refused = Ready::stalled("HomeserverNotReady", "…");
+        let after = status_after(&base, &Outcome::default(), &refused, Some(2));
+        assert_eq!(after.user_id, base.user_id);
+        assert_eq!(after.account_creation_ts, base.account_creation_ts);
+        assert_eq!(after.password_digest, base.password_digest);
+    }
+
+    #[test]
+    fn a_pending_creation_is_kept_while_unanswered_and_cleared_once_settled() {
+        let user_id = UserId::new("a", "example.org").unwrap();
+        let base = MatrixUserStatus {
+            pending_creation: Some(PendingCreation {
+                user_id: user_id.to_string(),
+                requested_at: 10,
+            }),
+            ..MatrixUserStatus::default()
+        };
+        let ready = Ready::reconciling("Unreachable", "…");
+        let mut outcome = Outcome {
+            user_id: Some(user_id.clone()),
+            ..Outcome::default()
+        };
+        assert_eq!(
+            status_after(&base, &outcome, &ready, Some(1)).pending_creation,
+            base.pending_creation
+        );
+        outcome.progress.pending_creation = PendingOutcome::Unanswered(plan::PendingCreation { requested_at: 20 });
+        assert_eq!(
+            status_after(&base, &outcome, &ready, Some(1))
+                .pending_creation
+                .map(|p| p.requested_at),
+            Some(20)
+        );
+        outcome.progress.pending_creation = PendingOutcome::Settled;
+        outcome.owned = true;
+        outcome.progress.creation_ts = Some(21);
+        let after = status_after(&base, &outcome, &Ready::ok("InSync", ""), Some(1));
+        assert_eq!(after.pending_creation, None);
+        assert_eq!(after.user_id.as_deref(), Some(user_id.as_str()));
+        assert_eq!(after.account_creation_ts, Some(21));
+    }
 }

@@ -4,7 +4,9 @@
 mod error;
 mod homeserver;
 mod matrixuser;
+mod ownership;
 mod secrets;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,18 +18,20 @@ use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 pub use error::Error;
-pub use homeserver::reconcile_homeserver;
+pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
 pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
+pub use secrets::ADMIN_TOKEN_FINALIZER;
 
 use crate::api::{Homeserver, MatrixUser};
 use crate::metrics::Metrics;
+use crate::secret::SecretString;
 use crate::synapse::{ClientConfig, RequestObserver, SynapseClient};
 
 /// The field manager of every write, and the Events' reporting controller.
@@ -64,20 +68,27 @@ pub struct Context {
     pub config: Config,
     pub metrics: Metrics,
     recorder: Recorder,
-    /// All MatrixUsers, to find two that claim one Matrix ID.
-    users: Store<MatrixUser>,
+    /// The MatrixUsers of every watched scope, to find two that claim one
+    /// Matrix ID wherever they live.
+    users: Vec<Store<MatrixUser>>,
     synapse_clients: Mutex<HashMap<(String, String), CachedClient>>,
     /// Failed attempts in a row, per object, for exponential backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
 }
 
 struct CachedClient {
-    config: (String, String, usize),
+    config: (String, SecretString, usize),
     client: SynapseClient,
 }
 
 impl Context {
     pub fn new(client: Client, config: Config, users: Store<MatrixUser>, metrics: Metrics) -> Self {
+        Self::with_scopes(client, config, vec![users], metrics)
+    }
+
+    /// A context shared by the controllers of several scopes, each with
+    /// its cache of MatrixUsers.
+    pub fn with_scopes(client: Client, config: Config, users: Vec<Store<MatrixUser>>, metrics: Metrics) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter::from(MANAGER));
         Self {
             client,
@@ -90,13 +101,18 @@ impl Context {
         }
     }
 
+    /// Every cached MatrixUser, of every watched scope.
+    fn cached_users(&self) -> impl Iterator<Item = Arc<MatrixUser>> + '_ {
+        self.users.iter().flat_map(|store| store.state())
+    }
+
     /// The admin client of a Homeserver, made anew when its URL, token or
     /// request limit changed.
     async fn synapse_client(&self, hs: &Homeserver) -> Result<SynapseClient, Error> {
         let ns = hs.namespace().unwrap_or_default();
         let token = secrets::read_key(&self.client, &ns, &hs.spec.admin_token_secret_ref).await?;
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
-        let fingerprint = (hs.spec.url.clone(), token.expose().to_string(), limit);
+        let fingerprint = (hs.spec.url.clone(), token.clone(), limit);
         let key = (ns, hs.name_any());
         let mut cache = self.synapse_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cached) = cache.get(&key)
@@ -147,15 +163,16 @@ impl Context {
     }
 
     /// The wait before retrying a failed reconcile: Synapse's retry_after
-    /// when it sent one, else 1 s doubling per failure in a row, up to 5 min.
+    /// when it sent one (at least 1 s), else 1 s doubling per failure in a
+    /// row, up to 5 min.
     pub fn backoff<K: Resource<DynamicType = ()>>(&self, obj: &K, error: &Error) -> Duration {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(Self::failure_key(obj)).or_insert(0);
         *n = n.saturating_add(1);
         if let Some(wait) = error.retry_after() {
-            return wait;
+            return wait.max(MIN_RETRY);
         }
-        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+        (MIN_RETRY * (1u32 << (*n - 1).min(9))).min(MAX_RETRY)
     }
 
     async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
@@ -172,6 +189,10 @@ impl Context {
     }
 }
 
+/// The shortest and the longest wait before a failed reconcile is retried.
+const MIN_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
 /// A fraction in [0, 1) from the OS's randomness (0.5 if it has none).
 fn random_fraction() -> f64 {
     use ring::rand::SecureRandom;
@@ -183,19 +204,36 @@ fn random_fraction() -> f64 {
 }
 
 /// Writes `status` with server-side apply on the status subresource.
-async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
+async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<K, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     S: Serialize,
 {
-    let patch = serde_json::json!({
+    patch_status_at(api, name, status, None).await
+}
+
+/// [`patch_status`] on the copy of the object at `resource_version`: the
+/// API server answers 409 if the object changed since.
+async fn patch_status_at<K, S>(
+    api: &Api<K>,
+    name: &str,
+    status: &S,
+    resource_version: Option<&str>,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let mut patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    }
     api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
-    Ok(())
+        .await
 }
 
 fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -212,26 +250,34 @@ where
 /// until `shutdown` resolves. `ready` is told once every cache has synced.
 pub async fn run(
     client: Client,
-    config: Config,
+    mut config: Config,
     metrics: Metrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce() + Send + 'static,
 ) {
     let shutdown = shutdown.shared();
-    let scopes: Vec<Option<&str>> = if config.namespaces.is_empty() {
+    // `--namespace a,a` names one scope, not two controllers on the same objects.
+    config.namespaces.sort();
+    config.namespaces.dedup();
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
-        config.namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+        config.namespaces.iter().cloned().map(Some).collect()
     };
-    let mut controllers = Vec::new();
-    let mut stores = Vec::new();
-    for scope in scopes {
-        let (running, store) = controllers_for(&client, &config, scope, &metrics, shutdown.clone());
-        controllers.push(running);
-        stores.push(store);
-    }
+    let (readers, writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let ctx = Arc::new(Context::with_scopes(
+        client.clone(),
+        config.clone(),
+        readers.clone(),
+        metrics,
+    ));
+    let controllers: Vec<_> = scopes
+        .iter()
+        .zip(writers)
+        .map(|(scope, writer)| controllers_for(&client, &ctx, scope.as_deref(), writer, shutdown.clone()))
+        .collect();
     let readiness = async move {
-        for store in stores {
+        for store in readers {
             if store.wait_until_ready().await.is_err() {
                 return;
             }
@@ -244,19 +290,18 @@ pub async fn run(
 }
 
 /// The MatrixUser and Homeserver controllers of one namespace (`None`: all),
-/// and the MatrixUser cache whose sync tells readiness.
+/// filling `users` with the scope's MatrixUsers.
 fn controllers_for<S>(
     client: &Client,
-    config: &Config,
+    ctx: &Arc<Context>,
     namespace: Option<&str>,
-    metrics: &Metrics,
+    users: reflector::store::Writer<MatrixUser>,
     shutdown: S,
-) -> (futures::future::BoxFuture<'static, ()>, Store<MatrixUser>)
+) -> futures::future::BoxFuture<'static, ()>
 where
     S: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let users_api: Api<MatrixUser> = api_for(client, namespace);
-    let users_api_for_rivals = users_api.clone();
     let homeservers_api: Api<Homeserver> = api_for(client, namespace);
     // Secrets are watched by metadata only: their values never reach the
     // operator except the few it reads by name.
@@ -264,62 +309,61 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let controller_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    let controller_config = kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency);
 
-    let users =
-        Controller::new(users_api, watcher::Config::default().any_semantic()).with_config(controller_config.clone());
-    let store = users.store();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config.clone(),
-        store.clone(),
-        metrics.clone(),
-    ));
-
-    let by_homeserver = store.clone();
-    let by_secret = store.clone();
-    let by_rival = store.clone();
-    let users = users
-        .watches(
-            homeservers_api.clone(),
-            watcher::Config::default(),
+    let store = users.as_reader();
+    // A consistent list (not any_semantic): after a failover the new
+    // leader must not start from an older copy than its predecessor wrote.
+    let users_stream = watch::objects_only(
+        watch::events(users_api.clone(), watcher::Config::default())
+            .reflect(users)
+            .applied_objects(),
+        "MatrixUser",
+    );
+    let (by_homeserver, by_secret, by_rival) = (store.clone(), store.clone(), store.clone());
+    let users = Controller::for_stream(users_stream, store)
+        .with_config(controller_config.clone())
+        .watches_stream(
+            watch::touched(homeservers_api.clone(), "Homeserver"),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
         )
         // When a MatrixUser changes or goes, the others naming the same
         // Matrix ID (held off with a Conflict) look again.
-        .watches(
-            users_api_for_rivals,
-            watcher::Config::default(),
-            move |u: MatrixUser| rivals_of(&by_rival, &u),
-        )
-        .watches_stream(
-            watcher(secrets_api.clone(), watcher::Config::default())
-                .default_backoff()
-                .touched_objects(),
-            move |secret| users_of_secret(&by_secret, &secret),
-        )
+        .watches_stream(watch::touched(users_api.clone(), "MatrixUser"), move |u: MatrixUser| {
+            rivals_of(&by_rival, &u)
+        })
+        .watches_stream(watch::touched(secrets_api.clone(), "Secret"), move |secret| {
+            users_of_secret(&by_secret, &secret)
+        })
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_user, matrixuser::error_policy, ctx.clone())
         .for_each(|result| async move { log_outcome("MatrixUser", result) });
 
-    let homeservers =
-        Controller::new(homeservers_api, watcher::Config::default().any_semantic()).with_config(controller_config);
-    let hs_store = homeservers.store();
-    let homeservers = homeservers
-        .watches_stream(
-            watcher(secrets_api, watcher::Config::default())
-                .default_backoff()
-                .touched_objects(),
-            move |secret| homeservers_of_secret(&hs_store, &secret),
-        )
+    let (hs_store, hs_writer) = reflector::store();
+    let homeservers_stream = watch::objects_only(
+        watch::events(homeservers_api, watcher::Config::default())
+            .reflect(hs_writer)
+            .applied_objects(),
+        "Homeserver",
+    );
+    let (by_secret, by_user) = (hs_store.clone(), hs_store.clone());
+    let homeservers = Controller::for_stream(homeservers_stream, hs_store)
+        .with_config(controller_config)
+        .watches_stream(watch::touched(secrets_api, "Secret"), move |secret| {
+            homeservers_of_secret(&by_secret, &secret)
+        })
+        // A Homeserver being deleted waits for its MatrixUsers to go.
+        .watches_stream(watch::touched(users_api, "MatrixUser"), move |u: MatrixUser| {
+            deleting_homeserver_of(&by_user, &u)
+        })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_homeserver, homeserver::error_policy, ctx)
+        .run(reconcile_homeserver, homeserver::error_policy, ctx.clone())
         .for_each(|result| async move { log_outcome("Homeserver", result) });
 
-    let running = async move {
+    async move {
         futures::join!(users, homeservers);
-    };
-    (running.boxed(), store)
+    }
+    .boxed()
 }
 
 /// Reconcile failures are logged where they happen, with their context;
@@ -388,6 +432,16 @@ fn users_of_secret(store: &Store<MatrixUser>, secret: &PartialObjectMeta<Secret>
         let owner = u.uid().is_some_and(|uid| owners.contains(&uid.as_str()));
         u.namespace() == ns && (by_name || owner)
     })
+}
+
+/// The Homeserver of `user`, if it is being deleted (it waits for its
+/// MatrixUsers to go).
+fn deleting_homeserver_of(store: &Store<Homeserver>, user: &MatrixUser) -> Option<ObjectRef<Homeserver>> {
+    let key = ObjectRef::new(&user.spec.homeserver_ref.name).within(&user.namespace().unwrap_or_default());
+    store
+        .get(&key)
+        .filter(|hs| hs.meta().deletion_timestamp.is_some())
+        .map(|_| key)
 }
 
 fn homeservers_of_secret(store: &Store<Homeserver>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Homeserver>> {

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::Error;
@@ -37,6 +38,61 @@ fn value_of(secret: &Secret, key: &str) -> Option<SecretString> {
         .as_ref()
         .and_then(|d| d.get(key))
         .map(|s| SecretString::new(s.clone()))
+}
+
+/// Put on a Homeserver's admin token Secret while the Homeserver uses it.
+pub const ADMIN_TOKEN_FINALIZER: &str = "matrix-operator.io/admin-token";
+
+/// Puts [`ADMIN_TOKEN_FINALIZER`] on the Secret `name`, if it exists, is
+/// not being deleted, and lacks it.
+pub async fn hold(client: &Client, namespace: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(secret) = api.get_metadata_opt(name).await? else {
+        return Ok(());
+    };
+    if secret.meta().deletion_timestamp.is_some() || secret.finalizers().iter().any(|f| f == ADMIN_TOKEN_FINALIZER) {
+        return Ok(());
+    }
+    let mut finalizers = secret.finalizers().to_vec();
+    finalizers.push(ADMIN_TOKEN_FINALIZER.to_string());
+    set_finalizers(&api, &secret, finalizers).await
+}
+
+/// Takes [`ADMIN_TOKEN_FINALIZER`] off the Secret `name`, if it has it.
+pub async fn release(client: &Client, namespace: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(secret) = api.get_metadata_opt(name).await? else {
+        return Ok(());
+    };
+    if !secret.finalizers().iter().any(|f| f == ADMIN_TOKEN_FINALIZER) {
+        return Ok(());
+    }
+    let finalizers = secret
+        .finalizers()
+        .iter()
+        .filter(|f| *f != ADMIN_TOKEN_FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(&api, &secret, finalizers).await
+}
+
+/// A merge patch of the finalizers on the copy that was read: others'
+/// finalizers added meanwhile are never dropped (409, tried again later).
+async fn set_finalizers(
+    api: &Api<Secret>,
+    secret: &PartialObjectMeta<Secret>,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": secret.resource_version()}
+    });
+    let params = PatchParams {
+        field_manager: Some(super::MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch_metadata(&secret.name_any(), &params, &Patch::Merge(&patch))
+        .await?;
+    Ok(())
 }
 
 /// The name of the Secret `password.generate` keeps.

@@ -949,34 +949,27 @@ fn deletion_policies() {
     let mut erased = deactivated.clone();
     erased.erased = true;
     use DeletionPolicy::*;
-    let cases: [(DeletionPolicy, bool, Option<&SynapseUser>, Option<DeletionAction>); 12] = [
-        (
-            Deactivate,
-            true,
-            Some(&active),
-            Some(DeletionAction::Deactivate { erase: false }),
-        ),
-        (Deactivate, true, Some(&deactivated), None),
-        (Deactivate, true, None, None),
-        (Deactivate, false, Some(&active), None),
-        (
-            Erase,
-            true,
-            Some(&active),
-            Some(DeletionAction::Deactivate { erase: true }),
-        ),
-        (
-            Erase,
-            true,
-            Some(&deactivated),
-            Some(DeletionAction::Deactivate { erase: true }),
-        ),
-        (Erase, true, Some(&erased), None),
-        (Erase, false, Some(&active), None),
-        (Erase, true, None, None),
-        (Retain, true, Some(&active), None),
-        (Retain, true, Some(&deactivated), None),
-        (Retain, false, Some(&active), None),
+    let deactivate = Ok(DeletionAction::Deactivate { erase: false });
+    let erase = Ok(DeletionAction::Deactivate { erase: true });
+    type Case<'a> = (
+        DeletionPolicy,
+        bool,
+        Option<&'a SynapseUser>,
+        Result<DeletionAction, Untouched>,
+    );
+    let cases: [Case; 12] = [
+        (Deactivate, true, Some(&active), deactivate),
+        (Deactivate, true, Some(&deactivated), Err(Untouched::AlreadyDone)),
+        (Deactivate, true, None, Err(Untouched::AccountGone)),
+        (Deactivate, false, Some(&active), Err(Untouched::NotOwned)),
+        (Erase, true, Some(&active), erase),
+        (Erase, true, Some(&deactivated), erase),
+        (Erase, true, Some(&erased), Err(Untouched::AlreadyDone)),
+        (Erase, false, Some(&active), Err(Untouched::NotOwned)),
+        (Erase, true, None, Err(Untouched::AccountGone)),
+        (Retain, true, Some(&active), Err(Untouched::Retained)),
+        (Retain, true, Some(&deactivated), Err(Untouched::Retained)),
+        (Retain, false, Some(&active), Err(Untouched::Retained)),
     ];
     for (policy, owned, account, expected) in cases {
         let authority = Authority {
@@ -995,15 +988,71 @@ fn deletion_policies() {
         owned_creation_ts: Some(1),
         ..Authority::default()
     };
-    assert_eq!(plan_deletion(Deactivate, other_time, Some(&active)), None);
+    assert_eq!(
+        plan_deletion(Deactivate, other_time, Some(&active)),
+        Err(Untouched::NotOwned)
+    );
     let same_time = Authority {
         owned_creation_ts: active.creation_ts,
         ..other_time
     };
-    assert_eq!(
-        plan_deletion(Deactivate, same_time, Some(&active)),
-        Some(DeletionAction::Deactivate { erase: false })
-    );
+    assert_eq!(plan_deletion(Deactivate, same_time, Some(&active)), deactivate);
+    // Created under a pending creation the operator could not record.
+    let pending = Authority {
+        pending_creation: Some(PendingCreation {
+            requested_at: active.creation_ts.unwrap(),
+        }),
+        ..Authority::default()
+    };
+    assert_eq!(plan_deletion(Deactivate, pending, Some(&active)), deactivate);
+}
+
+#[test]
+fn a_pending_creation_covers_accounts_created_in_its_window_only() {
+    let p = PendingCreation { requested_at: 1_000 };
+    for (ts, covered) in [
+        (1_000, true),
+        (1_000 - CLOCK_SKEW_SECS, true),
+        (1_000 - CLOCK_SKEW_SECS - 1, false),
+        (1_000 + PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS, true),
+        (1_000 + PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS + 1, false),
+        (0, false),
+    ] {
+        assert_eq!(p.covers(ts), covered, "{ts}");
+    }
+    assert!(p.still_valid_at(1_000));
+    assert!(p.still_valid_at(1_000 + PENDING_CREATION_LIFETIME_SECS - 1));
+    assert!(!p.still_valid_at(1_000 + PENDING_CREATION_LIFETIME_SECS));
+    assert!(!p.still_valid_at(999), "a record from the future is not trusted");
+}
+
+#[test]
+fn an_account_made_by_a_pending_creation_is_recorded_as_created_not_adopted() {
+    let a = account();
+    let authority = Authority {
+        pending_creation: Some(PendingCreation {
+            requested_at: a.creation_ts.unwrap() - 2,
+        }),
+        ..Authority::default()
+    };
+    let d = Desired {
+        displayname: Some("Alice".into()),
+        ..desired()
+    };
+    let p = plan(&d, Some(&a), authority, &Owners::default()).unwrap();
+    assert!(p.created_by_pending && !p.adopt);
+    assert!(p.action.is_some(), "the fields follow at once");
+    // The same account created long after the request is someone else's.
+    let late = Authority {
+        pending_creation: Some(PendingCreation {
+            requested_at: a.creation_ts.unwrap() - 3_600,
+        }),
+        ..Authority::default()
+    };
+    assert!(matches!(
+        plan(&d, Some(&a), late, &Owners::default()),
+        Err(Refusal::AdoptionNotRequested { .. })
+    ));
 }
 
 #[test]

@@ -1,0 +1,140 @@
+//! One Matrix ID, one owner: which MatrixUser may manage an account.
+//!
+//! Two checks, for two moments. Every pass checks the caches of every
+//! watched scope ([`check_unique`]): cheap, and enough to settle duplicates
+//! that already recorded their status. Before the operator takes an
+//! existing account as a resource's own (adoption, or the account of a
+//! pending creation), it asks the API server ([`other_claimant`]), since a
+//! rival's status may not have reached the cache yet.
+
+use kube::api::ListParams;
+use kube::{Api, Resource, ResourceExt};
+
+use super::{Context, Error};
+use crate::api::MatrixUser;
+use crate::synapse::UserId;
+
+/// The order in which duplicates win when neither owns the account: the
+/// older resource, then namespace and name (creation times have a
+/// resolution of one second).
+fn seniority(u: &MatrixUser) -> (Option<k8s_openapi::jiff::Timestamp>, String, String) {
+    (
+        u.meta().creation_timestamp.as_ref().map(|t| t.0),
+        u.namespace().unwrap_or_default(),
+        u.name_any(),
+    )
+}
+
+fn same_resource(a: &MatrixUser, b: &MatrixUser) -> bool {
+    match (a.uid(), b.uid()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a.namespace() == b.namespace() && a.name_any() == b.name_any(),
+    }
+}
+
+/// Whether `other` records `user_id` as its own account.
+fn records(other: &MatrixUser, user_id: &UserId) -> bool {
+    other.status.as_ref().and_then(|s| s.user_id.as_deref()) == Some(user_id.as_str())
+}
+
+/// Whether `other` asked for the creation of `user_id` and has not
+/// recorded the outcome yet.
+fn is_creating(other: &MatrixUser, user_id: &UserId) -> bool {
+    other
+        .status
+        .as_ref()
+        .and_then(|s| s.pending_creation.as_ref())
+        .is_some_and(|p| p.user_id == user_id.as_str())
+}
+
+/// Two MatrixUsers naming one Matrix ID: the one that owns the account
+/// keeps it; when neither does, the senior one of the same namespace and
+/// Homeserver does. The other gets a Conflict and writes nothing.
+pub fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId, owned: bool) -> Result<(), Error> {
+    let name = user.name_any();
+    let localpart = user.spec.effective_localpart(&name);
+    let mine = seniority(user);
+    let winner = ctx.cached_users().find(|other| {
+        if same_resource(other, user) {
+            return false;
+        }
+        let other_name = other.name_any();
+        let same_name = other.namespace() == user.namespace()
+            && other.spec.homeserver_ref == user.spec.homeserver_ref
+            && other.spec.effective_localpart(&other_name) == localpart;
+        let senior = seniority(other) < mine;
+        match (records(other, user_id), owned) {
+            (true, false) => true,
+            // Both record it (an adoption raced): the senior keeps it.
+            (true, true) => senior,
+            (false, true) => false,
+            (false, false) => same_name && senior,
+        }
+    });
+    match winner {
+        Some(other) => Err(duplicate(user_id, &other)),
+        None => Ok(()),
+    }
+}
+
+fn duplicate(user_id: &UserId, other: &MatrixUser) -> Error {
+    Error::DuplicateUser {
+        user_id: user_id.to_string(),
+        other: format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()),
+    }
+}
+
+/// Another MatrixUser, in any watched namespace, that owns `user_id` or is
+/// creating it, read from the API server rather than the caches. Only
+/// resources that name the same localpart can hold the ID, so two
+/// field-selected lists per scope find them all.
+pub async fn other_claimant(ctx: &Context, user: &MatrixUser, user_id: &UserId) -> Result<(), Error> {
+    let localpart = user_id.localpart();
+    let scopes: Vec<Api<MatrixUser>> = if ctx.config.namespaces.is_empty() {
+        vec![Api::all(ctx.client.clone())]
+    } else {
+        ctx.config
+            .namespaces
+            .iter()
+            .map(|ns| Api::namespaced(ctx.client.clone(), ns))
+            .collect()
+    };
+    for api in scopes {
+        for selector in [
+            format!("metadata.name={localpart}"),
+            format!("spec.localpart={localpart}"),
+        ] {
+            let candidates = api.list(&ListParams::default().fields(&selector)).await?;
+            if let Some(other) = candidates
+                .items
+                .iter()
+                .find(|o| !same_resource(o, user) && (records(o, user_id) || is_creating(o, user_id)))
+            {
+                return Err(duplicate(user_id, other));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Another MatrixUser of the caches, not being deleted itself, that records
+/// the very account `user_id` created at `creation_ts` as its own: the
+/// deletion policy of this one must not touch it.
+pub fn live_other_owner(
+    ctx: &Context,
+    user: &MatrixUser,
+    user_id: &UserId,
+    creation_ts: Option<i64>,
+) -> Option<String> {
+    ctx.cached_users()
+        .find(|other| {
+            !same_resource(other, user)
+                && other.meta().deletion_timestamp.is_none()
+                && records(other, user_id)
+                && match (other.status.as_ref().and_then(|s| s.account_creation_ts), creation_ts) {
+                    (Some(theirs), Some(mine)) => theirs == mine,
+                    _ => true,
+                }
+        })
+        .map(|other| format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()))
+}

@@ -1,0 +1,128 @@
+//! Watch streams that recover quickly and on their own.
+//!
+//! kube-runtime's `Controller` merges its trigger streams and pauses the
+//! merged stream on any stream's error, with one backoff that resets only
+//! after 120 s without errors: after an outage of the API server, each
+//! watch's `410 Expired` in turn held every other watch back for up to 30 s.
+//! Here each watch backs off on its own, briefly, and hands the controller
+//! only objects, so one stream's errors never delay another's events.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, future};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+use tracing::warn;
+
+/// The first and the longest wait before a failed watch is tried again.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const LONGEST_RETRY: Duration = Duration::from_secs(5);
+
+/// Doubling waits from [`FIRST_RETRY`] to [`LONGEST_RETRY`], back to the
+/// first as soon as the stream yields something (`StreamBackoff` resets it
+/// on every `Ok`).
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: FIRST_RETRY }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let wait = self.next;
+        self.next = (self.next * 2).min(LONGEST_RETRY);
+        Some(wait)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = FIRST_RETRY;
+    }
+}
+
+/// Whether a watch could not start because its resourceVersion is gone
+/// from the API server (restarted, or compacted): kube's watcher would try
+/// the same version again and again, so the stream starts over with a list.
+fn expired_at_start(event: &Result<watcher::Event<impl Sized>, watcher::Error>) -> bool {
+    matches!(
+        event,
+        Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) if status.code == 410
+    )
+}
+
+/// The watch events of `api`, relisting when the resourceVersion expired,
+/// with a backoff of their own.
+pub fn events<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    futures::stream::repeat(())
+        .flat_map(move |()| {
+            watcher(api.clone(), config.clone()).take_while(|event| {
+                if expired_at_start(event) {
+                    warn!("the watch's resourceVersion expired; listing again");
+                }
+                future::ready(!expired_at_start(event))
+            })
+        })
+        .backoff(WatchBackoff::default())
+}
+
+/// The objects of `api` that changed or went, for a controller's
+/// secondary watches.
+pub fn touched<K>(api: Api<K>, what: &'static str) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    objects_only(events(api, watcher::Config::default()).touched_objects(), what)
+}
+
+/// Keeps the objects of a stream and logs its errors instead of passing
+/// them on, so the controller never pauses for them.
+pub fn objects_only<K, E: std::fmt::Display>(
+    stream: impl Stream<Item = Result<K, E>> + Send + 'static,
+    what: &'static str,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Send + 'static,
+{
+    stream.filter_map(move |item| {
+        future::ready(match item {
+            Ok(obj) => Some(Ok(obj)),
+            Err(e) => {
+                warn!(watch = what, error = %e, "watch error; retrying");
+                None
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = WatchBackoff::default();
+        let waits: Vec<Duration> = (&mut b).take(7).collect();
+        assert_eq!(waits[0], FIRST_RETRY);
+        assert_eq!(waits[1], FIRST_RETRY * 2);
+        assert_eq!(*waits.last().unwrap(), LONGEST_RETRY);
+        b.reset();
+        assert_eq!(b.next(), Some(FIRST_RETRY));
+    }
+}
