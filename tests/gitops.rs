@@ -1,4 +1,5 @@
-//! deploy/argocd/: the Argo CD health checks, run for real with a Lua
+//! GitOps: deploy/examples/gitops/ parses and points at what exists, and
+//! deploy/argocd/'s Argo CD health checks run for real with a Lua
 //! interpreter from Debian's packages (`lua5.4`, `lua5.3`; `lua5.1` too when
 //! installed, the dialect of Argo CD's gopher-lua) against recorded statuses
 //! of every reason, the way Argo CD tests its own resource_customizations:
@@ -11,6 +12,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
+
+mod common;
 
 const ARGOCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/argocd");
 const KINDS: [&str; 2] = ["MatrixUser", "Homeserver"];
@@ -292,4 +295,68 @@ fn snippets_carry_the_scripts_verbatim() {
             "argo-cd-values.yaml's {key} differs from matrix-operator.io/{kind}/health.lua"
         );
     }
+}
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// `path` inside this repository, as a GitOps source names it.
+fn exists_here(path: &str) -> bool {
+    Path::new(REPO).join(path.trim_start_matches("./")).exists()
+}
+
+#[test]
+fn gitops_examples_parse_and_point_at_this_repository() {
+    let dir = Path::new(REPO).join("deploy/examples/gitops");
+    let mut seen = BTreeSet::new();
+    for file in [
+        "argocd-application.yaml",
+        "flux-kustomization.yaml",
+        "flux-helmrelease.yaml",
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        for doc in common::deploy_checks::parse_docs(&text) {
+            let api = doc["apiVersion"].as_str().unwrap_or_else(|| panic!("{file}: {doc}"));
+            let kind = doc["kind"].as_str().unwrap_or_else(|| panic!("{file}: {doc}"));
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: no name"));
+            let what = format!("{file}: {kind}/{name}");
+            let spec = &doc["spec"];
+            let ours = |url: &Value| url.as_str().is_some_and(|u| u.ends_with("/matrix-user-operator.git"));
+            match (api, kind) {
+                ("argoproj.io/v1alpha1", "Application") => {
+                    let source = &spec["source"];
+                    if ours(&source["repoURL"]) {
+                        let path = source["path"].as_str().unwrap();
+                        assert!(exists_here(path), "{what}: {path}");
+                        if path == "deploy/helm/matrix-user-operator" {
+                            let values = &source["helm"]["valuesObject"];
+                            common::helm::validate(values).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                        }
+                    }
+                    assert!(spec["destination"]["namespace"].is_string(), "{what}");
+                }
+                ("source.toolkit.fluxcd.io/v1", "GitRepository") => assert!(spec["url"].is_string(), "{what}"),
+                ("kustomize.toolkit.fluxcd.io/v1", "Kustomization") => {
+                    if spec["sourceRef"]["name"] == "matrix-user-operator" {
+                        let path = spec["path"].as_str().unwrap();
+                        assert!(exists_here(path), "{what}: {path}");
+                    } else {
+                        // The users: kstatus health of every object applied.
+                        assert_eq!(spec["wait"], true, "{what}");
+                    }
+                }
+                ("helm.toolkit.fluxcd.io/v2", "HelmRelease") => {
+                    let chart = spec["chart"]["spec"]["chart"].as_str().unwrap();
+                    assert!(exists_here(chart), "{what}: {chart}");
+                    common::helm::validate(&spec["values"]).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                    assert_eq!(spec["install"]["crds"], "Create", "{what}");
+                }
+                other => panic!("{what}: unexpected {other:?}"),
+            }
+            seen.insert(kind.to_string());
+        }
+    }
+    let expected = ["Application", "GitRepository", "HelmRelease", "Kustomization"];
+    assert_eq!(seen, expected.iter().map(|s| s.to_string()).collect());
 }
