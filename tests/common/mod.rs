@@ -3,8 +3,11 @@
 //! Use from a test file with `mod common;` and then `common::synapse()`.
 #![allow(dead_code)]
 
+pub mod deploy_checks;
 pub mod fake_kube;
+pub mod helm;
 pub mod synapse;
+pub mod venv;
 
 #[allow(unused_imports)] // not every test binary uses every item
 pub use synapse::{SERVER_NAME, SYNAPSE_VERSION, SynapseServer, synapse};

@@ -36,17 +36,18 @@
 //! directories of dead test processes older than 15 minutes are removed by the
 //! next run.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
+
+use super::venv::{self, LOG_TAIL_LINES, announce, die_with_parent, output_text, tail, target_dir};
 
 /// The Synapse release every test runs against.
 pub const SYNAPSE_VERSION: &str = "1.163.2";
@@ -59,7 +60,6 @@ const ADMIN_LOCALPART: &str = "harness-admin";
 const ADMIN_PASSWORD: &str = "harness-admin-password";
 /// How many times to retry when another process grabbed the free port first.
 const START_ATTEMPTS: u32 = 3;
-const LOG_TAIL_LINES: usize = 60;
 
 /// A running Synapse, shared by all tests of one test binary.
 #[derive(Debug)]
@@ -349,20 +349,6 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "panic with a non-string payload".to_owned()
-    }
-}
-
-/// Writes straight to the process's stderr, bypassing libtest's capture, so the
-/// line shows up in CI logs even for passing tests.
-fn announce(line: &str) {
-    let _ = writeln!(io::stderr(), "{line}");
-}
-
-fn target_dir() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => manifest_dir.join(dir), // join keeps absolute paths
-        _ => manifest_dir.join("target"),
     }
 }
 
@@ -660,26 +646,6 @@ fn free_port() -> Result<u16, String> {
     Ok(port)
 }
 
-/// Makes the child get `signal` when the spawning thread (the keeper, which
-/// lives as long as the process) dies.
-fn die_with_parent(command: &mut Command, signal: libc::c_int) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid) and no allocation
-    // between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The parent died before prctl took effect: do not outlive it.
-            if libc::getppid() != parent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Removes data directories of test processes that are gone, once they are
 /// older than 15 minutes (recent ones are kept for a look at their logs).
 fn prune_old_runs(runs: &Path) {
@@ -751,17 +717,6 @@ fn pid_alive(pid: libc::pid_t) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn output_text(output: &Output) -> String {
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    tail(&text, LOG_TAIL_LINES)
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn log_tails(data_dir: &Path, lines: usize) -> String {
     let mut text = String::new();
     for name in ["homeserver.log", "synapse.out"] {
@@ -781,122 +736,16 @@ fn log_tails(data_dir: &Path, lines: usize) -> String {
 
 /// Makes sure `<target>/synapse-venv-<version>/` holds `matrix-synapse==<version>`.
 fn ensure_venv(target: &Path) -> Result<PathBuf, String> {
-    let venv = target.join(format!("synapse-venv-{SYNAPSE_VERSION}"));
-    let venv_python = venv.join("bin").join("python");
-    let marker = venv.join(".installed-by-matrix-user-operator-tests");
-    fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-
-    // Serialise installs between test binaries running at the same time.
-    let lock_path = target.join(format!("synapse-venv-{SYNAPSE_VERSION}.lock"));
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
-    lock.lock()
-        .map_err(|e| format!("locking {}: {e}", lock_path.display()))?;
-
-    if marker.is_file() && venv_python.is_file() {
-        return Ok(venv); // dropping `lock` unlocks
-    }
-
-    let system_python = std::env::var("SYNAPSE_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    announce(&format!(
-        "synapse harness: installing matrix-synapse=={SYNAPSE_VERSION} into {} \
-         (first run only, ≈40 s, needs PyPI)",
-        venv.display()
-    ));
-    let install_started = Instant::now();
-
-    // Python itself, >= 3.10.
-    let version = Command::new(&system_python)
-        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
-        .stdin(Stdio::null())
-        .output();
-    let version = match version {
-        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
-        Ok(output) => {
-            return Err(format!(
-                "`{system_python}` does not run ({}): install Python >= 3.10 \
-                 (apt-get install python3 python3-venv) or set SYNAPSE_PYTHON to one\n{}",
-                output.status,
-                output_text(&output)
-            ));
-        }
-        Err(e) => {
-            return Err(format!(
-                "`{system_python}` not found ({e}): install Python >= 3.10 \
-                 (apt-get install python3 python3-venv) or set SYNAPSE_PYTHON to one"
-            ));
-        }
-    };
-    let too_old = version
-        .split_once('.')
-        .and_then(|(major, minor)| Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?)))
-        .is_none_or(|v| v < (3, 10));
-    if too_old {
-        return Err(format!(
-            "`{system_python}` is Python {version}, but Synapse {SYNAPSE_VERSION} needs >= 3.10: \
-             install a newer python3 or set SYNAPSE_PYTHON to one"
-        ));
-    }
-
-    // The venv (start clean: a missing marker means an earlier install broke off).
-    if venv.exists() {
-        fs::remove_dir_all(&venv).map_err(|e| format!("removing {}: {e}", venv.display()))?;
-    }
-    let mut make_venv = Command::new(&system_python);
-    make_venv.args(["-m", "venv"]).arg(&venv).stdin(Stdio::null());
-    die_with_parent(&mut make_venv, libc::SIGKILL);
-    let output = make_venv
-        .output()
-        .map_err(|e| format!("running `{system_python} -m venv`: {e}"))?;
-    if !output.status.success() || !venv_python.is_file() {
-        return Err(format!(
-            "`{system_python} -m venv {}` failed ({}): install python3-venv \
-             (apt-get install python3-venv), which also brings ensurepip/pip\n{}",
-            venv.display(),
-            output.status,
-            output_text(&output)
-        ));
-    }
-
-    // pip install, output kept in a log next to the venv.
-    let log_path = target.join(format!("synapse-venv-{SYNAPSE_VERSION}.install.log"));
-    let log = File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-    let log_err = log.try_clone().map_err(|e| e.to_string())?;
-    let mut pip = Command::new(&venv_python);
-    pip.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"])
-        .arg(format!("matrix-synapse=={SYNAPSE_VERSION}"))
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
-    die_with_parent(&mut pip, libc::SIGKILL);
-    let status = pip
-        .status()
-        .map_err(|e| format!("running {} -m pip: {e}", venv_python.display()))?;
-    if !status.success() {
-        let log_text = fs::read_to_string(&log_path).unwrap_or_default();
-        let hint = if log_text.contains("No module named pip") {
-            "the venv has no pip: install python3-venv / python3-pip (apt-get install python3-venv python3-pip)"
-        } else {
-            "pip needs network access to PyPI (https://pypi.org) on the first run, \
-             or a configured mirror/wheel cache (PIP_INDEX_URL, PIP_FIND_LINKS)"
-        };
-        return Err(format!(
-            "`pip install matrix-synapse=={SYNAPSE_VERSION}` failed ({status}): {hint}\n\
-             --- last {LOG_TAIL_LINES} lines of {} ---\n{}",
-            log_path.display(),
-            tail(&log_text, LOG_TAIL_LINES)
-        ));
-    }
-
-    fs::write(&marker, format!("matrix-synapse=={SYNAPSE_VERSION}\n"))
-        .map_err(|e| format!("writing {}: {e}", marker.display()))?;
-    announce(&format!(
-        "synapse harness: installed matrix-synapse=={SYNAPSE_VERSION} in {:.1}s",
-        install_started.elapsed().as_secs_f64()
-    ));
-    Ok(venv)
+    venv::ensure_venv(
+        target,
+        &venv::Venv {
+            harness: "synapse harness",
+            dir: &format!("synapse-venv-{SYNAPSE_VERSION}"),
+            requirement: &format!("matrix-synapse=={SYNAPSE_VERSION}"),
+            needs: &format!("Synapse {SYNAPSE_VERSION}"),
+            python_env: "SYNAPSE_PYTHON",
+            min_python: (3, 10),
+            duration: "≈40 s",
+        },
+    )
 }
