@@ -95,6 +95,9 @@ impl SynapseClient {
         }
         crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
+            // A redirect would carry the token, and after a 307/308 the
+            // body with any password, to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .build()
@@ -155,6 +158,12 @@ impl SynapseClient {
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
         let bytes = response.bytes().await.map_err(transport)?;
         observe(Some(status));
+        if status.is_redirection() {
+            return Err(SynapseError::Redirected {
+                endpoint,
+                status: status.as_u16(),
+            });
+        }
         let secrets = || RequestSecrets::new(secrets.iter().copied());
         if status.is_success() {
             return serde_json::from_slice(&bytes)

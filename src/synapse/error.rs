@@ -86,8 +86,8 @@ pub enum ErrorClass {
     Invalid,
     /// The account (or the looked-up thing) does not exist.
     NotFound,
-    /// The URL answers, but not like Synapse's API: a web page, JSON of
-    /// another shape. Wait for a change of the homeserver URL.
+    /// The URL answers, but not like Synapse's API: a web page, a redirect,
+    /// JSON of another shape. Wait for a change of the homeserver URL.
     NotSynapse,
 }
 
@@ -157,6 +157,10 @@ pub enum SynapseError {
         message: String,
         retry_after: Option<Duration>,
     },
+    // Following one would re-send the token, and a 307/308 the body with
+    // it, to wherever the Location points; it is left out for the same reason.
+    #[error("{endpoint}: HTTP {status}, a redirect, which is not followed")]
+    Redirected { endpoint: Endpoint, status: u16 },
     /// A non-2xx answer without a Matrix error body.
     #[error("{endpoint}: HTTP {status} without a Matrix error: {body}")]
     UnexpectedResponse {
@@ -179,6 +183,7 @@ impl SynapseError {
         match self {
             SynapseError::InvalidUrl { .. } => ErrorClass::Invalid,
             SynapseError::Transport { .. } => ErrorClass::Transient,
+            SynapseError::Redirected { .. } => ErrorClass::NotSynapse,
             // A proxy's error page while Synapse restarts, or a rate limit
             // of whatever sits in front of it, passes.
             SynapseError::UnexpectedResponse { status, .. } if *status >= 500 => ErrorClass::Transient,
@@ -275,6 +280,13 @@ mod tests {
             (unexpected(200), ErrorClass::NotSynapse),
             (unexpected(400), ErrorClass::NotSynapse),
             (unexpected(404), ErrorClass::NotSynapse),
+            (
+                SynapseError::Redirected {
+                    endpoint: Endpoint::PutUser,
+                    status: 307,
+                },
+                ErrorClass::NotSynapse,
+            ),
             (
                 SynapseError::Undecodable {
                     endpoint: Endpoint::Whoami,
