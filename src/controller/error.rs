@@ -42,6 +42,10 @@ pub enum Error {
     ServerNameMismatch { expected: String, actual: String },
     #[error("the admin token belongs to {user_id}, who is not a server admin")]
     NotAdmin { user_id: String },
+    /// `answer` describes what came instead (see [`SynapseError`]'s
+    /// messages); it never quotes the answer.
+    #[error("spec.url does not answer like a Synapse homeserver ({answer})")]
+    NotSynapse { answer: String },
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("the MatrixUser kept changing while it was reconciled; trying again")]
@@ -80,11 +84,13 @@ impl Error {
                 ErrorClass::Forbidden => "NotAdmin",
                 ErrorClass::Conflict => "Conflict",
                 ErrorClass::Transient if matches!(e, SynapseError::Transport { .. }) => "Unreachable",
+                ErrorClass::NotSynapse => "NotSynapse",
                 _ => "SynapseError",
             },
             Error::NotSettling(_) => "SynapseError",
             Error::ServerNameMismatch { .. } => "ServerNameMismatch",
             Error::NotAdmin { .. } => "NotAdmin",
+            Error::NotSynapse { .. } => "NotSynapse",
             Error::Kube(_) | Error::Stale => "KubernetesError",
         }
     }
@@ -115,5 +121,50 @@ impl Error {
             Error::Synapse(e) => e.retry_after(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synapse::{BodySummary, Endpoint};
+
+    fn page(status: u16) -> SynapseError {
+        SynapseError::UnexpectedResponse {
+            endpoint: Endpoint::GetUser,
+            status,
+            body: BodySummary {
+                content_type: Some("text/html".into()),
+                len: 512,
+            },
+        }
+    }
+
+    #[test]
+    fn answers_that_are_not_synapse_wait_for_another_url() {
+        let redirected = SynapseError::Redirected {
+            endpoint: Endpoint::PutUser,
+            status: 308,
+        };
+        for e in [Error::Synapse(page(404)), Error::Synapse(redirected)] {
+            assert_eq!(e.reason(), "NotSynapse", "{e}");
+            assert!(!e.is_transient(), "{e}");
+        }
+        let e = Error::NotSynapse {
+            answer: page(404).to_string(),
+        };
+        assert_eq!(e.reason(), "NotSynapse");
+        assert!(!e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "spec.url does not answer like a Synapse homeserver (get_user: HTTP 404 without a Matrix error: text/html, 512 bytes)"
+        );
+    }
+
+    #[test]
+    fn a_proxy_error_page_stays_a_transient_synapse_error() {
+        let e = Error::Synapse(page(502));
+        assert_eq!(e.reason(), "SynapseError");
+        assert!(e.is_transient());
     }
 }

@@ -12,7 +12,7 @@ use tracing::{info, instrument, warn};
 
 use super::{Context, Error, SKIP_CLEANUP, patch_status, secrets};
 use crate::api::{Homeserver, HomeserverStatus, MatrixUser, Ready, set_condition};
-use crate::synapse::ErrorClass;
+use crate::synapse::{ErrorClass, SynapseError};
 
 struct Checked {
     server_name: String,
@@ -175,11 +175,16 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
 
 async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
     let client = ctx.synapse_client(hs).await?;
-    let admin = client.whoami().await?;
+    let admin = client.whoami().await.map_err(checked)?;
+    // The server name goes into status and messages: take it only if it
+    // looks like one, never quoting what came instead.
     let server_name = admin
         .split_once(':')
         .map(|(_, s)| s.to_string())
-        .ok_or_else(|| Error::InvalidSpec(format!("whoami answered {admin:?}, which is not a Matrix ID")))?;
+        .filter(|s| is_server_name(s))
+        .ok_or_else(|| Error::NotSynapse {
+            answer: "whoami: a user ID without a valid server name".into(),
+        })?;
     if let Some(expected) = &hs.spec.server_name
         && *expected != server_name
     {
@@ -188,20 +193,38 @@ async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
             actual: server_name,
         });
     }
-    let server_version = client.server_version().await?;
+    let server_version = client.server_version().await.map_err(checked)?;
     // Any admin endpoint tells an admin token from a user's.
     match client.get_user_raw(&admin).await {
         Ok(_) => {}
         Err(e) if e.class() == ErrorClass::Forbidden => {
             return Err(Error::NotAdmin { user_id: admin });
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(checked(e)),
     }
     Ok(Checked {
         server_name,
         server_version,
         admin_user_id: admin,
     })
+}
+
+/// An error of the check, saying so when the answer shows that spec.url is
+/// not a Synapse at all.
+fn checked(e: SynapseError) -> Error {
+    match e.class() {
+        ErrorClass::NotSynapse => Error::NotSynapse { answer: e.to_string() },
+        _ => e.into(),
+    }
+}
+
+/// A DNS name, IPv4 or bracketed IPv6 address, with an optional port: the
+/// characters of a Matrix server name, at most 255 bytes.
+fn is_server_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 pub fn error_policy(hs: Arc<Homeserver>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -257,5 +280,34 @@ pub fn ready_status(hs: &Homeserver) -> Result<ReadyStatus, NotReady> {
             },
         }),
         None => Err(waiting("not checked yet")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names() {
+        for ok in [
+            "example.org",
+            "matrix.example.org:8448",
+            "127.0.0.1:8008",
+            "[::1]:8448",
+            "localhost",
+        ] {
+            assert!(is_server_name(ok), "{ok}");
+        }
+        let long = "a".repeat(256);
+        for bad in [
+            "",
+            "exa mple.org",
+            "<html>",
+            "example.org/path",
+            "ex\nample",
+            long.as_str(),
+        ] {
+            assert!(!is_server_name(bad), "{bad:?}");
+        }
     }
 }

@@ -1,14 +1,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, StatusCode};
-use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use super::{Endpoint, ErrCode, SynapseError, SynapseUser, UserId, UserUpdate};
+use super::scrub::RequestSecrets;
+use super::{BodySummary, DecodeProblem, Endpoint, ErrCode, SynapseError, SynapseUser, UserId, UserUpdate};
 use crate::secret::SecretString;
+
+/// How much of Synapse's `error` text an error keeps.
+const MAX_MESSAGE_BYTES: usize = 200;
+/// Matrix error codes and media types are short; anything longer is not one.
+const MAX_CODE_BYTES: usize = 64;
 
 /// How to reach one homeserver.
 #[derive(Clone, Debug)]
@@ -88,6 +95,9 @@ impl SynapseClient {
         }
         crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
+            // A redirect would carry the token, and after a 307/308 the
+            // body with any password, to wherever it points.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .build()
@@ -110,25 +120,25 @@ impl SynapseClient {
         url
     }
 
-    /// Sends one request and returns its status and body. Every non-2xx
-    /// status becomes an error, except those `accept` lists.
-    async fn send(
+    /// Sends one request and decodes its 2xx answer as `T`. Any other
+    /// answer is an error, and what it keeps of the answer is scrubbed of the
+    /// request's secret values.
+    async fn send<T: DeserializeOwned>(
         &self,
         endpoint: Endpoint,
         method: Method,
         segments: &[&str],
-        body: Option<&(dyn erased::Body + Sync)>,
-        accept: &[StatusCode],
-    ) -> Result<(StatusCode, Vec<u8>), SynapseError> {
+        body: Option<Body<'_>>,
+    ) -> Result<(StatusCode, T), SynapseError> {
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
         let mut request = self
             .http
             .request(method, self.url(segments))
             .bearer_auth(self.token.expose());
+        let mut secrets = vec![&self.token];
         if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_json());
+            secrets.extend(body.secrets);
+            request = request.header(CONTENT_TYPE, "application/json").body(body.json);
         }
         let started = std::time::Instant::now();
         let observe = |status: Option<StatusCode>| {
@@ -145,36 +155,45 @@ impl SynapseClient {
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let bytes = response.bytes().await.map_err(transport)?;
         observe(Some(status));
-        if status.is_success() || accept.contains(&status) {
-            return Ok((status, bytes));
-        }
-        Err(match serde_json::from_slice::<MatrixError>(&bytes) {
-            Ok(e) if e.errcode.is_some() => SynapseError::Api {
+        if status.is_redirection() {
+            return Err(SynapseError::Redirected {
                 endpoint,
                 status: status.as_u16(),
-                errcode: e.errcode.as_deref().map_or(ErrCode::None, ErrCode::parse),
-                message: truncate(e.error.unwrap_or_default()),
-                retry_after: e.retry_after_ms.map(Duration::from_millis),
+            });
+        }
+        let secrets = || RequestSecrets::new(secrets.iter().copied());
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map(|answer| (status, answer))
+                .map_err(|e| SynapseError::Undecodable {
+                    endpoint,
+                    status: status.as_u16(),
+                    problem: DecodeProblem::of(&e),
+                    body: summary(&secrets(), content_type.as_ref(), bytes.len()),
+                });
+        }
+        let secrets = secrets();
+        Err(match serde_json::from_slice::<MatrixError>(&bytes) {
+            Ok(MatrixError {
+                errcode: Some(errcode),
+                error,
+                retry_after_ms,
+            }) => SynapseError::Api {
+                endpoint,
+                status: status.as_u16(),
+                errcode: ErrCode::parse(&secrets.scrub(&errcode, MAX_CODE_BYTES)),
+                message: secrets.scrub(error.as_deref().unwrap_or_default(), MAX_MESSAGE_BYTES),
+                retry_after: retry_after_ms.map(Duration::from_millis),
             },
             _ => SynapseError::UnexpectedResponse {
                 endpoint,
                 status: status.as_u16(),
-                detail: truncate(String::from_utf8_lossy(&bytes).into_owned()),
+                body: summary(&secrets, content_type.as_ref(), bytes.len()),
             },
         })
-    }
-
-    async fn send_json<T: DeserializeOwned>(
-        &self,
-        endpoint: Endpoint,
-        method: Method,
-        segments: &[&str],
-        body: Option<&(dyn erased::Body + Sync)>,
-    ) -> Result<T, SynapseError> {
-        let (status, bytes) = self.send(endpoint, method, segments, body, &[]).await?;
-        decode(endpoint, status, &bytes)
     }
 
     /// The user ID the admin token belongs to; its domain is the server name.
@@ -183,8 +202,8 @@ impl SynapseClient {
         struct Whoami {
             user_id: String,
         }
-        let w: Whoami = self
-            .send_json(
+        let (_, w): (_, Whoami) = self
+            .send(
                 Endpoint::Whoami,
                 Method::GET,
                 &["_matrix", "client", "v3", "account", "whoami"],
@@ -199,8 +218,8 @@ impl SynapseClient {
         struct Version {
             server_version: String,
         }
-        let v: Version = self
-            .send_json(
+        let (_, v): (_, Version) = self
+            .send(
                 Endpoint::ServerVersion,
                 Method::GET,
                 &["_synapse", "admin", "v1", "server_version"],
@@ -219,19 +238,11 @@ impl SynapseClient {
     /// (the admin's own, from whoami).
     pub async fn get_user_raw(&self, user_id: &str) -> Result<Option<SynapseUser>, SynapseError> {
         let segments = ["_synapse", "admin", "v2", "users", user_id];
-        let (status, bytes) = self
-            .send(
-                Endpoint::GetUser,
-                Method::GET,
-                &segments,
-                None,
-                &[StatusCode::NOT_FOUND],
-            )
-            .await?;
-        if status == StatusCode::NOT_FOUND {
-            return Ok(None);
+        match self.send(Endpoint::GetUser, Method::GET, &segments, None).await {
+            Ok((_, user)) => Ok(Some(user)),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(e),
         }
-        decode(Endpoint::GetUser, status, &bytes).map(Some)
     }
 
     /// Creates or modifies an account. Synapse treats this as an upsert and
@@ -239,10 +250,14 @@ impl SynapseClient {
     /// after an error.
     pub async fn put_user(&self, user_id: &UserId, update: &UserUpdate) -> Result<PutOutcome, SynapseError> {
         let segments = ["_synapse", "admin", "v2", "users", user_id.as_str()];
-        let (status, bytes) = self
-            .send(Endpoint::PutUser, Method::PUT, &segments, Some(update), &[])
+        let (status, user) = self
+            .send(
+                Endpoint::PutUser,
+                Method::PUT,
+                &segments,
+                Some(Body::user_update(update)),
+            )
             .await?;
-        let user = decode(Endpoint::PutUser, status, &bytes)?;
         Ok(PutOutcome {
             created: status == StatusCode::CREATED,
             user,
@@ -253,8 +268,10 @@ impl SynapseClient {
     /// erased) when `erase` is true. Works on an account already deactivated.
     pub async fn deactivate(&self, user_id: &UserId, erase: bool) -> Result<(), SynapseError> {
         let segments = ["_synapse", "admin", "v1", "deactivate", user_id.as_str()];
-        let body = serde_json::json!({ "erase": erase });
-        self.send(Endpoint::Deactivate, Method::POST, &segments, Some(&body), &[])
+        let body = Body::plain(&serde_json::json!({ "erase": erase }));
+        // Any JSON will do; a web page answering 200 has deactivated nothing.
+        let (_, IgnoredAny) = self
+            .send(Endpoint::Deactivate, Method::POST, &segments, Some(body))
             .await?;
         Ok(())
     }
@@ -295,47 +312,63 @@ impl SynapseClient {
         struct Owner {
             user_id: String,
         }
-        let (status, bytes) = self
-            .send(endpoint, Method::GET, segments, None, &[StatusCode::NOT_FOUND])
-            .await?;
-        if status == StatusCode::NOT_FOUND {
-            return Ok(None);
+        match self.send::<Owner>(endpoint, Method::GET, segments, None).await {
+            Ok((_, owner)) => Ok(Some(owner.user_id)),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(e),
         }
-        decode::<Owner>(endpoint, status, &bytes).map(|o| Some(o.user_id))
     }
 }
 
-fn decode<T: DeserializeOwned>(endpoint: Endpoint, status: StatusCode, bytes: &[u8]) -> Result<T, SynapseError> {
-    serde_json::from_slice(bytes).map_err(|e| SynapseError::UnexpectedResponse {
-        endpoint,
-        status: status.as_u16(),
-        detail: format!("cannot decode the body: {e}"),
-    })
+/// Whether Synapse itself said the user or binding does not exist. A 404
+/// without its M_NOT_FOUND comes from something else at the URL (a web
+/// server, an ingress without the route) and says nothing of the account.
+fn is_absent(e: &SynapseError) -> bool {
+    matches!(
+        e,
+        SynapseError::Api {
+            status: 404,
+            errcode: ErrCode::NotFound,
+            ..
+        }
+    )
 }
 
-/// Error bodies go into conditions and logs: keep them short.
-fn truncate(mut s: String) -> String {
-    const MAX: usize = 300;
-    if s.len() > MAX {
-        let mut end = MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
+/// The body of an answer that is kept out of the error, by its media type
+/// and length.
+fn summary(secrets: &RequestSecrets, content_type: Option<&HeaderValue>, len: usize) -> BodySummary {
+    let content_type = content_type.map(|value| {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let media_type = value.split(';').next().unwrap_or_default().trim();
+        secrets.scrub(media_type, MAX_CODE_BYTES)
+    });
+    BodySummary { content_type, len }
 }
 
-/// Request bodies of different types behind one `dyn`.
-mod erased {
-    pub trait Body {
-        fn to_json(&self) -> Vec<u8>;
-    }
-    impl<T: serde::Serialize> Body for T {
-        fn to_json(&self) -> Vec<u8> {
-            // Serialising plain data structs to JSON cannot fail.
-            serde_json::to_vec(self).unwrap_or_default()
+/// A JSON request body and the secret values in it.
+struct Body<'a> {
+    json: Vec<u8>,
+    secrets: Vec<&'a SecretString>,
+}
+
+impl<'a> Body<'a> {
+    /// A body that carries no secret value.
+    fn plain(value: &impl Serialize) -> Self {
+        Self {
+            json: to_json(value),
+            secrets: Vec::new(),
         }
     }
+
+    fn user_update(update: &'a UserUpdate) -> Self {
+        Self {
+            json: to_json(update),
+            secrets: update.secrets().collect(),
+        }
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Vec<u8> {
+    // Serialising plain data structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
 }

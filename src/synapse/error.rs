@@ -20,10 +20,8 @@ pub enum ErrCode {
     UserInUse,
     ThreepidInUse,
     Unknown,
-    /// Any other code, as Synapse sent it.
+    /// Any other code, as Synapse sent it (scrubbed and cut short).
     Other(String),
-    /// The response carried no Matrix error body.
-    None,
 }
 
 impl ErrCode {
@@ -66,7 +64,6 @@ impl fmt::Display for ErrCode {
             ErrCode::ThreepidInUse => "M_THREEPID_IN_USE",
             ErrCode::Unknown => "M_UNKNOWN",
             ErrCode::Other(s) => s,
-            ErrCode::None => "no errcode",
         };
         f.write_str(s)
     }
@@ -89,11 +86,58 @@ pub enum ErrorClass {
     Invalid,
     /// The account (or the looked-up thing) does not exist.
     NotFound,
+    /// The URL answers, but not like Synapse's API: a web page, a redirect,
+    /// JSON of another shape. Wait for a change of the homeserver URL.
+    NotSynapse,
+}
+
+/// What a body was, told without its content: it can echo the request, and
+/// the request carries the token and maybe a password.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BodySummary {
+    /// The media type of the `Content-Type` header (parameters left out),
+    /// scrubbed and cut short like any text of the answer.
+    pub content_type: Option<String>,
+    pub len: usize,
+}
+
+impl fmt::Display for BodySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let content_type = self.content_type.as_deref().unwrap_or("no content type");
+        write!(f, "{content_type}, {} bytes", self.len)
+    }
+}
+
+/// Why a 2xx body could not be read, in serde_json's categories: its
+/// messages can quote the body ("invalid type: string \"…\"").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeProblem {
+    NotJson,
+    OtherShape,
+}
+
+impl DecodeProblem {
+    pub(super) fn of(e: &serde_json::Error) -> Self {
+        match e.classify() {
+            serde_json::error::Category::Data => DecodeProblem::OtherShape,
+            _ => DecodeProblem::NotJson,
+        }
+    }
+}
+
+impl fmt::Display for DecodeProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DecodeProblem::NotJson => "not JSON",
+            DecodeProblem::OtherShape => "JSON of another shape",
+        })
+    }
 }
 
 /// A failed admin API call. The messages name the endpoint and what Synapse
-/// said; they never hold the token or a password (Synapse does not echo them
-/// and request URLs are left out of transport errors).
+/// said, scrubbed of the request's secret values and cut short; of any
+/// other answer they tell only its status, content type and length (see
+/// `scrub`). Request URLs are left out of transport errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SynapseError {
     // The URL itself stays out: it may carry credentials.
@@ -113,11 +157,24 @@ pub enum SynapseError {
         message: String,
         retry_after: Option<Duration>,
     },
-    #[error("{endpoint}: unexpected response (HTTP {status}): {detail}")]
+    // Following one would re-send the token, and a 307/308 the body with
+    // it, to wherever the Location points; it is left out for the same reason.
+    #[error("{endpoint}: HTTP {status}, a redirect, which is not followed")]
+    Redirected { endpoint: Endpoint, status: u16 },
+    /// A non-2xx answer without a Matrix error body.
+    #[error("{endpoint}: HTTP {status} without a Matrix error: {body}")]
     UnexpectedResponse {
         endpoint: Endpoint,
         status: u16,
-        detail: String,
+        body: BodySummary,
+    },
+    /// A 2xx answer that does not decode as the endpoint's answer.
+    #[error("{endpoint}: HTTP {status}, {problem}: {body}")]
+    Undecodable {
+        endpoint: Endpoint,
+        status: u16,
+        problem: DecodeProblem,
+        body: BodySummary,
     },
 }
 
@@ -126,8 +183,12 @@ impl SynapseError {
         match self {
             SynapseError::InvalidUrl { .. } => ErrorClass::Invalid,
             SynapseError::Transport { .. } => ErrorClass::Transient,
+            SynapseError::Redirected { .. } => ErrorClass::NotSynapse,
+            // A proxy's error page while Synapse restarts, or a rate limit
+            // of whatever sits in front of it, passes.
             SynapseError::UnexpectedResponse { status, .. } if *status >= 500 => ErrorClass::Transient,
-            SynapseError::UnexpectedResponse { .. } => ErrorClass::Invalid,
+            SynapseError::UnexpectedResponse { status: 429, .. } => ErrorClass::RateLimited(None),
+            SynapseError::UnexpectedResponse { .. } | SynapseError::Undecodable { .. } => ErrorClass::NotSynapse,
             SynapseError::Api {
                 status,
                 errcode,
@@ -197,6 +258,85 @@ mod tests {
         for (status, code, class) in cases {
             assert_eq!(api(status, code).class(), class, "{status} {code}");
         }
+    }
+
+    fn unexpected(status: u16) -> SynapseError {
+        SynapseError::UnexpectedResponse {
+            endpoint: Endpoint::Whoami,
+            status,
+            body: BodySummary {
+                content_type: Some("text/html".into()),
+                len: 1234,
+            },
+        }
+    }
+
+    #[test]
+    fn classes_of_answers_that_are_not_synapse_errors() {
+        let cases = [
+            (unexpected(502), ErrorClass::Transient),
+            (unexpected(503), ErrorClass::Transient),
+            (unexpected(429), ErrorClass::RateLimited(None)),
+            (unexpected(200), ErrorClass::NotSynapse),
+            (unexpected(400), ErrorClass::NotSynapse),
+            (unexpected(404), ErrorClass::NotSynapse),
+            (
+                SynapseError::Redirected {
+                    endpoint: Endpoint::PutUser,
+                    status: 307,
+                },
+                ErrorClass::NotSynapse,
+            ),
+            (
+                SynapseError::Undecodable {
+                    endpoint: Endpoint::Whoami,
+                    status: 200,
+                    problem: DecodeProblem::NotJson,
+                    body: BodySummary {
+                        content_type: None,
+                        len: 0,
+                    },
+                },
+                ErrorClass::NotSynapse,
+            ),
+        ];
+        for (e, class) in cases {
+            assert_eq!(e.class(), class, "{e}");
+        }
+        assert!(!unexpected(404).is_transient());
+    }
+
+    #[test]
+    fn answers_are_described_not_quoted() {
+        assert_eq!(
+            unexpected(502).to_string(),
+            "whoami: HTTP 502 without a Matrix error: text/html, 1234 bytes"
+        );
+        let e = SynapseError::Undecodable {
+            endpoint: Endpoint::Whoami,
+            status: 200,
+            problem: DecodeProblem::OtherShape,
+            body: BodySummary {
+                content_type: None,
+                len: 17,
+            },
+        };
+        assert_eq!(
+            e.to_string(),
+            "whoami: HTTP 200, JSON of another shape: no content type, 17 bytes"
+        );
+    }
+
+    #[test]
+    fn decode_problems_do_not_quote_the_body() {
+        // serde_json's own message would: `invalid type: string "hunter2"`.
+        let e = serde_json::from_str::<bool>(r#""hunter2""#).unwrap_err();
+        assert!(e.to_string().contains("hunter2"));
+        assert_eq!(DecodeProblem::of(&e), DecodeProblem::OtherShape);
+        let e = serde_json::from_str::<bool>("<html>hunter2").unwrap_err();
+        assert_eq!(DecodeProblem::of(&e), DecodeProblem::NotJson);
+        let e = serde_json::from_str::<bool>("").unwrap_err();
+        assert_eq!(DecodeProblem::of(&e), DecodeProblem::NotJson);
     }
 
     #[test]

@@ -186,6 +186,14 @@ pub struct UserUpdate {
     pub user_type: Option<String>,
 }
 
+impl UserUpdate {
+    /// The secret values this body carries, to keep out of whatever an
+    /// answer to it turns into.
+    pub(super) fn secrets(&self) -> impl Iterator<Item = &SecretString> {
+        self.password.iter()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -410,7 +410,10 @@ pub async fn record_operator_calls(watch: &[&str]) -> Vec<Recorded> {
     let (client, fake) = FakeApiServer::start();
     let ctx = Arc::new(Context::new(
         client.clone(),
-        Config::default(),
+        Config {
+            namespaces: watch.iter().map(|ns| ns.to_string()).collect(),
+            ..Config::default()
+        },
         Writer::<MatrixUser>::default().as_reader(),
         Metrics::new(),
     ));
@@ -423,27 +426,47 @@ pub async fn record_operator_calls(watch: &[&str]) -> Vec<Recorded> {
         fake.put(json!({
             "apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
             "metadata": {"name": "hs", "namespace": ns, "generation": 1},
-            "spec": {"url": s.base_url, "adminTokenSecretRef": {"name": "admin", "key": "token"}},
+            "spec": {"url": s.base_url, "adminTokenSecretRef": {"name": "admin", "key": "token"},
+                     "policy": {"allowAdoption": true}},
         }));
         fake.put(secret(ns, "admin", "token", &s.admin_token));
         fake.put(secret(ns, "pw", "password", "one"));
 
         // The Homeserver reconcile writes the status the users need.
         let hs_path = format!("/apis/matrix-operator.io/v1alpha1/namespaces/{ns}/homeservers/hs");
-        let hs: Homeserver = serde_json::from_value(fake.get(&hs_path).unwrap()).unwrap();
-        reconcile_homeserver(Arc::new(hs), ctx.clone()).await.unwrap();
+        // First pass adds the finalizer, the second checks the token (and
+        // holds its Secret).
+        for _ in 0..2 {
+            let hs: Homeserver = serde_json::from_value(fake.get(&hs_path).unwrap()).unwrap();
+            reconcile_homeserver(Arc::new(hs), ctx.clone()).await.unwrap();
+        }
 
         let user_path = |name: &str| format!("/apis/matrix-operator.io/v1alpha1/namespaces/{ns}/matrixusers/{name}");
         let get_user =
             |name: &str| -> MatrixUser { serde_json::from_value(fake.get(&user_path(name)).unwrap()).unwrap() };
-        for (name, password) in [
-            ("withpw", json!({"secretRef": {"name": "pw", "key": "password"}})),
-            ("gen", json!({"generate": true})),
+        // An account that exists already, for the adoption path.
+        let existing = s.unique_localpart("adopted");
+        s.register_user(&existing, "adopted password", false).await;
+        for (name, localpart, spec) in [
+            (
+                "withpw",
+                s.unique_localpart("withpw"),
+                json!({"password": {"secretRef": {"name": "pw", "key": "password"}}}),
+            ),
+            (
+                "gen",
+                s.unique_localpart("gen"),
+                json!({"password": {"generate": true}}),
+            ),
+            ("adopter", existing, json!({"adopt": true})),
         ] {
+            let mut spec = spec;
+            spec["homeserverRef"] = json!({"name": "hs"});
+            spec["localpart"] = json!(localpart);
             fake.put(json!({
                 "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
                 "metadata": {"name": name, "namespace": ns, "generation": 1},
-                "spec": {"homeserverRef": {"name": "hs"}, "localpart": s.unique_localpart(name), "password": password},
+                "spec": spec,
             }));
             // First pass adds the finalizer, the second creates the account.
             for _ in 0..2 {
@@ -454,10 +477,20 @@ pub async fn record_operator_calls(watch: &[&str]) -> Vec<Recorded> {
         fake.put(secret(ns, "pw", "password", "two"));
         reconcile_user(Arc::new(get_user("withpw")), ctx.clone()).await.unwrap();
         // Deletion runs the policy and removes the finalizer.
-        let mut deleting = fake.get(&user_path("withpw")).unwrap();
+        for name in ["withpw", "gen", "adopter"] {
+            let mut deleting = fake.get(&user_path(name)).unwrap();
+            deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+            fake.put(deleting.clone());
+            reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
+                .await
+                .unwrap();
+        }
+        // The Homeserver goes once its MatrixUsers are gone, and lets go of
+        // its admin token Secret.
+        let mut deleting = fake.get(&hs_path).unwrap();
         deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
         fake.put(deleting.clone());
-        reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
+        reconcile_homeserver(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
             .await
             .unwrap();
     }

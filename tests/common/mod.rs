@@ -5,6 +5,7 @@
 
 pub mod deploy_checks;
 pub mod fake_kube;
+pub mod fixtures;
 pub mod helm;
 pub mod synapse;
 pub mod venv;

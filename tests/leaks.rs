@@ -1,0 +1,363 @@
+//! Secrets must not leak through what a homeserver URL answers: error pages
+//! and JSON errors that echo the request, redirects that would re-send it,
+//! and URLs that are not a Synapse at all. Each misbehaving server here is a
+//! hand-rolled HTTP/1.1 server on 127.0.0.1; no Synapse is needed.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use common::fake_kube::FakeApiServer;
+use kube::runtime::reflector::store::Writer;
+use matrix_user_operator::api::{Homeserver, MatrixUser};
+use matrix_user_operator::controller::{Config, Context, HOMESERVER_FINALIZER, reconcile_homeserver};
+use matrix_user_operator::metrics::Metrics;
+use matrix_user_operator::secret::SecretString;
+use matrix_user_operator::synapse::{ClientConfig, ErrorClass, SynapseClient, SynapseError, UserId, UserUpdate};
+use serde_json::json;
+
+const TOKEN: &str = "admin-token-that-must-not-leak";
+const PASSWORD: &str = "password-that-must-not-leak";
+/// Needs escaping in JSON: an echo of the JSON body carries it as `pa\"ss\\…`.
+const QUOTED_PASSWORD: &str = r#"pa"ss\word-that-must-not-leak"#;
+
+// ---------------------------------------------------------------------------
+// A local HTTP server
+// ---------------------------------------------------------------------------
+
+/// A hand-rolled HTTP/1.1 server on 127.0.0.1, one request per connection:
+/// each request is read whole (head and body), recorded, and answered with
+/// the bytes `answer` makes of it.
+struct LocalServer {
+    url: String,
+    received: Arc<Mutex<Vec<String>>>,
+}
+
+impl LocalServer {
+    fn start(answer: impl Fn(&Request) -> Vec<u8> + Send + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let recording = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let Some(request) = read_request(&mut stream) else {
+                    continue;
+                };
+                recording.lock().unwrap().push(request.whole());
+                let _ = stream.write_all(&answer(&request));
+            }
+        });
+        Self { url, received }
+    }
+
+    fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+struct Request {
+    /// Request line and headers.
+    head: String,
+    body: String,
+}
+
+impl Request {
+    fn whole(&self) -> String {
+        format!("{}\r\n\r\n{}", self.head, self.body)
+    }
+
+    /// The request with its body first, as an echo that puts the most
+    /// telling part on top: anything keeping the first few hundred bytes
+    /// keeps the password and the token.
+    fn echo(&self) -> String {
+        format!("{}\n{}", self.body, self.head)
+    }
+}
+
+fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+        if let Some(i) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = bytes[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some(Request {
+        head,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} Whatever\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
+/// A web server's page, echoing the request as some debug error pages do.
+fn echo_page(status: u16) -> impl Fn(&Request) -> Vec<u8> {
+    move |r| {
+        let page = format!(
+            "<html><head><title>{status}</title></head><body><h1>Error {status}</h1><pre>{}</pre></body></html>",
+            r.echo()
+        );
+        response(status, &[("Content-Type", "text/html; charset=utf-8")], &page)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn client_of(url: &str) -> SynapseClient {
+    SynapseClient::new(ClientConfig::new(url, SecretString::new(TOKEN))).expect("a client")
+}
+
+fn alice() -> UserId {
+    UserId::new("alice", "example.test").unwrap()
+}
+
+fn with_password(password: &str) -> UserUpdate {
+    UserUpdate {
+        password: Some(SecretString::new(password)),
+        displayname: Some("Alice".into()),
+        ..Default::default()
+    }
+}
+
+/// The forms a secret can take in an echo of the request: as it is (the
+/// Authorization header) and JSON-escaped (the body).
+fn forms_of(secret: &str) -> Vec<String> {
+    let escaped = serde_json::to_string(secret).unwrap();
+    vec![secret.to_string(), escaped[1..escaped.len() - 1].to_string()]
+}
+
+fn assert_leaks_nothing(e: &SynapseError, password: &str) {
+    for text in [e.to_string(), format!("{e:?}")] {
+        for secret in forms_of(TOKEN).into_iter().chain(forms_of(password)) {
+            assert!(!text.contains(&secret), "{secret:?} leaked into {text}");
+        }
+        assert!(!text.contains('<'), "page markup in {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Error pages and JSON errors that echo the request
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_error_page_echoing_the_request_leaks_neither_password_nor_token() {
+    for status in [502, 400] {
+        let proxy = LocalServer::start(echo_page(status));
+        let e = client_of(&proxy.url)
+            .put_user(&alice(), &with_password(PASSWORD))
+            .await
+            .expect_err("an error page is an error");
+        assert!(proxy.received()[0].contains(PASSWORD), "the page did echo the password");
+        assert_leaks_nothing(&e, PASSWORD);
+        let text = e.to_string();
+        assert!(text.contains(&format!("HTTP {status}")), "{text}");
+        assert!(
+            text.contains("text/html"),
+            "the content type describes the body: {text}"
+        );
+        // A proxy's 5xx page while Synapse restarts is retried; a 4xx page
+        // says the URL is not Synapse's API.
+        assert_eq!(e.is_transient(), status >= 500, "{e:?}");
+        if status < 500 {
+            assert_eq!(e.class(), ErrorClass::NotSynapse, "{e:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_json_error_echoing_the_request_is_redacted() {
+    // Synapse's `error`, then the errcode itself, echoing the request.
+    let in_error = |r: &Request| {
+        let body = json!({"errcode": "M_BAD_JSON", "error": format!("cannot parse {}", r.echo())});
+        response(400, &[("Content-Type", "application/json")], &body.to_string())
+    };
+    let in_errcode = |r: &Request| {
+        let body = json!({"errcode": r.echo(), "error": "bad request"});
+        response(400, &[("Content-Type", "application/json")], &body.to_string())
+    };
+    for password in [PASSWORD, QUOTED_PASSWORD] {
+        let proxy = LocalServer::start(in_error);
+        let e = client_of(&proxy.url)
+            .put_user(&alice(), &with_password(password))
+            .await
+            .expect_err("a 400");
+        assert_leaks_nothing(&e, password);
+        let text = e.to_string();
+        assert!(text.contains("M_BAD_JSON") && text.contains("cannot parse"), "{text}");
+        assert!(text.contains("***"), "the secrets' places are marked: {text}");
+        assert!(text.len() < 400, "bounded: {} bytes", text.len());
+
+        let proxy = LocalServer::start(in_errcode);
+        let e = client_of(&proxy.url)
+            .put_user(&alice(), &with_password(password))
+            .await
+            .expect_err("a 400");
+        assert_leaks_nothing(&e, password);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Redirects
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    for status in [307, 308] {
+        // Where the redirect points: it would receive the PUT body again.
+        let elsewhere = LocalServer::start(|_| {
+            let user = json!({"name": "@alice:example.test"});
+            response(200, &[("Content-Type", "application/json")], &user.to_string())
+        });
+        let location = format!("{}/_synapse/admin/v2/users/@alice:example.test", elsewhere.url);
+        let redirecting = LocalServer::start(move |_| response(status, &[("Location", &location)], ""));
+
+        let e = client_of(&redirecting.url)
+            .put_user(&alice(), &with_password(PASSWORD))
+            .await
+            .expect_err("a redirect is an error");
+        assert_eq!(redirecting.received().len(), 1);
+        assert_eq!(elsewhere.received(), Vec::<String>::new(), "HTTP {status} was followed");
+        let text = e.to_string();
+        assert!(text.contains("redirect") && text.contains("not followed"), "{text}");
+        assert!(text.contains(&format!("HTTP {status}")), "{text}");
+        let port = elsewhere.url.rsplit(':').next().unwrap();
+        assert!(!text.contains(port), "the Location stays out: {text}");
+        assert_leaks_nothing(&e, PASSWORD);
+        // It waits for another spec.url.
+        assert_eq!(e.class(), ErrorClass::NotSynapse, "{e:?}");
+        assert!(!e.is_transient());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A URL that is not a Synapse
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_404_page_is_not_an_absent_account() {
+    let server = LocalServer::start(echo_page(404));
+    let c = client_of(&server.url);
+    // Only Synapse's own M_NOT_FOUND says an account or a binding is absent.
+    let e = c.get_user(&alice()).await.expect_err("a web server's 404");
+    assert_eq!(e.class(), ErrorClass::NotSynapse, "{e:?}");
+    assert_leaks_nothing(&e, PASSWORD);
+    let e = c
+        .threepid_owner("email", "alice@example.test")
+        .await
+        .expect_err("a web server's 404");
+    assert_eq!(e.class(), ErrorClass::NotSynapse, "{e:?}");
+    let e = c
+        .external_id_owner("oidc", "alice")
+        .await
+        .expect_err("a web server's 404");
+    assert_eq!(e.class(), ErrorClass::NotSynapse, "{e:?}");
+}
+
+const NS: &str = "chat";
+const HOMESERVER_PATH: &str = "/apis/matrix-operator.io/v1alpha1/namespaces/chat/homeservers/hs";
+
+/// Reconciles a Homeserver whose spec.url is `url`; its Ready condition's
+/// reason and message, and whether the reconcile asks to be retried.
+async fn homeserver_against(url: &str) -> (String, String, bool) {
+    let (client, fake) = FakeApiServer::start();
+    let hs = json!({
+        "apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+        "metadata": {"name": "hs", "namespace": NS, "generation": 1, "finalizers": [HOMESERVER_FINALIZER]},
+        "spec": {"url": url, "adminTokenSecretRef": {"name": "admin", "key": "token"}, "policy": {}},
+    });
+    fake.put(hs.clone());
+    fake.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "admin", "namespace": NS},
+        "stringData": {"token": TOKEN},
+    }));
+    let ctx = Arc::new(Context::new(
+        client,
+        Config::default(),
+        Writer::<MatrixUser>::default().as_reader(),
+        Metrics::new(),
+    ));
+    let result = reconcile_homeserver(Arc::new(serde_json::from_value(hs).unwrap()), ctx).await;
+    let stored: Homeserver = serde_json::from_value(fake.get(HOMESERVER_PATH).expect("stored")).unwrap();
+    let status = stored.status.expect("a status");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready");
+    assert_eq!(ready.status, "False");
+    (ready.reason.clone(), ready.message.clone(), result.is_err())
+}
+
+fn assert_clean_message(message: &str) {
+    assert!(!message.contains('<'), "page markup in {message}");
+    assert!(!message.contains(TOKEN), "the token in {message}");
+}
+
+#[tokio::test]
+async fn a_homeserver_url_that_is_not_a_synapse_gets_its_own_reason() {
+    let wrong_shape = |_: &Request| response(200, &[("Content-Type", "application/json")], r#"{"hello":"world"}"#);
+    let servers = [
+        ("a page", LocalServer::start(echo_page(200))),
+        ("a 404 page", LocalServer::start(echo_page(404))),
+        ("JSON of another shape", LocalServer::start(wrong_shape)),
+    ];
+    for (what, server) in servers {
+        let (reason, message, retried) = homeserver_against(&server.url).await;
+        assert_eq!(reason, "NotSynapse", "{what}: {message}");
+        assert!(
+            message.starts_with("spec.url does not answer like a Synapse homeserver"),
+            "{what}: {message}"
+        );
+        assert_clean_message(&message);
+        assert!(!retried, "{what}: waits for a change of spec.url");
+    }
+    let (_, message, _) = homeserver_against(&LocalServer::start(echo_page(200)).url).await;
+    assert!(
+        message.contains("HTTP 200") && message.contains("text/html"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_proxy_error_page_while_synapse_restarts_is_retried() {
+    let proxy = LocalServer::start(echo_page(502));
+    let (reason, message, retried) = homeserver_against(&proxy.url).await;
+    assert_eq!(reason, "SynapseError", "{message}");
+    assert!(message.contains("HTTP 502"), "{message}");
+    assert_clean_message(&message);
+    assert!(retried, "a 5xx is retried with backoff");
+}
