@@ -94,7 +94,7 @@ fn collect(value: &Value, path: &mut FieldPath, schema: &mut Vec<String>, lists:
             }
             ListType::Set => {
                 for item in items {
-                    path.push(Step::Member(item.to_string()));
+                    path.push(Step::Member(identity(Some(item))));
                     out.insert(path.clone());
                     path.pop();
                 }
@@ -116,21 +116,24 @@ fn collect(value: &Value, path: &mut FieldPath, schema: &mut Vec<String>, lists:
     }
 }
 
+/// A value as it identifies a list item: its JSON text (paths must be
+/// ordered, and JSON values are not).
+fn identity(value: Option<&Value>) -> String {
+    value.unwrap_or(&Value::Null).to_string()
+}
+
 fn item_keys(item: &Value, keys: &[String]) -> Vec<(String, String)> {
-    keys.iter()
-        .map(|k| (k.clone(), item.get(k).unwrap_or(&Value::Null).to_string()))
-        .collect()
+    keys.iter().map(|k| (k.clone(), identity(item.get(k)))).collect()
 }
 
 fn matches_item(item: &Value, keys: &[(String, String)]) -> bool {
-    keys.iter()
-        .all(|(k, v)| item.get(k).unwrap_or(&Value::Null).to_string() == *v)
+    keys.iter().all(|(k, v)| identity(item.get(k)) == *v)
 }
 
 fn matches_step(item: &Value, step: &Step) -> bool {
     match step {
         Step::Item(keys) => matches_item(item, keys),
-        Step::Member(value) => item.to_string() == *value,
+        Step::Member(value) => identity(Some(item)) == *value,
         Step::Field(_) => false,
     }
 }
