@@ -1,5 +1,5 @@
-//! Controller tests: reconcile against a fake Kubernetes API server (the
-//! kube-rs tower-test pattern) and a real Synapse.
+//! Controller tests: reconcile against the fake Kubernetes API server and a
+//! real Synapse.
 
 mod common;
 
