@@ -513,3 +513,30 @@ async fn a_kubeconfig_file_leads_a_client_to_it() {
     assert_eq!(names, vec!["u"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_watch_that_times_out_ends_with_a_bookmark_of_the_current_version() {
+    let (client, fake) = FakeApiServer::start();
+    let api = users(&client, NS);
+    let version = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut events = api
+        .watch(&WatchParams::default().timeout(1), &version)
+        .await
+        .unwrap()
+        .boxed();
+    // A change to something else: the watch sees nothing but the version.
+    fake.put(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": NS}}));
+    let current =
+        fake.get(&format!("/api/v1/namespaces/{NS}/secrets/s")).unwrap()["metadata"]["resourceVersion"].clone();
+    match events.next().await {
+        Some(Ok(WatchEvent::Bookmark(b))) => assert_eq!(json!(b.metadata.resource_version), current),
+        other => panic!("{other:?}"),
+    }
+    assert!(events.next().await.is_none(), "and ends");
+}
