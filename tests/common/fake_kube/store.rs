@@ -22,7 +22,7 @@ const HISTORY: usize = 1000;
 const DEFAULT_MANAGER: &str = "unknown";
 
 /// Who [`Store::put`] writes as.
-pub const SEED_MANAGER: &str = "test-seed";
+const SEED_MANAGER: &str = "test-seed";
 
 /// A request as the store needs it.
 pub struct Request {
