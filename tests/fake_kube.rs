@@ -307,6 +307,9 @@ async fn a_watch_from_before_a_compaction_or_a_restart_is_expired() {
         .await
         .expect("the watch ends");
     assert!(!matches!(ended, Some(Ok(_))), "{ended:?}");
+    // A new client: one whose pooled connections were cut may see one
+    // transport error first, as against a restarting apiserver.
+    let api = users(&fake.client(), NS);
     assert!(matches!(first_watch_event(&api, &current).await, WatchEvent::Error(e) if e.code == 410));
 }
 
@@ -486,7 +489,8 @@ async fn a_server_that_is_down_fails_requests_and_cuts_watches_until_it_is_up() 
     }
 
     fake.set_down(false);
-    api.get("u").await.expect("up again");
+    // A new client: the old one's pooled connections were cut.
+    users(&fake.client(), NS).get("u").await.expect("up again");
 }
 
 #[tokio::test]
@@ -511,5 +515,73 @@ async fn a_kubeconfig_file_leads_a_client_to_it() {
         .map(|u| u.metadata.name.unwrap())
         .collect();
     assert_eq!(names, vec!["u"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_watch_that_times_out_ends_with_a_bookmark_of_the_current_version() {
+    let (client, fake) = FakeApiServer::start();
+    let api = users(&client, NS);
+    let version = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut events = api
+        .watch(&WatchParams::default().timeout(1), &version)
+        .await
+        .unwrap()
+        .boxed();
+    // A change to something else: the watch sees nothing but the version.
+    fake.put(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": NS}}));
+    let current =
+        fake.get(&format!("/api/v1/namespaces/{NS}/secrets/s")).unwrap()["metadata"]["resourceVersion"].clone();
+    match events.next().await {
+        Some(Ok(WatchEvent::Bookmark(b))) => assert_eq!(json!(b.metadata.resource_version), current),
+        other => panic!("{other:?}"),
+    }
+    assert!(events.next().await.is_none(), "and ends");
+}
+
+#[tokio::test]
+async fn the_operator_binary_runs_against_it_and_it_outlives_a_killed_one() {
+    let (client, fake) = FakeApiServer::start();
+    let dir = std::env::temp_dir().join(format!("fake-kube-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+        .args(["run", "--health-addr=0", "--leader-election=off", "--namespace", NS])
+        .env("KUBECONFIG", fake.kubeconfig_file(&dir))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watching = async {
+        while !fake
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/matrixusers") && r.query.contains("watch=true"))
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), watching)
+        .await
+        .expect("the operator watches MatrixUsers");
+    // SIGKILL, mid-watch.
+    operator.kill().unwrap();
+    operator.wait().unwrap();
+    fake.put(user("after"));
+    let names: Vec<String> = users(&client, NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|u| u.metadata.name.unwrap())
+        .collect();
+    assert_eq!(names, vec!["after"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

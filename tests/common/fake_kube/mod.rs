@@ -302,11 +302,24 @@ async fn respond(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Resp
         Reply::Json(code, value) => response
             .status(code)
             .body(Full::new(Bytes::from(serde_json::to_vec(&value).expect("JSON"))).boxed_unsync()),
-        Reply::Watch(events, timeout) => {
+        Reply::Watch {
+            events,
+            timeout,
+            bookmark,
+        } => {
             let deadline = tokio::time::Instant::now() + timeout;
-            let frames = futures::stream::unfold(events, move |mut events| async move {
-                let line = tokio::time::timeout_at(deadline, events.recv()).await.ok().flatten()?;
-                Some((Ok(Frame::data(line)), events))
+            let frames = futures::stream::unfold((events, bookmark), move |(mut events, bookmark)| {
+                let shared = shared.clone();
+                async move {
+                    match tokio::time::timeout_at(deadline, events.recv()).await {
+                        Ok(line) => Some((Ok(Frame::data(line?)), (events, bookmark))),
+                        Err(_) => {
+                            let store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+                            let line = store.bookmark_line(&bookmark?);
+                            Some((Ok(Frame::data(line)), (events, None)))
+                        }
+                    }
+                }
             });
             response.body(StreamBody::new(frames).boxed_unsync())
         }

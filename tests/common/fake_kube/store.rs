@@ -22,7 +22,7 @@ const HISTORY: usize = 1000;
 const DEFAULT_MANAGER: &str = "unknown";
 
 /// Who [`Store::put`] writes as.
-pub const SEED_MANAGER: &str = "test-seed";
+const SEED_MANAGER: &str = "test-seed";
 
 /// A request as the store needs it.
 pub struct Request {
@@ -46,8 +46,19 @@ impl Request {
 pub enum Reply {
     Json(StatusCode, Value),
     /// A watch: newline-delimited events until the sender goes or the
-    /// timeout passes.
-    Watch(UnboundedReceiver<Bytes>, Duration),
+    /// timeout passes, then the closing bookmark if it asked for bookmarks.
+    Watch {
+        events: UnboundedReceiver<Bytes>,
+        timeout: Duration,
+        bookmark: Option<Bookmark>,
+    },
+}
+
+/// What a watch's closing bookmark is of. An apiserver sends one as a watch
+/// times out, so the client resumes from there even when nothing it watches
+/// changed (and does not fall behind the history).
+pub struct Bookmark {
+    resource: Resource,
 }
 
 fn failure(code: StatusCode, reason: &str, message: String) -> Reply {
@@ -495,7 +506,11 @@ impl Store {
                     &format!("too old resource version: {version} ({})", self.history_since + 1),
                 );
                 let _ = watcher.sender.send(watcher.line("ERROR", &expired));
-                return Reply::Watch(receiver, timeout);
+                return Reply::Watch {
+                    events: receiver,
+                    timeout,
+                    bookmark: None,
+                };
             }
             Some(version) => {
                 for change in self.history.iter().filter(|c| c.resource_version > version) {
@@ -521,8 +536,24 @@ impl Store {
                 }
             }
         }
+        let bookmark = (request.param("allowWatchBookmarks").as_deref() == Some("true")).then(|| Bookmark {
+            resource: watcher.resource.clone(),
+        });
         self.watchers.push(watcher);
-        Reply::Watch(receiver, timeout)
+        Reply::Watch {
+            events: receiver,
+            timeout,
+            bookmark,
+        }
+    }
+
+    /// A BOOKMARK event at the current resourceVersion.
+    pub fn bookmark_line(&self, bookmark: &Bookmark) -> Bytes {
+        let object = json!({"apiVersion": bookmark.resource.api_version(), "kind": bookmark.resource.kind(),
+                            "metadata": {"resourceVersion": self.resource_version.to_string()}});
+        let mut line = serde_json::to_vec(&json!({"type": "BOOKMARK", "object": object})).expect("JSON");
+        line.push(b'\n');
+        Bytes::from(line)
     }
 
     fn field_manager(request: &Request) -> String {
