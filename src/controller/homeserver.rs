@@ -261,7 +261,15 @@ pub fn ready_status(hs: &Homeserver) -> Result<ReadyStatus, NotReady> {
     let Some(status) = hs.status.as_ref() else {
         return Err(waiting("not checked yet"));
     };
-    if status.observed_generation != hs.metadata.generation {
+    // Marking an object with finalizers for deletion bumps its generation
+    // (the apiserver's markAsDeleting): a Homeserver being deleted whose
+    // status is of the generation just before still describes its spec.
+    let deletion_bump = i64::from(hs.meta().deletion_timestamp.is_some());
+    let checked = status
+        .observed_generation
+        .zip(hs.metadata.generation)
+        .is_some_and(|(observed, generation)| observed == generation || observed + deletion_bump == generation);
+    if !checked {
         return Err(waiting("not checked since its spec changed"));
     }
     match crate::api::ready_condition(&status.conditions) {

@@ -312,6 +312,8 @@ where
     let controller_config = kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency);
 
     let store = users.as_reader();
+    let (hs_store, hs_writer) = reflector::store();
+    let homeservers_for_secrets = hs_store.clone();
     // A consistent list (not any_semantic): after a failover the new
     // leader must not start from an older copy than its predecessor wrote.
     let users_stream = watch::objects_only(
@@ -333,13 +335,12 @@ where
             rivals_of(&by_rival, &u)
         })
         .watches_stream(watch::touched(secrets_api.clone(), "Secret"), move |secret| {
-            users_of_secret(&by_secret, &secret)
+            users_of_secret(&by_secret, &homeservers_for_secrets, &secret)
         })
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_user, matrixuser::error_policy, ctx.clone())
         .for_each(|result| async move { log_outcome("MatrixUser", result) });
 
-    let (hs_store, hs_writer) = reflector::store();
     let homeservers_stream = watch::objects_only(
         watch::events(homeservers_api, watcher::Config::default())
             .reflect(hs_writer)
@@ -394,16 +395,14 @@ where
         .collect()
 }
 
-/// The other MatrixUsers of `user`'s namespace and Homeserver with its localpart.
+/// The other MatrixUsers of the cache with `user`'s localpart, in any
+/// namespace: one of them may be held off with a Conflict by `user`.
 fn rivals_of(store: &Store<MatrixUser>, user: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
     let name = user.name_any();
     let localpart = user.spec.effective_localpart(&name);
     refs_where(store, |u| {
         let other = u.name_any();
-        u.namespace() == user.namespace()
-            && other != name
-            && u.spec.homeserver_ref == user.spec.homeserver_ref
-            && u.spec.effective_localpart(&other) == localpart
+        (u.namespace() != user.namespace() || other != name) && u.spec.effective_localpart(&other) == localpart
     })
 }
 
@@ -412,10 +411,21 @@ fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<Object
     refs_where(store, |u| u.namespace() == ns && u.spec.homeserver_ref.name == name)
 }
 
-/// MatrixUsers that read a Secret: their password Secret, or the Secret they
-/// own (generated credentials).
-fn users_of_secret(store: &Store<MatrixUser>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<MatrixUser>> {
+/// MatrixUsers that read a Secret: their password Secret, the Secret they
+/// own (generated credentials), or their Homeserver's admin token (a new
+/// token resumes the MatrixUsers an old one left Unauthorized).
+fn users_of_secret(
+    store: &Store<MatrixUser>,
+    homeservers: &Store<Homeserver>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<MatrixUser>> {
     let (ns, name) = (secret.namespace(), secret.name_any());
+    let token_of: Vec<String> = homeservers
+        .state()
+        .iter()
+        .filter(|h| h.namespace() == ns && h.spec.admin_token_secret_ref.name == name)
+        .map(|h| h.name_any())
+        .collect();
     let owners: Vec<&str> = secret
         .owner_references()
         .iter()
@@ -430,7 +440,8 @@ fn users_of_secret(store: &Store<MatrixUser>, secret: &PartialObjectMeta<Secret>
             .and_then(|p| p.secret_ref.as_ref())
             .is_some_and(|r| r.name == name);
         let owner = u.uid().is_some_and(|uid| owners.contains(&uid.as_str()));
-        u.namespace() == ns && (by_name || owner)
+        let token = token_of.contains(&u.spec.homeserver_ref.name);
+        u.namespace() == ns && (by_name || owner || token)
     })
 }
 
@@ -494,6 +505,7 @@ mod tests {
 
     #[test]
     fn a_secret_triggers_the_users_that_read_or_own_it_in_its_namespace() {
+        let no_homeservers = store::<Homeserver>(vec![]);
         let users = store::<MatrixUser>(vec![
             user(
                 "chat",
@@ -516,17 +528,27 @@ mod tests {
             user("chat", "d", "uid-d", json!({"homeserverRef": {"name": "hs2"}})),
         ]);
         assert_eq!(
-            names(users_of_secret(&users, &secret_meta("chat", "pw", None))),
+            names(users_of_secret(&users, &no_homeservers, &secret_meta("chat", "pw", None))),
             ["chat/a"]
         );
         assert_eq!(
             names(users_of_secret(
                 &users,
+                &no_homeservers,
                 &secret_meta("chat", "b-credentials", Some("uid-b"))
             )),
             ["chat/b"]
         );
-        assert!(users_of_secret(&users, &secret_meta("chat", "unrelated", None)).is_empty());
+        assert!(users_of_secret(&users, &no_homeservers, &secret_meta("chat", "unrelated", None)).is_empty());
+        // A Homeserver's admin token: every MatrixUser of that Homeserver.
+        let with_hs = store::<Homeserver>(vec![json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+            "metadata": {"name": "hs", "namespace": "chat"},
+            "spec": {"url": "http://x", "adminTokenSecretRef": {"name": "admin", "key": "token"}}})]);
+        assert_eq!(
+            names(users_of_secret(&users, &with_hs, &secret_meta("chat", "admin", None))),
+            ["chat/a", "chat/b"]
+        );
+        assert!(users_of_secret(&users, &with_hs, &secret_meta("other", "admin", None)).is_empty());
         let hs: Homeserver = serde_json::from_value(
             json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
             "metadata": {"name": "hs", "namespace": "chat"},
@@ -543,14 +565,24 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(names(rivals_of(&users, &rival)), ["chat/a"]);
+        // One in another namespace (or of another Homeserver) may hold the
+        // account too: it looks again as well.
         let elsewhere: MatrixUser = serde_json::from_value(user(
-            "chat",
+            "other",
             "y",
             "uid-y",
             json!({"homeserverRef": {"name": "hs2"}, "localpart": "a"}),
         ))
         .unwrap();
-        assert!(rivals_of(&users, &elsewhere).is_empty());
+        assert_eq!(names(rivals_of(&users, &elsewhere)), ["chat/a"]);
+        let unrelated: MatrixUser = serde_json::from_value(user(
+            "chat",
+            "x",
+            "uid-x",
+            json!({"homeserverRef": {"name": "hs"}, "localpart": "nobody"}),
+        ))
+        .unwrap();
+        assert!(rivals_of(&users, &unrelated).is_empty());
         let homeservers = store::<Homeserver>(vec![serde_json::to_value(&hs).unwrap()]);
         assert_eq!(
             names(homeservers_of_secret(&homeservers, &secret_meta("chat", "admin", None))),

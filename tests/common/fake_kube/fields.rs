@@ -149,7 +149,7 @@ fn remove_at(obj: &mut Value, path: &FieldPath) {
     let Some((last, parent)) = path.split_last() else {
         return;
     };
-    let mut v = obj;
+    let mut v = &mut *obj;
     for step in parent {
         let next = match step {
             Step::Field(name) => v.get_mut(name),
@@ -173,6 +173,13 @@ fn remove_at(obj: &mut Value, path: &FieldPath) {
                 items.retain(|item| !matches_step(item, step));
             }
         }
+    }
+    // A map that held only removed fields goes too, as structured merge
+    // removes a map its manager owned ("f:pendingCreation: {.: {}}").
+    if matches!(parent.last(), Some(Step::Field(_)))
+        && value_at(obj, &parent.to_vec()).is_some_and(|p| p.as_object().is_some_and(|m| m.is_empty()))
+    {
+        remove_at(obj, &parent.to_vec());
     }
 }
 

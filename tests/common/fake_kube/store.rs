@@ -146,9 +146,13 @@ impl Selector {
     fn matches(&self, obj: &Value) -> bool {
         let meta = &obj["metadata"];
         let label = |k: &str| meta["labels"][k].as_str().map(str::to_string);
+        // The CRDs' selectableFields: a field the object lacks selects as "".
         let field = |k: &str| match k {
             "metadata.name" => meta["name"].as_str().map(str::to_string),
             "metadata.namespace" => meta["namespace"].as_str().map(str::to_string),
+            "spec.localpart" if obj["kind"] == "MatrixUser" => {
+                Some(obj["spec"]["localpart"].as_str().unwrap_or_default().to_string())
+            }
             _ => None,
         };
         self.labels.iter().all(|t| t.matches(label)) && self.fields.iter().all(|t| t.matches(field))
@@ -838,6 +842,10 @@ impl Store {
         }
         obj["metadata"]["deletionTimestamp"] = json!(now());
         obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        // As the apiserver's markAsDeleting does: watchers of generation see
+        // the deletion.
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
+        obj["metadata"]["generation"] = json!(generation + 1);
         let resource = resource_of(key)?;
         Some(self.commit(key.to_string(), resource, obj))
     }
