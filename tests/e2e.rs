@@ -177,6 +177,7 @@ async fn run(kubeconfig: OsString) -> bool {
         println!("e2e: FAILED: creating namespace {ns}: {e}");
         return false;
     }
+    println!("e2e: namespace {ns}");
     let log_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{ns}-operator.log"));
     let env = Env {
         client,
@@ -1049,7 +1050,7 @@ async fn suite(env: &Env, tally: &mut Tally) {
             return;
         }
     }
-    println!("e2e: namespaces {}", env.namespaces().join(", "));
+    println!("e2e: namespaces {} and {} too", env.doomed_ns, env.other_ns);
     match OperatorProcess::spawn(&env.namespaces().join(","), &env.log_path) {
         Ok(p) => *lock(&env.operator) = Some(p),
         Err(e) => {
