@@ -154,6 +154,8 @@ pub async fn sync_account(
             }
             (Some(Action::Update(update)), _) => update,
             (Some(Action::Create), _) => {
+                // A create of this ID asked for before, never answered.
+                let earlier_unanswered = authority.pending_creation.is_some();
                 let pending = guard
                     .before_write(Write::Create)
                     .await
@@ -163,10 +165,19 @@ pub async fn sync_account(
                 let outcome = match client.put_user(&desired.user_id, &Default::default()).await {
                     Ok(o) => o,
                     Err(e) => {
-                        // Whether Synapse created the account is unknown:
-                        // the next round's read tells, under the record.
                         progress.writes += 1;
-                        if let Some(p) = pending {
+                        if refused_by_synapse(&e) && !earlier_unanswered {
+                            // A Matrix error (M_USER_IN_USE to the loser of
+                            // two creates, say): this request created nothing,
+                            // and no earlier one of ours may have (a refusal
+                            // after an unanswered create may be that create's
+                            // doing: the record stays).
+                            authority.pending_creation = None;
+                            progress.pending_creation = PendingOutcome::Settled;
+                        } else if let Some(p) = pending {
+                            // No answer (or see above): whether Synapse
+                            // created the account is unknown; the next
+                            // round's read tells, under the record.
                             progress.pending_creation = PendingOutcome::Unanswered(p);
                         }
                         wait_if_rate_limited(e, &mut waited).await?;
@@ -223,6 +234,13 @@ pub async fn sync_account(
         }
     }
     Err(SyncError::NotSettling { fields: last_fields })
+}
+
+/// Whether Synapse answered a call with a Matrix error of the 4xx kind: it
+/// refused the request, so the request changed nothing it would report as
+/// created.
+fn refused_by_synapse(e: &SynapseError) -> bool {
+    matches!(e, SynapseError::Api { status: 400..=499, .. })
 }
 
 /// Returns the error unless it is a rate limit short enough to wait out

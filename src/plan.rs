@@ -97,32 +97,38 @@ impl Authority {
     }
 }
 
-/// How long after recording a pending creation the operator may still send
-/// the create; past that it records a new one first.
+/// How long after recording a pending creation Synapse may still see the
+/// create (the request waits for a free slot, then for Synapse).
 pub const PENDING_CREATION_LIFETIME_SECS: i64 = 30;
 
 /// How far Synapse's clock may be off the operator's.
 pub const CLOCK_SKEW_SECS: i64 = 60;
 
-/// A create asked for at `requested_at` (the operator's clock, seconds).
+/// Creates asked for, the first at `requested_at` and the last at
+/// `last_requested_at` (the operator's clock, seconds), none of them
+/// answered: any of them may have created the account.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingCreation {
     pub requested_at: i64,
+    pub last_requested_at: i64,
 }
 
 impl PendingCreation {
-    /// Whether an account created at `creation_ts` (Synapse's clock) can be
-    /// the one asked for: created no earlier than the request and no later
-    /// than the request's lifetime, give or take the clock skew.
-    pub fn covers(self, creation_ts: i64) -> bool {
-        let earliest = self.requested_at - CLOCK_SKEW_SECS;
-        let latest = self.requested_at + PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS;
-        (earliest..=latest).contains(&creation_ts)
+    /// One create, asked for at `t`.
+    pub fn at(t: i64) -> Self {
+        Self {
+            requested_at: t,
+            last_requested_at: t,
+        }
     }
 
-    /// Whether a create may still be sent under this record at `now`.
-    pub fn still_valid_at(self, now: i64) -> bool {
-        (self.requested_at..self.requested_at + PENDING_CREATION_LIFETIME_SECS).contains(&now)
+    /// Whether an account created at `creation_ts` (Synapse's clock) can be
+    /// one asked for: created no earlier than the first request and no later
+    /// than the last one's lifetime, give or take the clock skew.
+    pub fn covers(self, creation_ts: i64) -> bool {
+        let earliest = self.requested_at - CLOCK_SKEW_SECS;
+        let latest = self.last_requested_at + PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS;
+        (earliest..=latest).contains(&creation_ts)
     }
 }
 

@@ -644,7 +644,12 @@ async fn a_homeserver_status_of_an_older_spec_does_not_count() {
         json!({"homeserverRef": {"name": "hs"}, "localpart": lp}),
         Value::Null,
     );
-    let (_, reason, message) = ready_of(&reconcile_once(&fake, client, &obj).await);
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    // Waited for with backoff (the Homeserver's own check triggers it again).
+    let result = reconcile_user(Arc::new(user.clone()), context(client, &[&user])).await;
+    assert_eq!(result.err().map(|e| e.reason()), Some("HomeserverNotReady"));
+    let (_, reason, message) = ready_of(&stored(&fake, &obj));
     assert_eq!(reason, "HomeserverNotReady");
     assert!(message.contains("spec changed"), "{message}");
     assert_eq!(account(&s.user_id(&lp)).await.0, 404);

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fake_kube::{FakeApiServer, path_of};
@@ -16,18 +16,21 @@ use common::fixtures::{
     account, cluster_in, condition_of, context_with, homeserver_in, matrix_user_in, reason_of, secret_in, stored_user,
 };
 use common::synapse;
+use kube::ResourceExt;
 use matrix_user_operator::api::MatrixUser;
 use matrix_user_operator::controller::{self, Config, reconcile_user};
 use matrix_user_operator::metrics::Metrics;
-use kube::ResourceExt;
 use serde_json::{Value, json};
+use tokio::sync::{Mutex, MutexGuard};
 
 const NS: &str = "chat";
 
 /// One fault test at a time; the operator's logs go to the test's output
 /// (shown for a failing test), at `RUST_LOG`'s level or `info`.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
+async fn serial() -> MutexGuard<'static, ()> {
+    // tokio's Mutex: each test has a runtime of its own, and the guard is
+    // held across awaits.
+    static LOCK: Mutex<()> = Mutex::const_new(());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -35,7 +38,7 @@ fn serial() -> MutexGuard<'static, ()> {
         )
         .with_test_writer()
         .try_init();
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+    LOCK.lock().await
 }
 
 fn now_secs() -> i64 {
@@ -50,10 +53,8 @@ fn now_secs() -> i64 {
 /// of it as it would drop its own.
 async fn put_with_status(fake: &FakeApiServer, obj: &Value, status: Value) {
     fake.put(obj.clone());
-    let api: kube::Api<MatrixUser> = kube::Api::namespaced(
-        fake.client(),
-        obj["metadata"]["namespace"].as_str().unwrap(),
-    );
+    let api: kube::Api<MatrixUser> =
+        kube::Api::namespaced(fake.client(), obj["metadata"]["namespace"].as_str().unwrap());
     let patch = json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser", "status": status});
     api.patch_status(
         obj["metadata"]["name"].as_str().unwrap(),
@@ -91,7 +92,7 @@ fn reasons_ever(fake: &FakeApiServer, obj: &Value) -> Vec<String> {
 /// AdoptionRefused on the resource's own account and erased its ownership.
 #[tokio::test]
 async fn a_stale_copy_never_erases_ownership() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let lp = s.unique_localpart("stale");
     let (client, fake) = cluster_in(&[NS], json!({}));
@@ -108,7 +109,10 @@ async fn a_stale_copy_never_erases_ownership() {
     let before = stored_user(&fake, &obj);
     reconcile(&fake, &client, &obj, &[]).await;
     let owned = stored_user(&fake, &obj).status.unwrap();
-    assert!(owned.user_id.is_some() && owned.account_creation_ts.is_some(), "{owned:?}");
+    assert!(
+        owned.user_id.is_some() && owned.account_creation_ts.is_some(),
+        "{owned:?}"
+    );
 
     // A trigger that hands the controller the old copy.
     let ctx = context_with(client.clone(), Config::default(), &[&before]);
@@ -129,7 +133,7 @@ async fn a_stale_copy_never_erases_ownership() {
 /// written, the operator once saw an account it did not own.
 #[tokio::test]
 async fn an_account_created_before_a_crash_is_recognised_by_its_pending_creation() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let lp = s.unique_localpart("crashed");
     let user_id = s.user_id(&lp);
@@ -147,7 +151,9 @@ async fn an_account_created_before_a_crash_is_recognised_by_its_pending_creation
         json!({"pendingCreation": {"userId": user_id, "requestedAt": now_secs()}}),
     )
     .await;
-    let (code, _) = s.admin_put(&format!("/_synapse/admin/v2/users/{user_id}"), json!({})).await;
+    let (code, _) = s
+        .admin_put(&format!("/_synapse/admin/v2/users/{user_id}"), json!({}))
+        .await;
     assert_eq!(code, 201);
 
     reconcile(&fake, &client, &obj, &[]).await;
@@ -165,7 +171,7 @@ async fn an_account_created_before_a_crash_is_recognised_by_its_pending_creation
 /// account created in its window, and only if no one else claims it.
 #[tokio::test]
 async fn a_pending_creation_does_not_take_an_account_made_at_another_time_or_claimed_by_another() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let lp = s.unique_localpart("notmine");
     let user_id = s.user_id(&lp);
@@ -195,7 +201,7 @@ async fn a_pending_creation_does_not_take_an_account_made_at_another_time_or_cla
 /// owned the account, both ended in Conflict. The owner wins.
 #[tokio::test]
 async fn the_owner_of_an_account_wins_a_duplicate() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let lp = s.unique_localpart("dup-owner");
     let (client, fake) = cluster_in(&[NS], json!({}));
@@ -261,9 +267,7 @@ fn all_in_sync(fake: &FakeApiServer, objs: &[Value]) -> bool {
     objs.iter().all(|o| {
         fake.get(&path_of(o))
             .and_then(|v| serde_json::from_value::<MatrixUser>(v).ok())
-            .is_some_and(|u| {
-                reason_of(&u) == "InSync" && u.status.as_ref().is_some_and(|s| s.user_id.is_some())
-            })
+            .is_some_and(|u| reason_of(&u) == "InSync" && u.status.as_ref().is_some_and(|s| s.user_id.is_some()))
     })
 }
 
@@ -287,7 +291,7 @@ fn applied_user(ns: &str, name: &str, spec: Value) -> Value {
 /// that may predate its last status write.
 #[tokio::test]
 async fn sixty_generated_passwords_applied_at_once_are_all_owned() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let (_, fake) = FakeApiServer::start();
     fake.put(fresh_homeserver(NS, json!({})));
@@ -313,7 +317,11 @@ async fn sixty_generated_passwords_applied_at_once_are_all_owned() {
     for u in &users {
         let stored = stored_user(&fake, u);
         let status = stored.status.clone().unwrap();
-        assert!(status.account_creation_ts.is_some(), "{}: {status:?}", stored.name_any());
+        assert!(
+            status.account_creation_ts.is_some(),
+            "{}: {status:?}",
+            stored.name_any()
+        );
         let reasons = reasons_ever(&fake, u);
         assert!(
             !reasons.iter().any(|r| r == "AdoptionRefused"),
@@ -330,7 +338,7 @@ async fn sixty_generated_passwords_applied_at_once_are_all_owned() {
 /// once, and the MatrixUsers let go without their deletion policy.
 #[tokio::test]
 async fn deleting_a_namespace_runs_every_deletion_policy() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let ns = "doomed";
     let (_, fake) = FakeApiServer::start();
@@ -364,10 +372,37 @@ async fn deleting_a_namespace_runs_every_deletion_policy() {
 
     fake.delete_namespace(ns);
     let namespace_path = format!("/api/v1/namespaces/{ns}");
-    wait_until(Duration::from_secs(120), "the namespace gone", || async {
-        fake.get(&namespace_path).is_none()
+    let gone = tokio::time::timeout(Duration::from_secs(120), async {
+        while fake.get(&namespace_path).is_some() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     })
     .await;
+    if gone.is_err() {
+        let left: Vec<String> = users
+            .iter()
+            .chain(std::iter::once(&fresh_homeserver(ns, json!({}))))
+            .filter_map(|o| fake.get(&path_of(o)))
+            .map(|o| format!("{} {}: {}", o["kind"], o["metadata"]["name"], o["status"]["conditions"]))
+            .collect();
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(fake.client(), ns);
+        let secrets: Vec<String> = secrets
+            .list(&Default::default())
+            .await
+            .map(|l| {
+                l.items
+                    .iter()
+                    .map(|s| format!("Secret {} {:?}", s.name_any(), s.finalizers()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        panic!(
+            "the namespace is still there after 120 s: {}; left:\n{}\n{}",
+            fake.get(&namespace_path).unwrap_or_default(),
+            left.join("\n"),
+            secrets.join("\n")
+        );
+    }
     for (user_id, lp, erase) in &ids {
         let (_, a) = account(user_id).await;
         assert_eq!(a["deactivated"], true, "{user_id}: {a}");
@@ -381,7 +416,7 @@ async fn deleting_a_namespace_runs_every_deletion_policy() {
 /// adopting Homeserver) took over n1's account.
 #[tokio::test]
 async fn one_matrix_id_in_two_namespaces_has_one_owner() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let lp = s.unique_localpart("twons");
     let user_id = s.user_id(&lp);
@@ -427,7 +462,10 @@ async fn one_matrix_id_in_two_namespaces_has_one_owner() {
     })
     .await;
     let (_, a) = account(&user_id).await;
-    assert_eq!((a["deactivated"].clone(), a["displayname"].clone()), (json!(false), json!("First")));
+    assert_eq!(
+        (a["deactivated"].clone(), a["displayname"].clone()),
+        (json!(false), json!("First"))
+    );
     assert!(all_in_sync(&fake, &[first]));
     drop(stop);
 }
@@ -436,7 +474,7 @@ async fn one_matrix_id_in_two_namespaces_has_one_owner() {
 /// a change reached Synapse only minutes later.
 #[tokio::test]
 async fn a_change_after_an_api_server_outage_reaches_synapse_within_seconds() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let lp = s.unique_localpart("outage");
     let user_id = s.user_id(&lp);
@@ -474,7 +512,10 @@ async fn a_change_after_an_api_server_outage_reaches_synapse_within_seconds() {
         account(&user_id).await.1["displayname"] == "After"
     })
     .await;
-    eprintln!("the change reached Synapse {:?} after the API server was back", back.elapsed());
+    eprintln!(
+        "the change reached Synapse {:?} after the API server was back",
+        back.elapsed()
+    );
     drop(stop);
 }
 
@@ -483,7 +524,7 @@ async fn a_change_after_an_api_server_outage_reaches_synapse_within_seconds() {
 /// and converges.
 #[tokio::test]
 async fn an_operator_killed_mid_bulk_leaves_every_account_owned() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let (_, fake) = FakeApiServer::start();
     fake.put(fresh_homeserver(NS, json!({})));
@@ -509,9 +550,21 @@ async fn an_operator_killed_mid_bulk_leaves_every_account_owned() {
     let kubeconfig = fake.kubeconfig_file(&dir);
     let log = dir.join("operator.log");
     let start = || {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         std::process::Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
-            .args(["run", "--namespace", NS, "--leader-election", "off", "--health-addr", "0"])
+            .args([
+                "run",
+                "--namespace",
+                NS,
+                "--leader-election",
+                "off",
+                "--health-addr",
+                "0",
+            ])
             .args(["--concurrency", "8", "--request-timeout", "5s"])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info")
@@ -520,7 +573,11 @@ async fn an_operator_killed_mid_bulk_leaves_every_account_owned() {
             .spawn()
             .expect("start the operator binary")
     };
-    for after in [Duration::from_millis(1500), Duration::from_secs(3), Duration::from_secs(5)] {
+    for after in [
+        Duration::from_millis(1500),
+        Duration::from_secs(3),
+        Duration::from_secs(5),
+    ] {
         let mut operator = start();
         tokio::time::sleep(after).await;
         operator.kill().expect("SIGKILL");
@@ -563,7 +620,7 @@ async fn an_operator_killed_mid_bulk_leaves_every_account_owned() {
 /// create, then continued: everything converges, nothing is duplicated.
 #[tokio::test]
 async fn synapse_stopped_mid_bulk_converges() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let (_, fake) = FakeApiServer::start();
     fake.put(fresh_homeserver(NS, json!({})));
@@ -596,7 +653,12 @@ async fn synapse_stopped_mid_bulk_converges() {
         let status = stored_user(&fake, u).status.unwrap();
         let (_, a) = account(status.user_id.as_deref().unwrap()).await;
         assert_eq!(a["displayname"], u["spec"]["displayName"]);
-        assert_eq!(status.account_creation_ts, a["creation_ts"].as_i64().or(a["creation_ts"].as_f64().map(|f| f as i64)));
+        assert_eq!(
+            status.account_creation_ts,
+            a["creation_ts"]
+                .as_i64()
+                .or(a["creation_ts"].as_f64().map(|f| f as i64))
+        );
     }
     drop(stop);
 }
@@ -605,7 +667,7 @@ async fn synapse_stopped_mid_bulk_converges() {
 /// nothing written meanwhile, and everything resumes.
 #[tokio::test]
 async fn a_revoked_admin_token_waits_for_a_new_one() {
-    let _serial = serial();
+    let _serial = serial().await;
     let s = synapse();
     let admin = s.unique_localpart("admin");
     let token = s.register_user(&admin, "admin-password", true).await;
@@ -627,7 +689,12 @@ async fn a_revoked_admin_token_waits_for_a_new_one() {
     .await;
 
     let (code, _) = s
-        .request(reqwest::Method::POST, "/_matrix/client/v3/logout", Some(&token), Some(json!({})))
+        .request(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/logout",
+            Some(&token),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(code, 200, "the token is revoked");
     let api: kube::Api<MatrixUser> = kube::Api::namespaced(client, NS);

@@ -360,3 +360,69 @@ fn gitops_examples_parse_and_point_at_this_repository() {
     let expected = ["Application", "GitRepository", "HelmRelease", "Kustomization"];
     assert_eq!(seen, expected.iter().map(|s| s.to_string()).collect());
 }
+
+/// The statuses the operator itself writes — its conditions for every kind
+/// of outcome, built by the code that writes them — get the health their
+/// standing promises: the Lua and the Rust side agree on the contract.
+#[test]
+fn the_operators_own_conditions_get_the_health_of_their_standing() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use matrix_user_operator::api::{Ready, Standing, set_condition};
+    use matrix_user_operator::controller::Error;
+
+    let errors = [
+        Error::InvalidSpec("the email address is not ASCII".into()),
+        Error::SecretNotFound {
+            name: "pw".into(),
+            key: "password".into(),
+        },
+        Error::HomeserverNotFound { name: "hs".into() },
+        Error::HomeserverNotReady {
+            name: "hs".into(),
+            message: "not checked yet".into(),
+            waiting: true,
+        },
+        Error::DuplicateUser {
+            user_id: "@a:example.org".into(),
+            other: "chat/b".into(),
+        },
+        Error::NotSettling("displayname".into()),
+        Error::Stale,
+    ];
+    let outcomes = [
+        Ready::ok("InSync", "@a:example.org is in line with the spec"),
+        Ready::ok("Connected", "connected to example.org (1.163.2)"),
+    ]
+    .into_iter()
+    .chain(errors.iter().map(|e| match e.standing() {
+        Standing::Stalled => Ready::stalled(e.reason(), e.to_string()),
+        _ => Ready::reconciling(e.reason(), e.to_string()),
+    }));
+    let interpreters = interpreters();
+    for ready in outcomes {
+        let mut conditions = Vec::new();
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        set_condition(&mut conditions, &ready, Some(3), now);
+        let expected = match ready.standing {
+            Standing::Ready => "Healthy",
+            Standing::Reconciling => "Progressing",
+            Standing::Stalled => "Degraded",
+        };
+        for kind in KINDS {
+            let obj = serde_json::json!({
+                "apiVersion": "matrix-operator.io/v1alpha1", "kind": kind,
+                "metadata": {"name": "x", "namespace": "chat", "generation": 3},
+                "status": {"observedGeneration": 3, "conditions": conditions},
+            });
+            let script = Path::new(ARGOCD)
+                .join("matrix-operator.io")
+                .join(kind)
+                .join("health.lua");
+            for lua in &interpreters {
+                let (status, message) = health(lua, &script, &obj);
+                assert_eq!(status, expected, "{lua} {kind} {ready:?}");
+                assert!(message.contains(&ready.message), "{lua} {kind}: {message}");
+            }
+        }
+    }
+}

@@ -272,8 +272,12 @@ pub struct MatrixUserStatus {
 pub struct PendingCreation {
     /// The Matrix ID asked for.
     pub user_id: String,
-    /// When the operator was about to ask (its clock, seconds since the epoch).
+    /// When the operator was about to ask first (its clock, seconds since
+    /// the epoch).
     pub requested_at: i64,
+    /// When it asked last, if it asked again without an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_requested_at: Option<i64>,
 }
 
 impl MatrixUserSpec {

@@ -50,6 +50,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the MatrixUser kept changing while it was reconciled; trying again")]
     Stale,
+    #[error("{users} MatrixUser(s) still use this Homeserver; its deletion waits for them")]
+    HomeserverInUse { users: usize },
 }
 
 impl From<SyncError> for Error {
@@ -92,6 +94,7 @@ impl Error {
             Error::NotAdmin { .. } => "NotAdmin",
             Error::NotSynapse { .. } => "NotSynapse",
             Error::Kube(_) | Error::Stale => "KubernetesError",
+            Error::HomeserverInUse { .. } => "Deleting",
         }
     }
 
@@ -110,7 +113,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Synapse(e) => e.is_transient(),
-            Error::NotSettling(_) | Error::Kube(_) | Error::Stale => true,
+            Error::NotSettling(_) | Error::Kube(_) | Error::Stale | Error::HomeserverInUse { .. } => true,
             _ => false,
         }
     }

@@ -1,7 +1,6 @@
 //! Homeserver reconcile: can the admin token reach and administer Synapse?
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ListParams;
@@ -25,10 +24,6 @@ struct Checked {
 /// namespace is deleted.
 pub const HOMESERVER_FINALIZER: &str = "matrix-operator.io/cleanup";
 
-/// How often a Homeserver being deleted looks again for its MatrixUsers
-/// (their deletion also triggers it).
-const DELETION_RECHECK: Duration = Duration::from_secs(10);
-
 #[instrument(skip_all, fields(homeserver = %hs.name_any(), namespace = hs.namespace().unwrap_or_default()))]
 pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
@@ -51,6 +46,23 @@ pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Res
 }
 
 async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
+    let result = check_and_record(hs, ctx, true).await?;
+    match result {
+        Ok(()) => {
+            ctx.reset_backoff(hs.as_ref());
+            Ok(ctx.resync())
+        }
+        Err(e) if e.is_transient() => Err(e),
+        // A bad token or URL waits for a change of the spec or the Secret
+        // (both watched), and is looked at again at the next resync.
+        Err(_) => Ok(ctx.resync()),
+    }
+}
+
+/// Checks the token against Synapse and records the outcome in status;
+/// with `hold`, also holds the admin token Secret. The outer error is the
+/// recording's, the inner one the check's.
+async fn check_and_record(hs: &Homeserver, ctx: &Context, hold: bool) -> Result<Result<(), Error>, Error> {
     let result = check(hs, ctx).await;
     let old = hs.status.clone().unwrap_or_default();
     let mut status = old.clone();
@@ -69,23 +81,16 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
         Err(e) => Ready::stalled(e.reason(), e.to_string()),
     };
     // The token Secret is held only once it is known to exist.
-    let held = match &result {
-        Err(Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. }) => old.held_secret.clone(),
-        _ => Some(hold_token_secret(ctx, hs, old.held_secret.as_deref()).await?),
-    };
-    status.held_secret = held;
-    record(ctx, hs, &old, status, &ready).await?;
-    match result {
-        Ok(_) => {
-            info!("homeserver ready");
-            ctx.reset_backoff(hs.as_ref());
-            Ok(ctx.resync())
-        }
-        Err(e) if e.is_transient() => Err(e),
-        // A bad token or URL waits for a change of the spec or the Secret
-        // (both watched), and is looked at again at the next resync.
-        Err(_) => Ok(ctx.resync()),
+    if hold
+        && !matches!(
+            result,
+            Err(Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. })
+        )
+    {
+        status.held_secret = Some(hold_token_secret(ctx, hs, old.held_secret.as_deref()).await?);
     }
+    record(ctx, hs, &old, status, &ready).await?;
+    Ok(result.map(|_| ()))
 }
 
 /// Writes the status when it changed.
@@ -100,7 +105,9 @@ async fn record(
     if status != *old {
         let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
         patch_status(&api, &hs.name_any(), &status).await?;
-        if !ready.is_ready() {
+        if ready.is_ready() {
+            info!("homeserver ready");
+        } else {
             warn!(reason = ready.reason, message = %ready.message, "homeserver not ready");
         }
     }
@@ -156,17 +163,27 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
             .filter(|u| u.spec.homeserver_ref.name == hs.name_any())
             .count();
         if waiting > 0 {
-            // Its status stays as it is: the MatrixUsers' cleanup needs it
-            // to read Ready.
+            // Marking it for deletion moved its generation; a status of an
+            // older spec would hold its MatrixUsers off for good.
+            if ready_status(hs).is_err() {
+                check_and_record(hs, ctx, false).await?.ok();
+            }
+            // An error keeps the finalizer (kube's helper removes it on any
+            // Ok); the status stays as it is, since the MatrixUsers' cleanup
+            // reads its Ready. Each MatrixUser that goes triggers a recheck.
             info!(
                 waiting,
                 "deletion waits for the MatrixUsers that use this Homeserver (annotate it with {SKIP_CLEANUP}: \"true\" to let them go without their deletion policy)"
             );
-            return Ok(Action::requeue(DELETION_RECHECK));
+            return Err(Error::HomeserverInUse { users: waiting });
         }
     }
-    let held = hs.status.as_ref().and_then(|s| s.held_secret.clone());
-    if let Some(name) = held {
+    // The Secret the status names, and the one the spec names (held, maybe,
+    // by a pass whose status write failed).
+    let mut held: Vec<String> = hs.status.iter().filter_map(|s| s.held_secret.clone()).collect();
+    held.push(hs.spec.admin_token_secret_ref.name.clone());
+    held.dedup();
+    for name in held {
         release_token_secret(ctx, hs, &name).await?;
     }
     info!("homeserver deleted");

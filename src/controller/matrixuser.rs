@@ -200,12 +200,10 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
             ctx.reset_backoff(user);
             Ok(ctx.resync())
         }
-        // The Homeserver is being checked: its status change triggers this
-        // MatrixUser again, and a short requeue covers a missed trigger.
-        Err(Error::HomeserverNotReady { waiting: true, .. }) => {
-            ctx.reset_backoff(user);
-            Ok(Action::requeue(Duration::from_secs(5)))
-        }
+        // The Homeserver is being checked or retried: its status change
+        // triggers this MatrixUser again; the backoff covers a missed one
+        // without every MatrixUser polling through an outage.
+        Err(e @ Error::HomeserverNotReady { waiting: true, .. }) => Err(e),
         Err(e) if e.is_transient() => Err(e),
         Err(_) => {
             // Waits for a change of the spec, a Secret or the Homeserver
@@ -247,6 +245,7 @@ fn status_after(
             status.pending_creation = Some(PendingCreation {
                 user_id: id.to_string(),
                 requested_at: p.requested_at,
+                last_requested_at: (p.last_requested_at != p.requested_at).then_some(p.last_requested_at),
             });
         }
         (PendingOutcome::Unanswered(_), None) | (PendingOutcome::Settled, _) => status.pending_creation = None,
@@ -393,16 +392,26 @@ impl<'a> Guard<'a> {
         let Some(user_id) = self.user_id() else {
             return Ok(None);
         };
-        let requested_at = k8s_openapi::jiff::Timestamp::now().as_second();
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        // An earlier create of this ID that went unanswered may still have
+        // made the account: the record covers it too.
+        let pending = match pending_creation_of(&self.base, &user_id) {
+            Some(earlier) => plan::PendingCreation {
+                last_requested_at: now,
+                ..earlier
+            },
+            None => plan::PendingCreation::at(now),
+        };
         let mut status = self.base.clone();
         status.pending_creation = Some(PendingCreation {
             user_id: user_id.to_string(),
-            requested_at,
+            requested_at: pending.requested_at,
+            last_requested_at: (pending.last_requested_at != pending.requested_at).then_some(pending.last_requested_at),
         });
         match self.write(&status).await {
             Ok(()) => {
                 self.confirmed = true;
-                Ok(Some(plan::PendingCreation { requested_at }))
+                Ok(Some(pending))
             }
             Err(e) if is_conflict(&e) => match self.fetch().await {
                 Ok(fresh) => Err(self.halt(Stop::Stale(Box::new(fresh)))),
@@ -530,6 +539,7 @@ fn pending_creation_of(status: &MatrixUserStatus, user_id: &UserId) -> Option<pl
         .filter(|p| p.user_id == user_id.as_str())
         .map(|p| plan::PendingCreation {
             requested_at: p.requested_at,
+            last_requested_at: p.last_requested_at.unwrap_or(p.requested_at),
         })
 }
 
@@ -637,6 +647,13 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     if skip_cleanup(user.as_ref()) {
         return skip(format!("{SKIP_CLEANUP} is \"true\": the account is left as it is")).await;
     }
+    // The cached copy may predate the status write of a pass that ran
+    // while the deletion came (an adoption recorded just now, say).
+    let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
+    let Some(fresh) = api.get_opt(&user.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let user = &Arc::new(fresh);
     let policy = user.spec.deletion_policy;
     let status = user.status.clone().unwrap_or_default();
     let recorded = status
@@ -676,7 +693,11 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     };
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
-    if let Some(other) = ownership::live_other_owner(ctx, user, &user_id, status.account_creation_ts) {
+    let other = match ownership::live_other_owner(ctx, user, &user_id, status.account_creation_ts).await {
+        Ok(other) => other,
+        Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
+    };
+    if let Some(other) = other {
         let note = format!("MatrixUser {other} records {user_id} as its own: it was left as it is");
         ctx.publish(user.as_ref(), EventType::Warning, "Retained", note).await;
         return Ok(Action::await_change());
@@ -889,6 +910,7 @@ mod tests {
             pending_creation: Some(PendingCreation {
                 user_id: user_id.to_string(),
                 requested_at: 10,
+                last_requested_at: None,
             }),
             ..MatrixUserStatus::default()
         };
@@ -901,7 +923,7 @@ mod tests {
             status_after(&base, &outcome, &ready, Some(1)).pending_creation,
             base.pending_creation
         );
-        outcome.progress.pending_creation = PendingOutcome::Unanswered(plan::PendingCreation { requested_at: 20 });
+        outcome.progress.pending_creation = PendingOutcome::Unanswered(plan::PendingCreation::at(20));
         assert_eq!(
             status_after(&base, &outcome, &ready, Some(1))
                 .pending_creation

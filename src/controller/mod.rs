@@ -528,7 +528,11 @@ mod tests {
             user("chat", "d", "uid-d", json!({"homeserverRef": {"name": "hs2"}})),
         ]);
         assert_eq!(
-            names(users_of_secret(&users, &no_homeservers, &secret_meta("chat", "pw", None))),
+            names(users_of_secret(
+                &users,
+                &no_homeservers,
+                &secret_meta("chat", "pw", None)
+            )),
             ["chat/a"]
         );
         assert_eq!(
@@ -541,9 +545,11 @@ mod tests {
         );
         assert!(users_of_secret(&users, &no_homeservers, &secret_meta("chat", "unrelated", None)).is_empty());
         // A Homeserver's admin token: every MatrixUser of that Homeserver.
-        let with_hs = store::<Homeserver>(vec![json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+        let with_hs = store::<Homeserver>(vec![
+            json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
             "metadata": {"name": "hs", "namespace": "chat"},
-            "spec": {"url": "http://x", "adminTokenSecretRef": {"name": "admin", "key": "token"}}})]);
+            "spec": {"url": "http://x", "adminTokenSecretRef": {"name": "admin", "key": "token"}}}),
+        ]);
         assert_eq!(
             names(users_of_secret(&users, &with_hs, &secret_meta("chat", "admin", None))),
             ["chat/a", "chat/b"]

@@ -84,11 +84,10 @@ fn duplicate(user_id: &UserId, other: &MatrixUser) -> Error {
     }
 }
 
-/// Another MatrixUser, in any watched namespace, that owns `user_id` or is
-/// creating it, read from the API server rather than the caches. Only
-/// resources that name the same localpart can hold the ID, so two
-/// field-selected lists per scope find them all.
-pub async fn other_claimant(ctx: &Context, user: &MatrixUser, user_id: &UserId) -> Result<(), Error> {
+/// The MatrixUsers of every watched namespace, read from the API server,
+/// that could hold `user_id`: only resources naming the same localpart can,
+/// so two field-selected lists per scope find them all.
+async fn candidates(ctx: &Context, user_id: &UserId) -> Result<Vec<MatrixUser>, Error> {
     let localpart = user_id.localpart();
     let scopes: Vec<Api<MatrixUser>> = if ctx.config.namespaces.is_empty() {
         vec![Api::all(ctx.client.clone())]
@@ -99,42 +98,52 @@ pub async fn other_claimant(ctx: &Context, user: &MatrixUser, user_id: &UserId) 
             .map(|ns| Api::namespaced(ctx.client.clone(), ns))
             .collect()
     };
+    let mut found = Vec::new();
     for api in scopes {
         for selector in [
             format!("metadata.name={localpart}"),
             format!("spec.localpart={localpart}"),
         ] {
-            let candidates = api.list(&ListParams::default().fields(&selector)).await?;
-            if let Some(other) = candidates
-                .items
-                .iter()
-                .find(|o| !same_resource(o, user) && (records(o, user_id) || is_creating(o, user_id)))
-            {
-                return Err(duplicate(user_id, other));
-            }
+            found.extend(api.list(&ListParams::default().fields(&selector)).await?.items);
         }
     }
-    Ok(())
+    Ok(found)
 }
 
-/// Another MatrixUser of the caches, not being deleted itself, that records
-/// the very account `user_id` created at `creation_ts` as its own: the
-/// deletion policy of this one must not touch it.
-pub fn live_other_owner(
+/// Fails with a Conflict if another MatrixUser, in any watched namespace,
+/// owns `user_id` or is creating it, as the API server says now.
+pub async fn other_claimant(ctx: &Context, user: &MatrixUser, user_id: &UserId) -> Result<(), Error> {
+    match candidates(ctx, user_id)
+        .await?
+        .iter()
+        .find(|o| !same_resource(o, user) && (records(o, user_id) || is_creating(o, user_id)))
+    {
+        Some(other) => Err(duplicate(user_id, other)),
+        None => Ok(()),
+    }
+}
+
+/// Another MatrixUser, in any watched namespace and not being deleted
+/// itself, that records the very account `user_id` created at
+/// `creation_ts` as its own, or is creating it, as the API server says now:
+/// the deletion policy of `user` must not touch that account.
+pub async fn live_other_owner(
     ctx: &Context,
     user: &MatrixUser,
     user_id: &UserId,
     creation_ts: Option<i64>,
-) -> Option<String> {
-    ctx.cached_users()
-        .find(|other| {
-            !same_resource(other, user)
-                && other.meta().deletion_timestamp.is_none()
-                && records(other, user_id)
+) -> Result<Option<String>, Error> {
+    let holds = |other: &MatrixUser| {
+        is_creating(other, user_id)
+            || (records(other, user_id)
                 && match (other.status.as_ref().and_then(|s| s.account_creation_ts), creation_ts) {
                     (Some(theirs), Some(mine)) => theirs == mine,
                     _ => true,
-                }
-        })
-        .map(|other| format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any()))
+                })
+    };
+    Ok(candidates(ctx, user_id)
+        .await?
+        .iter()
+        .find(|other| !same_resource(other, user) && other.meta().deletion_timestamp.is_none() && holds(other))
+        .map(|other| format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any())))
 }

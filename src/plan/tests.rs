@@ -999,9 +999,7 @@ fn deletion_policies() {
     assert_eq!(plan_deletion(Deactivate, same_time, Some(&active)), deactivate);
     // Created under a pending creation the operator could not record.
     let pending = Authority {
-        pending_creation: Some(PendingCreation {
-            requested_at: active.creation_ts.unwrap(),
-        }),
+        pending_creation: Some(PendingCreation::at(active.creation_ts.unwrap())),
         ..Authority::default()
     };
     assert_eq!(plan_deletion(Deactivate, pending, Some(&active)), deactivate);
@@ -1009,7 +1007,7 @@ fn deletion_policies() {
 
 #[test]
 fn a_pending_creation_covers_accounts_created_in_its_window_only() {
-    let p = PendingCreation { requested_at: 1_000 };
+    let p = PendingCreation::at(1_000);
     for (ts, covered) in [
         (1_000, true),
         (1_000 - CLOCK_SKEW_SECS, true),
@@ -1020,19 +1018,20 @@ fn a_pending_creation_covers_accounts_created_in_its_window_only() {
     ] {
         assert_eq!(p.covers(ts), covered, "{ts}");
     }
-    assert!(p.still_valid_at(1_000));
-    assert!(p.still_valid_at(1_000 + PENDING_CREATION_LIFETIME_SECS - 1));
-    assert!(!p.still_valid_at(1_000 + PENDING_CREATION_LIFETIME_SECS));
-    assert!(!p.still_valid_at(999), "a record from the future is not trusted");
+    // Retried creates widen the window to the last one.
+    let retried = PendingCreation {
+        last_requested_at: 1_200,
+        ..p
+    };
+    assert!(retried.covers(1_200 + PENDING_CREATION_LIFETIME_SECS));
+    assert!(!retried.covers(1_000 - CLOCK_SKEW_SECS - 1));
 }
 
 #[test]
 fn an_account_made_by_a_pending_creation_is_recorded_as_created_not_adopted() {
     let a = account();
     let authority = Authority {
-        pending_creation: Some(PendingCreation {
-            requested_at: a.creation_ts.unwrap() - 2,
-        }),
+        pending_creation: Some(PendingCreation::at(a.creation_ts.unwrap() - 2)),
         ..Authority::default()
     };
     let d = Desired {
@@ -1044,9 +1043,7 @@ fn an_account_made_by_a_pending_creation_is_recorded_as_created_not_adopted() {
     assert!(p.action.is_some(), "the fields follow at once");
     // The same account created long after the request is someone else's.
     let late = Authority {
-        pending_creation: Some(PendingCreation {
-            requested_at: a.creation_ts.unwrap() - 3_600,
-        }),
+        pending_creation: Some(PendingCreation::at(a.creation_ts.unwrap() - 3_600)),
         ..Authority::default()
     };
     assert!(matches!(
