@@ -11,27 +11,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use matrix_user_operator::api::{Homeserver, MatrixUser};
-use matrix_user_operator::controller::{
-    Config, Context, FINALIZER, HOMESERVER_FINALIZER, reconcile_homeserver, reconcile_user,
-};
+use matrix_user_operator::controller::{Config, Context, FINALIZER, reconcile_homeserver, reconcile_user};
 use matrix_user_operator::metrics::Metrics;
 use serde_json::{Value, json};
 
 const NS: &str = "chat";
 
 fn homeserver(policy: Value) -> Value {
-    let s = synapse();
-    json!({
-        "apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
-        "metadata": {"name": "hs", "namespace": NS, "generation": 1, "finalizers": [HOMESERVER_FINALIZER]},
-        "spec": {"url": s.base_url, "adminTokenSecretRef": {"name": "admin", "key": "token"}, "policy": policy},
-        "status": {
-            "serverName": s.server_name, "serverVersion": common::SYNAPSE_VERSION, "observedGeneration": 1,
-            "adminUserId": s.admin_user_id,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Connected", "message": "",
-                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]
-        }
-    })
+    common::fixtures::homeserver_in(NS, "hs", policy)
 }
 
 fn secret(name: &str, key: &str, value: &str) -> Value {

@@ -279,6 +279,17 @@ fn fresh_homeserver(ns: &str, policy: Value) -> Value {
     hs
 }
 
+/// The fake server with, in each namespace, a Homeserver as a user applies
+/// it (the operator checks it) and its admin token.
+fn with_homeservers(namespaces: &[(&str, Value)]) -> (kube::Client, FakeApiServer) {
+    let (client, fake) = FakeApiServer::start();
+    for (ns, policy) in namespaces {
+        fake.put(fresh_homeserver(ns, policy.clone()));
+        fake.put(secret_in(ns, "admin", "token", &synapse().admin_token));
+    }
+    (client, fake)
+}
+
 /// A MatrixUser as a user applies it: no finalizer, no status.
 fn applied_user(ns: &str, name: &str, spec: Value) -> Value {
     let mut u = matrix_user_in(ns, name, spec, Value::Null);
@@ -293,9 +304,7 @@ fn applied_user(ns: &str, name: &str, spec: Value) -> Value {
 async fn sixty_generated_passwords_applied_at_once_are_all_owned() {
     let _serial = serial().await;
     let s = synapse();
-    let (_, fake) = FakeApiServer::start();
-    fake.put(fresh_homeserver(NS, json!({})));
-    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let (_, fake) = with_homeservers(&[(NS, json!({}))]);
     let stop = run_operator(&fake, config_for(&[NS]));
     let users: Vec<Value> = (0..60)
         .map(|i| {
@@ -341,10 +350,8 @@ async fn deleting_a_namespace_runs_every_deletion_policy() {
     let _serial = serial().await;
     let s = synapse();
     let ns = "doomed";
-    let (_, fake) = FakeApiServer::start();
+    let (_, fake) = with_homeservers(&[(ns, json!({}))]);
     fake.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
-    fake.put(fresh_homeserver(ns, json!({})));
-    fake.put(secret_in(ns, "admin", "token", &s.admin_token));
     fake.put(secret_in(ns, "pw", "password", "doomed-password"));
     let stop = run_operator(&fake, config_for(&[ns]));
     let mut ids = Vec::new();
@@ -420,11 +427,7 @@ async fn one_matrix_id_in_two_namespaces_has_one_owner() {
     let s = synapse();
     let lp = s.unique_localpart("twons");
     let user_id = s.user_id(&lp);
-    let (client, fake) = FakeApiServer::start();
-    for (ns, policy) in [("n1", json!({})), ("n2", json!({"allowAdoption": true}))] {
-        fake.put(fresh_homeserver(ns, policy));
-        fake.put(secret_in(ns, "admin", "token", &s.admin_token));
-    }
+    let (client, fake) = with_homeservers(&[("n1", json!({})), ("n2", json!({"allowAdoption": true}))]);
     let stop = run_operator(&fake, config_for(&["n1", "n2"]));
     let first = applied_user(
         "n1",
@@ -478,9 +481,7 @@ async fn a_change_after_an_api_server_outage_reaches_synapse_within_seconds() {
     let s = synapse();
     let lp = s.unique_localpart("outage");
     let user_id = s.user_id(&lp);
-    let (client, fake) = FakeApiServer::start();
-    fake.put(fresh_homeserver(NS, json!({})));
-    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let (client, fake) = with_homeservers(&[(NS, json!({}))]);
     let stop = run_operator(&fake, config_for(&[NS]));
     let obj = applied_user(
         NS,
@@ -526,9 +527,7 @@ async fn a_change_after_an_api_server_outage_reaches_synapse_within_seconds() {
 async fn an_operator_killed_mid_bulk_leaves_every_account_owned() {
     let _serial = serial().await;
     let s = synapse();
-    let (_, fake) = FakeApiServer::start();
-    fake.put(fresh_homeserver(NS, json!({})));
-    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let (_, fake) = with_homeservers(&[(NS, json!({}))]);
     fake.put(secret_in(NS, "pw", "password", "bulk-password"));
     let users: Vec<(Value, String)> = (0..40)
         .map(|i| {
@@ -622,9 +621,7 @@ async fn an_operator_killed_mid_bulk_leaves_every_account_owned() {
 async fn synapse_stopped_mid_bulk_converges() {
     let _serial = serial().await;
     let s = synapse();
-    let (_, fake) = FakeApiServer::start();
-    fake.put(fresh_homeserver(NS, json!({})));
-    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let (_, fake) = with_homeservers(&[(NS, json!({}))]);
     let stop = run_operator(&fake, config_for(&[NS]));
     let users: Vec<Value> = (0..30)
         .map(|i| {
