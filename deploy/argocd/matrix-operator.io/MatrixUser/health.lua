@@ -59,7 +59,12 @@ if obj.metadata.deletionTimestamp ~= nil then
   if ready.status == "True" then
     hs.message = "being deleted"
   else
-    hs.message = "deletion waits: " .. describe(ready)
+    -- The operator says "deletion waits: ..." itself; say it once.
+    local waits = ready.message or ""
+    if string.sub(waits, 1, 16) == "deletion waits: " then
+      waits = string.sub(waits, 17)
+    end
+    hs.message = "deletion waits: " .. describe({reason = ready.reason, message = waits})
   end
   return hs
 end
