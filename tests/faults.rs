@@ -469,7 +469,32 @@ async fn one_matrix_id_in_two_namespaces_has_one_owner() {
         (a["deactivated"].clone(), a["displayname"].clone()),
         (json!(false), json!("First"))
     );
-    assert!(all_in_sync(&fake, &[first]));
+    assert!(all_in_sync(&fake, std::slice::from_ref(&first)));
+
+    // Once the owner lets go of the account (Retain), the one held off in
+    // the other namespace looks again at once, not at its next resync.
+    fake.put(second.clone());
+    wait_until(Duration::from_secs(60), "n2's MatrixUser refused again", || async {
+        reason_of(&stored_user(&fake, &second)) == "Conflict"
+    })
+    .await;
+    let owners: kube::Api<MatrixUser> = kube::Api::namespaced(fake.client(), "n1");
+    owners
+        .patch(
+            "first",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"deletionPolicy": "Retain"}})),
+        )
+        .await
+        .unwrap();
+    owners.delete("first", &Default::default()).await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "n2's MatrixUser adopts the released account",
+        || async { all_in_sync(&fake, std::slice::from_ref(&second)) },
+    )
+    .await;
+    assert_eq!(account(&user_id).await.1["displayname"], "Second");
     drop(stop);
 }
 

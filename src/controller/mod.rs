@@ -271,10 +271,24 @@ pub async fn run(
         readers.clone(),
         metrics,
     ));
+    // A MatrixUser's rivals may live in another scope: each scope's
+    // controller also takes the rivals the others find for it.
+    let (senders, receivers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
+    let all_scopes = Arc::new(readers.iter().cloned().zip(senders).collect::<Vec<_>>());
     let controllers: Vec<_> = scopes
         .iter()
         .zip(writers)
-        .map(|(scope, writer)| controllers_for(&client, &ctx, scope.as_deref(), writer, shutdown.clone()))
+        .zip(receivers)
+        .enumerate()
+        .map(|(index, ((scope, writer), rivals))| {
+            let scope = Scope {
+                namespace: scope.as_deref(),
+                index,
+                all: all_scopes.clone(),
+                rivals,
+            };
+            controllers_for(&client, &ctx, scope, writer, shutdown.clone())
+        })
         .collect();
     let readiness = async move {
         for store in readers {
@@ -289,18 +303,32 @@ pub async fn run(
     info!("controllers stopped");
 }
 
-/// The MatrixUser and Homeserver controllers of one namespace (`None`: all),
-/// filling `users` with the scope's MatrixUsers.
+/// Where MatrixUsers to reconcile are sent, per scope.
+type RivalSender = tokio::sync::mpsc::UnboundedSender<ObjectRef<MatrixUser>>;
+
+/// One watched namespace (`None`: all) among the others.
+struct Scope<'a> {
+    namespace: Option<&'a str>,
+    index: usize,
+    /// Every scope's cache and the channel its controller listens on.
+    all: Arc<Vec<(Store<MatrixUser>, RivalSender)>>,
+    /// What the other scopes find for this one.
+    rivals: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<MatrixUser>>,
+}
+
+/// The MatrixUser and Homeserver controllers of one scope, filling `users`
+/// with the scope's MatrixUsers.
 fn controllers_for<S>(
     client: &Client,
     ctx: &Arc<Context>,
-    namespace: Option<&str>,
+    scope: Scope<'_>,
     users: reflector::store::Writer<MatrixUser>,
     shutdown: S,
 ) -> futures::future::BoxFuture<'static, ()>
 where
     S: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 {
+    let namespace = scope.namespace;
     let users_api: Api<MatrixUser> = api_for(client, namespace);
     let homeservers_api: Api<Homeserver> = api_for(client, namespace);
     // Secrets are watched by metadata only: their values never reach the
@@ -323,6 +351,7 @@ where
         "MatrixUser",
     );
     let (by_homeserver, by_secret, by_rival) = (store.clone(), store.clone(), store.clone());
+    let (all_scopes, this_scope) = (scope.all, scope.index);
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
         .watches_stream(
@@ -330,10 +359,21 @@ where
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
         )
         // When a MatrixUser changes or goes, the others naming the same
-        // Matrix ID (held off with a Conflict) look again.
+        // Matrix ID (held off with a Conflict) look again, in every scope.
         .watches_stream(watch::touched(users_api.clone(), "MatrixUser"), move |u: MatrixUser| {
+            for (index, (store, others)) in all_scopes.iter().enumerate() {
+                if index != this_scope {
+                    for rival in rivals_of(store, &u) {
+                        // A closed channel: that scope's controller stopped.
+                        let _ = others.send(rival);
+                    }
+                }
+            }
             rivals_of(&by_rival, &u)
         })
+        .reconcile_on(futures::stream::unfold(scope.rivals, |mut rivals| async move {
+            rivals.recv().await.map(|rival| (rival, rivals))
+        }))
         .watches_stream(watch::touched(secrets_api.clone(), "Secret"), move |secret| {
             users_of_secret(&by_secret, &homeservers_for_secrets, &secret)
         })
