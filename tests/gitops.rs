@@ -394,10 +394,7 @@ fn the_operators_own_conditions_get_the_health_of_their_standing() {
         Ready::ok("Connected", "connected to example.org (1.163.2)"),
     ]
     .into_iter()
-    .chain(errors.iter().map(|e| match e.standing() {
-        Standing::Stalled => Ready::stalled(e.reason(), e.to_string()),
-        _ => Ready::reconciling(e.reason(), e.to_string()),
-    }));
+    .chain(errors.iter().map(|e| e.condition(e.to_string())));
     let interpreters = interpreters();
     for ready in outcomes {
         let mut conditions = Vec::new();

@@ -1,4 +1,4 @@
-use crate::api::Standing;
+use crate::api::{Ready, Standing};
 use crate::apply::SyncError;
 use crate::plan::Refusal;
 use crate::synapse::{ErrorClass, InvalidUserId, SynapseError};
@@ -95,6 +95,15 @@ impl Error {
             Error::NotSynapse { .. } => "NotSynapse",
             Error::Kube(_) | Error::Stale => "KubernetesError",
             Error::HomeserverInUse { .. } => "Deleting",
+        }
+    }
+
+    /// The conditions the error makes, with `message` (its own text, or
+    /// that text in a context).
+    pub fn condition(&self, message: String) -> Ready {
+        match self.standing() {
+            Standing::Stalled => Ready::stalled(self.reason(), message),
+            _ => Ready::reconciling(self.reason(), message),
         }
     }
 

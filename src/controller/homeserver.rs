@@ -77,8 +77,7 @@ async fn check_and_record(hs: &Homeserver, ctx: &Context, hold: bool) -> Result<
                 format!("connected to {} ({})", c.server_name, c.server_version),
             )
         }
-        Err(e) if e.is_transient() => Ready::reconciling(e.reason(), e.to_string()),
-        Err(e) => Ready::stalled(e.reason(), e.to_string()),
+        Err(e) => e.condition(e.to_string()),
     };
     // The token Secret is held only once it is known to exist.
     if hold

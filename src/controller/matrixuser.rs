@@ -151,7 +151,7 @@ async fn apply_once(user: Arc<MatrixUser>, ctx: &Context) -> Pass {
     };
     let ready = match &result {
         Ok(()) => Ready::ok("InSync", format!("{} is in line with the spec", display_id(&outcome))),
-        Err(e) => ready_of(e),
+        Err(e) => e.condition(e.to_string()),
     };
     ctx.metrics.user_reason(
         &user.namespace().unwrap_or_default(),
@@ -166,14 +166,6 @@ async fn apply_once(user: Arc<MatrixUser>, ctx: &Context) -> Pass {
     publish_progress(ctx, &user, &outcome).await;
     publish_failure(ctx, &user, &old, &ready).await;
     Pass::Done(recorded.and_then(|()| settle(ctx, &user, result)))
-}
-
-/// The conditions an error makes.
-fn ready_of(e: &Error) -> Ready {
-    match e.standing() {
-        Standing::Stalled => Ready::stalled(e.reason(), e.to_string()),
-        _ => Ready::reconciling(e.reason(), e.to_string()),
-    }
 }
 
 /// Publishes the Warning Event of a failure that is new: a reason or
@@ -743,10 +735,7 @@ async fn record_cleanup_failure(ctx: &Context, user: &MatrixUser, e: Error) -> E
     let old = user.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let message = format!("deletion waits: {e}");
-    let ready = match e.standing() {
-        Standing::Stalled => Ready::stalled(e.reason(), message.clone()),
-        _ => Ready::reconciling(e.reason(), message.clone()),
-    };
+    let ready = e.condition(message.clone());
     set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
     if status != old {
         let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
@@ -876,7 +865,7 @@ mod tests {
             (Error::Stale, KStatus::InProgress),
         ];
         for (e, expected) in cases {
-            let obj = written(&ready_of(&e), 3);
+            let obj = written(&e.condition(e.to_string()), 3);
             assert_eq!(kstatus(&obj), expected, "{} ({e})", e.reason());
         }
         assert_eq!(kstatus(&written(&Ready::ok("InSync", "in sync"), 3)), KStatus::Current);
