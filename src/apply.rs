@@ -1,4 +1,4 @@
-//! Runs plans against Synapse: read the account, plan, make the one call,
+//! Runs plans against a backend: read the account, plan, make the changes,
 //! and again, until the plan is empty.
 
 use std::time::Duration;
@@ -6,15 +6,18 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tracing::{debug, info};
 
+use crate::account::{Account, UserId};
 use crate::api::DeletionPolicy;
-use crate::plan::{self, Action, Authority, DeletionAction, Desired, Owners, PendingCreation, Refusal, Untouched};
-use crate::synapse::{SynapseClient, SynapseError, SynapseUser};
+use crate::backend::mas::MasError;
+use crate::backend::{AccountBackend, BackendError};
+use crate::plan::{self, Action, Authority, DeletionAction, Desired, PendingCreation, Refusal, Untouched};
+use crate::synapse::SynapseError;
 
 /// Rounds of read-plan-act before giving up on an account that does not
 /// settle: create, update, one repair of a partly applied update, verify.
 const MAX_ROUNDS: usize = 5;
 
-/// Synapse may ask for a short pause (M_LIMIT_EXCEEDED); waits happen in
+/// A server may ask for a short pause (M_LIMIT_EXCEEDED); waits happen in
 /// place up to this long in all per sync, longer ones are left to the
 /// caller's requeue (a wait in place holds one of the controller's slots).
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(5);
@@ -23,7 +26,7 @@ const MAX_INLINE_WAIT: Duration = Duration::from_secs(5);
 /// still be recorded as this resource's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
-    /// This sync created the account (Synapse answered 201), or recognised
+    /// This sync created the account (the backend said so), or recognised
     /// it as the one a pending creation made.
     pub created: bool,
     /// This sync adopted an existing account.
@@ -38,11 +41,13 @@ pub struct Progress {
     pub reactivated_without_password: bool,
     /// The names of the fields of each update sent (never their values).
     pub updates: Vec<Vec<&'static str>>,
-    /// Synapse's `creation_ts` of the account, once known: recorded with the
+    /// The backend's creation time of the account, once known: recorded with the
     /// ownership so that it names this very account.
     pub creation_ts: Option<i64>,
-    /// Write calls (PUT) sent to the admin API, including ones that failed:
-    /// Synapse may have applied part of those.
+    /// The backend's own ID of the account (MAS's), once known.
+    pub account_id: Option<String>,
+    /// Write calls sent to the backend, including ones that failed: the
+    /// server may have applied part of those.
     pub writes: usize,
 }
 
@@ -63,7 +68,7 @@ pub enum PendingOutcome {
 /// A write the executor is about to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// The empty-body create.
+    /// The create (of the account alone).
     Create,
     /// Any other write to an existing account.
     Update,
@@ -103,29 +108,56 @@ pub enum SyncError {
     Refused(#[from] Refusal),
     #[error(transparent)]
     Synapse(#[from] SynapseError),
-    #[error("the account does not settle: after {MAX_ROUNDS} rounds Synapse still differs in {fields:?}")]
+    #[error(transparent)]
+    Mas(#[from] MasError),
+    /// The backend cannot manage the spec as it is.
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("the account does not settle: after {MAX_ROUNDS} rounds it still differs in {fields:?}")]
     NotSettling { fields: Vec<&'static str> },
     /// The caller's guard stopped the sync before a write.
     #[error("stopped before writing")]
     Halted,
 }
 
+impl From<BackendError> for SyncError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Synapse(e) => SyncError::Synapse(e),
+            BackendError::Mas(e) => SyncError::Mas(e),
+        }
+    }
+}
+
 /// Brings the account in line with `desired`. On success, returns the
-/// account as Synapse reports it, matching the spec.
-pub async fn sync_account(
-    client: &SynapseClient,
+/// account as the backend reports it, matching the spec.
+pub async fn sync_account<B: AccountBackend>(
+    backend: &B,
     desired: &Desired,
     mut authority: Authority,
     guard: &mut dyn WriteGuard,
     progress: &mut Progress,
-) -> Result<SynapseUser, SyncError> {
+) -> Result<Account, SyncError> {
     let mut desired = desired.clone();
+    if let Err(unsupported) = backend.prepare(&mut desired).await? {
+        return Err(SyncError::Unsupported(unsupported.0));
+    }
     let mut last_fields = Vec::new();
     let mut waited = Duration::ZERO;
     let mut guarded = false;
+    // The account as the last answer reported it, when it did: no need to
+    // read it again.
+    let mut answered: Option<Option<Account>> = None;
+    // This sync created the account: it has no sessions yet.
+    let mut created_now = false;
     for _ in 0..MAX_ROUNDS {
-        let account = client.get_user(&desired.user_id).await?;
-        let owners = look_up_owners(client, &desired, account.as_ref()).await?;
+        let account = match answered.take() {
+            Some(account) => account,
+            None => backend.read(&desired.user_id).await?,
+        };
+        let owners = backend
+            .owners(account.as_ref(), plan::lookups(&desired, account.as_ref()))
+            .await?;
         let plan = plan::plan(&desired, account.as_ref(), authority, &owners)?;
         if plan.created_by_pending || plan.adopt {
             guard
@@ -147,12 +179,13 @@ pub async fn sync_account(
                 progress.adopted = true;
             }
         }
-        let update = match (plan.action, account) {
+        let (changes, account) = match (plan.action, account) {
             (None, Some(account)) => {
                 progress.creation_ts = account.creation_ts;
+                progress.account_id = account.account_id.clone();
                 return Ok(account);
             }
-            (Some(Action::Update(update)), _) => update,
+            (Some(Action::Update(changes)), Some(account)) => (changes, account),
             (Some(Action::Create), _) => {
                 // A create of this ID asked for before, never answered.
                 let earlier_unanswered = authority.pending_creation.is_some();
@@ -162,43 +195,45 @@ pub async fn sync_account(
                     .map_err(|Halt| SyncError::Halted)?;
                 guarded = true;
                 authority.pending_creation = pending;
-                let outcome = match client.put_user(&desired.user_id, &Default::default()).await {
-                    Ok(o) => o,
+                progress.writes += 1;
+                let created = match backend.create(&desired.user_id).await {
+                    Ok(created) => created,
                     Err(e) => {
-                        progress.writes += 1;
-                        if refused_by_synapse(&e) && !earlier_unanswered {
-                            // A Matrix error (M_USER_IN_USE to the loser of
-                            // two creates, say): this request created nothing,
+                        if e.is_refusal() && !earlier_unanswered {
+                            // A refusal (M_USER_IN_USE to the loser of two
+                            // creates, say): this request created nothing,
                             // and no earlier one of ours may have (a refusal
                             // after an unanswered create may be that create's
                             // doing: the record stays).
                             authority.pending_creation = None;
                             progress.pending_creation = PendingOutcome::Settled;
                         } else if let Some(p) = pending {
-                            // No answer (or see above): whether Synapse
-                            // created the account is unknown; the next
-                            // round's read tells, under the record.
+                            // No answer (or see above): whether the account
+                            // was created is unknown; the next round's read
+                            // tells, under the record.
                             progress.pending_creation = PendingOutcome::Unanswered(p);
                         }
                         wait_if_rate_limited(e, &mut waited).await?;
                         continue;
                     }
                 };
-                progress.writes += 1;
                 authority.pending_creation = None;
                 progress.pending_creation = PendingOutcome::Settled;
-                if outcome.created {
+                if created.created {
                     info!(user_id = %desired.user_id, "created the account");
+                    let created_at = created.account.as_ref().and_then(|a| a.creation_ts);
                     authority.owned = true;
-                    authority.owned_creation_ts = outcome.user.creation_ts;
-                    progress.creation_ts = outcome.user.creation_ts;
+                    authority.owned_creation_ts = created_at;
+                    progress.creation_ts = created_at;
                     progress.created = true;
+                    created_now = true;
                 }
-                // Otherwise it appeared meanwhile, untouched by the empty
-                // body; the next round decides whether it may be adopted.
+                // Otherwise it appeared meanwhile, untouched by the create;
+                // the next round decides whether it may be adopted.
+                answered = created.account.map(Some);
                 continue;
             }
-            (None, None) => unreachable!("plan() creates a missing account"),
+            (_, None) => unreachable!("plan() creates a missing account"),
         };
         if !guarded {
             guard
@@ -207,24 +242,18 @@ pub async fn sync_account(
                 .map_err(|Halt| SyncError::Halted)?;
             guarded = true;
         }
-        last_fields = plan::changed_fields(&update);
+        last_fields = plan::changed_fields(&changes);
         debug!(user_id = %desired.user_id, fields = ?last_fields, "updating the account");
-        progress.writes += 1;
-        if let Err(e) = client.put_user(&desired.user_id, &update).await {
-            // The PUT may have been partly applied (a rate-limited one sets
-            // the displayname before it fails): plan again from what Synapse
-            // reports, after a short wait if it asked for one.
-            wait_if_rate_limited(e, &mut waited).await?;
-            continue;
-        }
-        progress.updates.push(last_fields.clone());
-        if update.password.is_some()
+        let applied = backend.apply(&desired.user_id, &account, &changes, created_now).await;
+        progress.writes += applied.writes;
+        progress.updates.extend(applied.fields);
+        if applied.password
             && let Some(p) = desired.password.as_mut()
         {
             p.applied = true;
             progress.password_applied = true;
         }
-        match update.deactivated {
+        match applied.deactivated {
             Some(true) => progress.deactivated = true,
             Some(false) => {
                 progress.reactivated = true;
@@ -232,24 +261,25 @@ pub async fn sync_account(
             }
             None => {}
         }
+        if let Some(e) = applied.error {
+            // The changes may have been applied in part (a rate-limited PUT
+            // sets the displayname before it fails): plan again from what
+            // the backend reports, after a short wait if it asked for one.
+            wait_if_rate_limited(e, &mut waited).await?;
+            continue;
+        }
+        answered = applied.account.map(Some);
     }
     Err(SyncError::NotSettling { fields: last_fields })
-}
-
-/// Whether Synapse answered a call with a Matrix error of the 4xx kind: it
-/// refused the request, so the request changed nothing it would report as
-/// created.
-fn refused_by_synapse(e: &SynapseError) -> bool {
-    matches!(e, SynapseError::Api { status: 400..=499, .. })
 }
 
 /// Returns the error unless it is a rate limit short enough to wait out
 /// here within what is left of [`MAX_INLINE_WAIT`], in which case it waits
 /// and returns `Ok`.
-async fn wait_if_rate_limited(e: SynapseError, waited: &mut Duration) -> Result<(), SynapseError> {
+async fn wait_if_rate_limited(e: BackendError, waited: &mut Duration) -> Result<(), BackendError> {
     match e.retry_after() {
         Some(wait) if *waited + wait <= MAX_INLINE_WAIT => {
-            debug!(?wait, "rate limited by Synapse; waiting");
+            debug!(?wait, "rate limited; waiting");
             tokio::time::sleep(wait).await;
             *waited += wait;
             Ok(())
@@ -258,49 +288,20 @@ async fn wait_if_rate_limited(e: SynapseError, waited: &mut Duration) -> Result<
     }
 }
 
-async fn look_up_owners(
-    client: &SynapseClient,
-    desired: &Desired,
-    account: Option<&SynapseUser>,
-) -> Result<Owners, SynapseError> {
-    let wanted = plan::lookups(desired, account);
-    let mut owners = Owners::default();
-    for t in wanted.threepids {
-        let owner = client.threepid_owner(&t.medium, &t.address).await?;
-        owners.threepids.push((t, owner));
-    }
-    for e in wanted.external_ids {
-        let mut owner = client.external_id_owner(&e.auth_provider, &e.external_id).await?;
-        // Synapse caches this lookup, and a PUT that removes an external id
-        // does not invalidate it (1.163.2): believe it only if the account
-        // named still holds the id.
-        if let Some(other) = owner.as_deref().filter(|o| *o != desired.user_id.as_str())
-            && !client
-                .get_user_raw(other)
-                .await?
-                .is_some_and(|u| u.external_ids.contains(&e))
-        {
-            owner = None;
-        }
-        owners.external_ids.push((e, owner));
-    }
-    Ok(owners)
-}
-
 /// Carries out a deletion policy. Returns what was done, or why nothing was.
-pub async fn delete_account(
-    client: &SynapseClient,
-    user_id: &crate::synapse::UserId,
+pub async fn delete_account<B: AccountBackend>(
+    backend: &B,
+    user_id: &UserId,
     policy: DeletionPolicy,
     authority: Authority,
-) -> Result<Result<DeletionAction, Untouched>, SynapseError> {
+) -> Result<Result<DeletionAction, Untouched>, BackendError> {
     if policy == DeletionPolicy::Retain {
         return Ok(Err(Untouched::Retained));
     }
-    let account = client.get_user(user_id).await?;
+    let account = backend.read(user_id).await?;
     let action = plan::plan_deletion(policy, authority, account.as_ref());
-    if let Ok(DeletionAction::Deactivate { erase }) = action {
-        client.deactivate(user_id, erase).await?;
+    if let (Ok(DeletionAction::Deactivate { erase }), Some(account)) = (action, &account) {
+        backend.deactivate(user_id, account, erase).await?;
         info!(%user_id, erase, "deactivated the account");
     }
     Ok(action)

@@ -1,13 +1,18 @@
-//! matrix-user-operator: keeps Matrix accounts on a Synapse homeserver in line
-//! with `MatrixUser` resources.
+//! matrix-user-operator: keeps Matrix accounts on a homeserver in line with
+//! `MatrixUser` resources. Accounts live in Synapse, or in the Matrix
+//! Authentication Service (MAS) when the homeserver delegates to it: the
+//! plan is neutral, [`backend`] holds one module per kind.
 
+pub mod account;
 pub mod api;
 pub mod apply;
+pub mod backend;
 pub mod controller;
 pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod secret;
-pub mod synapse;
 pub mod tls;
+
+pub use backend::synapse;

@@ -1,16 +1,17 @@
 //! The pure core: from the account a MatrixUser describes and the account as
-//! Synapse reports it, the one admin call to make next. No I/O.
+//! its backend reports it, the changes to make next. No I/O, and no backend's
+//! terms: each backend turns [`Changes`] into its own calls.
 //!
 //! The executor runs a plan, reads the account again and plans again until
-//! the plan is empty: Synapse's PUT is not atomic, so what a failed or
-//! partly applied call left behind is always planned from what Synapse
-//! reports, never assumed.
+//! the plan is empty: neither Synapse's PUT nor a series of MAS calls is
+//! atomic, so what a failed or partly applied change left behind is always
+//! planned from what the backend reports, never assumed.
 
 use std::collections::BTreeSet;
 
+use crate::account::{Account, ExternalId, Threepid, UserId};
 use crate::api::{DeletionPolicy, MatrixUserSpec, ThreepidMedium, UserType};
 use crate::secret::SecretString;
-use crate::synapse::{ExternalId, SynapseUser, Threepid, UserId, UserUpdate};
 
 /// The account as the spec describes it. `None` fields are not managed.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,7 +80,7 @@ pub struct Authority {
 
 impl Authority {
     /// Whether `account` is the one this resource created or adopted.
-    pub fn owns(&self, account: &SynapseUser) -> bool {
+    pub fn owns(&self, account: &Account) -> bool {
         self.owned
             && match (self.owned_creation_ts, account.creation_ts) {
                 (Some(recorded), Some(reported)) => recorded == reported,
@@ -90,7 +91,7 @@ impl Authority {
     /// Whether `account` was created by this resource's pending creation:
     /// the operator stopped after asking Synapse and before recording the
     /// answer.
-    pub fn created_by_pending(&self, account: &SynapseUser) -> bool {
+    pub fn created_by_pending(&self, account: &Account) -> bool {
         self.pending_creation
             .zip(account.creation_ts)
             .is_some_and(|(p, ts)| p.covers(ts))
@@ -149,15 +150,44 @@ pub struct Lookups {
     pub external_ids: Vec<ExternalId>,
 }
 
-/// The admin call to make next.
+/// What to do next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// `PUT` an empty body: creates the account (201) and changes nothing if
-    /// it appeared meanwhile (200), so a lost race never touches another
-    /// account. Fields follow in the next round.
+    /// Create the account and nothing else: a create that finds the account
+    /// there (it appeared meanwhile) changes nothing, so a lost race never
+    /// touches another account. Fields follow in the next round.
     Create,
-    /// `PUT` these fields.
-    Update(UserUpdate),
+    /// Change these fields of the account.
+    Update(Changes),
+}
+
+/// The fields of an account to change, each to the value given; `None` is
+/// left as it is. Threepids and external ids are the whole set wanted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub password: Option<PasswordChange>,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub threepids: Option<Vec<Threepid>>,
+    pub external_ids: Option<Vec<ExternalId>>,
+    pub admin: Option<bool>,
+    pub deactivated: Option<bool>,
+    pub locked: Option<bool>,
+    pub user_type: Option<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+/// A password to set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PasswordChange {
+    pub value: SecretString,
+    /// End the account's other sessions (the spec's `logoutDevices`).
+    pub logout_devices: bool,
 }
 
 /// A plan for the next round.
@@ -181,7 +211,7 @@ impl Plan {
         !self.adopt && !self.created_by_pending && self.action.is_none()
     }
 
-    /// Whether the action sends the password.
+    /// Whether the action sets the password.
     pub fn sends_password(&self) -> bool {
         matches!(&self.action, Some(Action::Update(u)) if u.password.is_some())
     }
@@ -304,7 +334,7 @@ fn dedup<T: Ord + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
 
 /// Whether the account will be deactivated once the plan ran: the spec asks
 /// for it, or it is deactivated and the spec does not ask to re-activate.
-fn ends_deactivated(desired: &Desired, account: Option<&SynapseUser>) -> bool {
+fn ends_deactivated(desired: &Desired, account: Option<&Account>) -> bool {
     match desired.deactivated {
         Some(d) => d,
         None => account.is_some_and(|a| a.deactivated),
@@ -312,7 +342,7 @@ fn ends_deactivated(desired: &Desired, account: Option<&SynapseUser>) -> bool {
 }
 
 /// See [`Lookups`].
-pub fn lookups(desired: &Desired, account: Option<&SynapseUser>) -> Lookups {
+pub fn lookups(desired: &Desired, account: Option<&Account>) -> Lookups {
     let mut out = Lookups::default();
     if let Some(wanted) = &desired.threepids
         && !ends_deactivated(desired, account)
@@ -334,7 +364,7 @@ pub fn lookups(desired: &Desired, account: Option<&SynapseUser>) -> Lookups {
 /// The next admin call, or a refusal.
 pub fn plan(
     desired: &Desired,
-    account: Option<&SynapseUser>,
+    account: Option<&Account>,
     authority: Authority,
     owners: &Owners,
 ) -> Result<Plan, Refusal> {
@@ -364,8 +394,8 @@ pub fn plan(
             ..Plan::default()
         });
     };
-    let (update, reactivates_without_password) = diff(desired, account);
-    let action = (update != UserUpdate::default()).then_some(Action::Update(update));
+    let (changes, reactivates_without_password) = diff(desired, account);
+    let action = (!changes.is_empty()).then_some(Action::Update(changes));
     Ok(Plan {
         adopt,
         created_by_pending,
@@ -397,11 +427,9 @@ fn check_owners(desired: &Desired, owners: &Owners) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The fields that differ, as one PUT body. Synapse applies the profile
-/// fields before a deactivation in the same body (measured), so one call
-/// does it all.
-fn diff(desired: &Desired, a: &SynapseUser) -> (UserUpdate, bool) {
-    let mut u = UserUpdate::default();
+/// The fields that differ.
+fn diff(desired: &Desired, a: &Account) -> (Changes, bool) {
+    let mut u = Changes::default();
     let reactivating = desired.deactivated == Some(false) && a.deactivated;
     let deactivating = desired.deactivated == Some(true) && !a.deactivated;
     let ends_deactivated = ends_deactivated(desired, Some(a));
@@ -464,41 +492,19 @@ fn diff(desired: &Desired, a: &SynapseUser) -> (UserUpdate, bool) {
         && !ends_deactivated
         && (reactivating || !p.applied)
     {
-        u.password = Some(p.value.clone());
-        u.logout_devices = Some(p.logout_devices);
+        u.password = Some(PasswordChange {
+            value: p.value.clone(),
+            logout_devices: p.logout_devices,
+        });
     }
-    (password_alone(u, reactivating), reactivates_without_password)
-}
-
-/// A password goes in a call of its own: Synapse can fail a PUT after
-/// applying part of it, and a password applied without our knowing is sent
-/// again (logging devices out again). Re-activation is the exception — it
-/// must carry the password, or the account is left without one — and the
-/// other fields then wait a round.
-fn password_alone(u: UserUpdate, reactivating: bool) -> UserUpdate {
-    if u.password.is_none() {
-        return u;
-    }
-    if reactivating {
-        return UserUpdate {
-            deactivated: Some(false),
-            password: u.password,
-            logout_devices: u.logout_devices,
-            ..UserUpdate::default()
-        };
-    }
-    let rest = UserUpdate {
-        password: None,
-        logout_devices: None,
-        ..u.clone()
-    };
-    if rest == UserUpdate::default() { u } else { rest }
+    (u, reactivates_without_password)
 }
 
 /// What deleting a MatrixUser does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeletionAction {
-    /// `POST /_synapse/admin/v1/deactivate/<id>` with this `erase`.
+    /// Deactivate the account, erasing it when `erase` (Synapse's deactivate
+    /// with `erase`; MAS's deactivate without `skip_erase`).
     Deactivate { erase: bool },
 }
 
@@ -507,7 +513,7 @@ pub enum DeletionAction {
 pub enum Untouched {
     /// `deletionPolicy: Retain`.
     Retained,
-    /// Synapse has no such account (any more).
+    /// The backend has no such account (any more).
     AccountGone,
     /// The policy holds already (deactivated; erased too for `Erase`).
     AlreadyDone,
@@ -520,7 +526,7 @@ pub enum Untouched {
 pub fn plan_deletion(
     policy: DeletionPolicy,
     authority: Authority,
-    account: Option<&SynapseUser>,
+    account: Option<&Account>,
 ) -> Result<DeletionAction, Untouched> {
     if policy == DeletionPolicy::Retain {
         return Err(Untouched::Retained);
@@ -539,7 +545,7 @@ pub fn plan_deletion(
 
 /// The names of the fields an update sends, for events and logs (never
 /// their values).
-pub fn changed_fields(u: &UserUpdate) -> Vec<&'static str> {
+pub fn changed_fields(u: &Changes) -> Vec<&'static str> {
     let mut out = Vec::new();
     let fields: [(&'static str, bool); 9] = [
         ("password", u.password.is_some()),

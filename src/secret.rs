@@ -39,6 +39,12 @@ impl serde::Serialize for SecretString {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for SecretString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SecretString)
+    }
+}
+
 const DIGEST_SCHEME: &str = "pbkdf2-sha256";
 const DIGEST_ITERATIONS: u32 = 10_000;
 /// Digests asking for more work than this match nothing.

@@ -8,15 +8,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use matrix_user_operator::account::Account;
 use matrix_user_operator::api::{DeletionPolicy, MatrixUserSpec, UserType};
 use matrix_user_operator::apply::{Progress, SyncError, Unguarded, delete_account, sync_account};
 use matrix_user_operator::plan::{
     Authority, DeletionAction, Desired, DesiredPassword, Refusal, Untouched, desired_from_spec,
 };
 use matrix_user_operator::secret::SecretString;
-use matrix_user_operator::synapse::{
-    ClientConfig, ErrorClass, ExternalId, SynapseClient, SynapseUser, Threepid, UserId,
-};
+use matrix_user_operator::synapse::{ClientConfig, ErrorClass, ExternalId, SynapseClient, Threepid, UserId};
 use serde_json::{Value, json};
 
 use common::{SynapseServer, synapse};
@@ -92,7 +91,7 @@ const FRESH: Authority = Authority {
     pending_creation: None,
 };
 
-async fn sync(c: &SynapseClient, d: &Desired, authority: Authority) -> (Result<SynapseUser, SyncError>, Progress) {
+async fn sync(c: &SynapseClient, d: &Desired, authority: Authority) -> (Result<Account, SyncError>, Progress) {
     let mut progress = Progress::default();
     let result = sync_account(c, d, authority, &mut Unguarded, &mut progress).await;
     (result, progress)

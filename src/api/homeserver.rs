@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::SecretKeyRef;
 
-/// A connection to one Synapse homeserver, through its admin API.
+/// A connection to one Synapse homeserver, through its admin API (and MAS's,
+/// when it delegates authentication to MAS).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "matrix-operator.io",
@@ -25,6 +26,7 @@ use super::SecretKeyRef;
     ),
     printcolumn(name = "Server Name", type_ = "string", json_path = ".status.serverName"),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.serverVersion"),
+    printcolumn(name = "Backend", type_ = "string", json_path = ".status.backend"),
     printcolumn(name = "URL", type_ = "string", json_path = ".spec.url", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -52,6 +54,33 @@ pub struct HomeserverSpec {
     /// What MatrixUsers of this homeserver may ask for.
     #[serde(default)]
     pub policy: HomeserverPolicy,
+
+    /// Set when Synapse delegates authentication to the Matrix
+    /// Authentication Service (MAS): accounts, passwords, emails, SSO links,
+    /// locking and deactivation are then managed through MAS's admin API,
+    /// the profile (displayname, avatar, user type) through Synapse's, with
+    /// `adminTokenSecretRef` (a compatibility token with Synapse admin rights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mas: Option<MasSpec>,
+}
+
+/// How to reach the Matrix Authentication Service a homeserver delegates to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MasSpec {
+    /// Base URL of MAS (its admin API is under `/api/admin/v1`, its token
+    /// endpoint `/oauth2/token`), e.g. `http://mas.chat.svc:8080`.
+    #[schemars(regex(pattern = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"))]
+    pub url: String,
+
+    /// The ID of an OAuth 2.0 client listed in MAS's
+    /// `policy.data.admin_clients`, with `client_secret_basic` (or
+    /// `client_secret_post`) authentication and the `client_credentials` grant.
+    #[schemars(length(min = 1, max = 255))]
+    pub client_id: String,
+
+    /// The Secret key holding that client's secret.
+    pub client_secret_ref: SecretKeyRef,
 }
 
 fn default_max_concurrent_requests() -> u32 {
@@ -90,6 +119,12 @@ pub struct HomeserverStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Where accounts live: `Synapse`, or `MAS` when `spec.mas` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// What MAS's `/api/admin/v1/version` answered (MAS backend only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mas_version: Option<String>,
     /// The admin token Secret the operator holds with the finalizer
     /// `matrix-operator.io/admin-token`, so that when the namespace is
     /// deleted the MatrixUsers' deletion policies can still reach Synapse.

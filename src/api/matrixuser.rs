@@ -253,6 +253,10 @@ pub struct MatrixUserStatus {
     /// server behind a repointed Homeserver, say — is not this resource's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account_creation_ts: Option<i64>,
+    /// MAS's ID (a ULID) of the account, when the Homeserver's accounts
+    /// live in MAS: recorded with the ownership.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mas_user_id: Option<String>,
     /// A salted, slow digest (PBKDF2-HMAC-SHA256) of the password last
     /// applied, to tell when the Secret holds a new one. Never the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]

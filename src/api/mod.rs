@@ -7,7 +7,7 @@ mod matrixuser;
 pub use conditions::{
     READY, RECONCILING, Ready, STALLED, Standing, condition, is_true, ready_condition, set_condition,
 };
-pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus};
+pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus, MasSpec};
 pub use matrixuser::{
     DeletionPolicy, ExternalIdSpec, HomeserverRef, MatrixUser, MatrixUserSpec, MatrixUserStatus, PasswordSpec,
     PendingCreation, SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,

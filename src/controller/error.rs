@@ -1,7 +1,9 @@
 use crate::api::{Ready, Standing};
 use crate::apply::SyncError;
+use crate::backend::mas::MasError;
+use crate::backend::{BackendError, ErrorClass};
 use crate::plan::Refusal;
-use crate::synapse::{ErrorClass, InvalidUserId, SynapseError};
+use crate::synapse::{InvalidUserId, SynapseError};
 
 /// Why a reconcile did not bring its resource in line. Each variant is one
 /// failure site; [`Error::reason`] is the condition reason and Event reason,
@@ -36,7 +38,9 @@ pub enum Error {
     CredentialsSecretNotOwned { name: String },
     #[error("Synapse: {0}")]
     Synapse(#[from] SynapseError),
-    #[error("Synapse does not settle: {0}")]
+    #[error("MAS: {0}")]
+    Mas(#[from] MasError),
+    #[error("the account does not settle: {0}")]
     NotSettling(String),
     #[error("the homeserver says its server name is {actual:?}, but spec.serverName is {expected:?}")]
     ServerNameMismatch { expected: String, actual: String },
@@ -52,6 +56,23 @@ pub enum Error {
     Stale,
     #[error("{users} MatrixUser(s) still use this Homeserver; its deletion waits for them")]
     HomeserverInUse { users: usize },
+    #[error(
+        "Synapse delegates authentication to the Matrix Authentication Service (MAS) at {issuer}: accounts live there; set spec.mas to manage them"
+    )]
+    DelegatesToMas { issuer: String },
+    #[error(
+        "spec.mas is set, but Synapse does not delegate authentication to MAS (/_matrix/client/v1/auth_metadata answers 404): remove spec.mas or enable MAS in Synapse"
+    )]
+    NotDelegatingToMas,
+}
+
+impl From<BackendError> for Error {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Synapse(e) => Error::Synapse(e),
+            BackendError::Mas(e) => Error::Mas(e),
+        }
+    }
 }
 
 impl From<SyncError> for Error {
@@ -59,6 +80,8 @@ impl From<SyncError> for Error {
         match e {
             SyncError::Refused(r) => Error::Refused(r),
             SyncError::Synapse(s) => Error::Synapse(s),
+            SyncError::Mas(m) => Error::Mas(m),
+            SyncError::Unsupported(message) => Error::InvalidSpec(message),
             // The guard that halted keeps the reason; reaching this means
             // it kept none, which is a stale object at worst.
             SyncError::Halted => Error::Stale,
@@ -89,6 +112,18 @@ impl Error {
                 ErrorClass::NotSynapse => "NotSynapse",
                 _ => "SynapseError",
             },
+            Error::Mas(e) if e.is_password_refused() => "PasswordRejected",
+            Error::Mas(e) => match e.class() {
+                ErrorClass::Unauthorized => "Unauthorized",
+                ErrorClass::Forbidden => "NotAdmin",
+                ErrorClass::Conflict => "Conflict",
+                ErrorClass::Transient if matches!(e, MasError::Transport { .. }) => "Unreachable",
+                ErrorClass::NotSynapse => "NotMAS",
+                ErrorClass::Invalid => "InvalidSpec",
+                _ => "MASError",
+            },
+            Error::DelegatesToMas { .. } => "DelegatesToMAS",
+            Error::NotDelegatingToMas => "NotDelegatingToMAS",
             Error::NotSettling(_) => "SynapseError",
             Error::ServerNameMismatch { .. } => "ServerNameMismatch",
             Error::NotAdmin { .. } => "NotAdmin",
@@ -122,6 +157,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Synapse(e) => e.is_transient(),
+            Error::Mas(e) => e.is_transient(),
             Error::NotSettling(_) | Error::Kube(_) | Error::Stale | Error::HomeserverInUse { .. } => true,
             _ => false,
         }
@@ -131,6 +167,10 @@ impl Error {
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             Error::Synapse(e) => e.retry_after(),
+            Error::Mas(e) => match e.class() {
+                ErrorClass::RateLimited(d) => d,
+                _ => None,
+            },
             _ => None,
         }
     }

@@ -11,12 +11,15 @@ use tracing::{info, instrument, warn};
 
 use super::{Context, Error, SKIP_CLEANUP, patch_status, secrets};
 use crate::api::{Homeserver, HomeserverStatus, MatrixUser, Ready, set_condition};
-use crate::synapse::{ErrorClass, SynapseError};
+use crate::backend::ErrorClass;
+use crate::synapse::SynapseError;
 
 struct Checked {
     server_name: String,
     server_version: String,
     admin_user_id: String,
+    /// MAS's version, with `spec.mas`.
+    mas_version: Option<String>,
 }
 
 /// Put on every Homeserver: it stays until the MatrixUsers that use it are
@@ -72,9 +75,17 @@ async fn check_and_record(hs: &Homeserver, ctx: &Context, hold: bool) -> Result<
             status.server_name = Some(c.server_name.clone());
             status.server_version = Some(c.server_version.clone());
             status.admin_user_id = Some(c.admin_user_id.clone());
+            status.backend = Some(if c.mas_version.is_some() { "MAS" } else { "Synapse" }.into());
+            status.mas_version = c.mas_version.clone();
+            let mas = c.mas_version.as_ref().map(|v| format!(", accounts in MAS {v}"));
             Ready::ok(
                 "Connected",
-                format!("connected to {} ({})", c.server_name, c.server_version),
+                format!(
+                    "connected to {} ({}){}",
+                    c.server_name,
+                    c.server_version,
+                    mas.unwrap_or_default()
+                ),
             )
         }
         Err(e) => e.condition(e.to_string()),
@@ -218,10 +229,21 @@ async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
         }
         Err(e) => return Err(checked(e)),
     }
+    // A Synapse that delegates to MAS takes its admin API's writes of
+    // accounts it cannot own (or refuses them): managing them through it
+    // would half-work.
+    let issuer = client.auth_metadata_issuer().await.map_err(checked)?;
+    let mas_version = match (ctx.mas_client(hs).await?, issuer) {
+        (None, Some(issuer)) => return Err(Error::DelegatesToMas { issuer }),
+        (Some(_), None) => return Err(Error::NotDelegatingToMas),
+        (Some(mas), Some(_)) => Some(mas.version().await?),
+        (None, None) => None,
+    };
     Ok(Checked {
         server_name,
         server_version,
         admin_user_id: admin,
+        mas_version,
     })
 }
 

@@ -19,9 +19,10 @@ use crate::api::{
     Standing, set_condition,
 };
 use crate::apply::{Halt, PendingOutcome, Progress, Write, WriteGuard, delete_account, sync_account};
+use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
 use crate::secret::{SecretString, digest_matches, password_digest};
-use crate::synapse::{SynapseClient, UserId};
+use crate::synapse::UserId;
 
 /// Put on every MatrixUser so its deletion policy runs before it goes.
 pub const FINALIZER: &str = "matrix-operator.io/cleanup";
@@ -62,13 +63,13 @@ pub fn error_policy(user: Arc<MatrixUser>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(ctx.backoff(user.as_ref(), error))
 }
 
-/// A Homeserver that is ready, with its admin client.
+/// A Homeserver that is ready, with the backend its accounts live in.
 struct ReadyHomeserver {
     server_name: String,
     admin_user_id: Option<String>,
     url: String,
     policy: HomeserverPolicy,
-    client: SynapseClient,
+    backend: Backend,
 }
 
 /// The MatrixUser's Homeserver, as it is now.
@@ -87,13 +88,13 @@ async fn ready_homeserver(ctx: &Context, hs: &Homeserver) -> Result<ReadyHomeser
         message: not_ready.message,
         waiting: not_ready.waiting,
     })?;
-    let client = ctx.synapse_client(hs).await?;
+    let backend = ctx.backend(hs).await?;
     Ok(ReadyHomeserver {
         server_name: ready.server_name,
         admin_user_id: ready.admin_user_id,
         url: hs.spec.url.clone(),
         policy: hs.spec.policy.clone(),
-        client,
+        backend,
     })
 }
 
@@ -222,10 +223,14 @@ fn status_after(
     {
         if status.user_id.as_deref() != Some(id.as_str()) {
             status.account_creation_ts = None;
+            status.mas_user_id = None;
         }
         status.user_id = Some(id.to_string());
         if let Some(ts) = outcome.progress.creation_ts {
             status.account_creation_ts = Some(ts);
+        }
+        if let Some(mas_id) = &outcome.progress.account_id {
+            status.mas_user_id = Some(mas_id.clone());
         }
     }
     if outcome.progress.password_applied {
@@ -513,7 +518,7 @@ async fn sync(
         owned_creation_ts: old.account_creation_ts,
         pending_creation: pending_creation_of(old, &user_id),
     };
-    let result = sync_account(&hs.client, &desired, authority, guard, &mut out.progress).await;
+    let result = sync_account(&hs.backend, &desired, authority, guard, &mut out.progress).await;
     out.owned |= out.progress.created || out.progress.adopted;
     if out.progress.password_applied
         && let Some(p) = &desired.password
@@ -700,7 +705,7 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
         pending_creation: pending_creation_of(&status, &user_id),
         ..Authority::default()
     };
-    match delete_account(&hs.client, &user_id, policy, authority).await {
+    match delete_account(&hs.backend, &user_id, policy, authority).await {
         Ok(outcome) => {
             let (reason, note) = match outcome {
                 Ok(DeletionAction::Deactivate { erase: true }) => {

@@ -30,6 +30,8 @@ pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
 pub use secrets::ADMIN_TOKEN_FINALIZER;
 
 use crate::api::{Homeserver, MatrixUser};
+use crate::backend::Backend;
+use crate::backend::mas::{MasBackend, MasClient, MasConfig};
 use crate::metrics::Metrics;
 use crate::secret::SecretString;
 use crate::synapse::{ClientConfig, RequestObserver, SynapseClient};
@@ -72,6 +74,7 @@ pub struct Context {
     /// Matrix ID wherever they live.
     users: Vec<Store<MatrixUser>>,
     synapse_clients: Mutex<HashMap<(String, String), CachedClient>>,
+    mas_clients: Mutex<HashMap<(String, String), CachedMasClient>>,
     /// Failed attempts in a row, per object, for exponential backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
 }
@@ -79,6 +82,11 @@ pub struct Context {
 struct CachedClient {
     config: (String, SecretString, usize),
     client: SynapseClient,
+}
+
+struct CachedMasClient {
+    config: (String, String, SecretString, usize),
+    client: MasClient,
 }
 
 impl Context {
@@ -97,6 +105,7 @@ impl Context {
             recorder,
             users,
             synapse_clients: Mutex::default(),
+            mas_clients: Mutex::default(),
             failures: Mutex::default(),
         }
     }
@@ -139,6 +148,50 @@ impl Context {
             },
         );
         Ok(client)
+    }
+
+    /// The MAS admin client of a Homeserver with `spec.mas`, made anew when
+    /// its URL, client or request limit changed; `None` without `spec.mas`.
+    /// Clones share the OAuth token, so it lives as long as the config.
+    async fn mas_client(&self, hs: &Homeserver) -> Result<Option<MasClient>, Error> {
+        let Some(mas) = &hs.spec.mas else {
+            return Ok(None);
+        };
+        let ns = hs.namespace().unwrap_or_default();
+        let secret = secrets::read_key(&self.client, &ns, &mas.client_secret_ref).await?;
+        let limit = hs.spec.max_concurrent_requests.max(1) as usize;
+        let fingerprint = (mas.url.clone(), mas.client_id.clone(), secret.clone(), limit);
+        let key = (ns, hs.name_any());
+        let mut cache = self.mas_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cached) = cache.get(&key)
+            && cached.config == fingerprint
+        {
+            return Ok(Some(cached.client.clone()));
+        }
+        let client = MasClient::new(MasConfig {
+            base_url: mas.url.clone(),
+            client_id: mas.client_id.clone(),
+            client_secret: secret,
+            max_concurrent_requests: limit,
+            timeout: self.config.request_timeout,
+        })?;
+        cache.insert(
+            key,
+            CachedMasClient {
+                config: fingerprint,
+                client: client.clone(),
+            },
+        );
+        Ok(Some(client))
+    }
+
+    /// Where a Homeserver's accounts live, with the clients to reach it.
+    async fn backend(&self, hs: &Homeserver) -> Result<Backend, Error> {
+        let synapse = self.synapse_client(hs).await?;
+        Ok(match self.mas_client(hs).await? {
+            Some(mas) => Backend::Mas(MasBackend::new(mas, synapse)),
+            None => Backend::Synapse(synapse),
+        })
     }
 
     /// The requeue after a success: the resync interval, ±10%.

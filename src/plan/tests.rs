@@ -1,14 +1,30 @@
+//! The plan is neutral; what each case sends to Synapse is its changes as
+//! the Synapse backend batches them into PUT bodies
+//! ([`crate::synapse::user_update`]). MAS's calls for the same changes are
+//! tested in `backend::mas::tests`.
+
 use super::*;
 use crate::api::{ExternalIdSpec, HomeserverRef, ThreepidSpec};
+use crate::synapse::{UserUpdate, user_update};
+
+/// The Synapse PUT body an action makes (of an account that exists).
+fn body(action: Option<Action>) -> Option<UserUpdate> {
+    match action {
+        None => None,
+        Some(Action::Update(c)) => Some(user_update(&c, false)),
+        Some(Action::Create) => panic!("an existing account is never created"),
+    }
+}
 
 fn user_id() -> UserId {
     UserId::new("alice", "example.org").unwrap()
 }
 
 /// An account as Synapse reports a plain, active user.
-fn account() -> SynapseUser {
-    SynapseUser {
+fn account() -> Account {
+    Account {
         name: "@alice:example.org".into(),
+        account_id: None,
         admin: false,
         deactivated: false,
         locked: false,
@@ -64,15 +80,11 @@ fn password(value: &str, applied: bool, logout_devices: bool) -> DesiredPassword
 }
 
 /// The update an owned, existing account gets.
-fn update(d: &Desired, a: &SynapseUser) -> UserUpdate {
-    match plan(d, Some(a), owned(), &Owners::default()).unwrap().action {
-        None => UserUpdate::default(),
-        Some(Action::Update(u)) => u,
-        Some(Action::Create) => panic!("an existing account is never created"),
-    }
+fn update(d: &Desired, a: &Account) -> UserUpdate {
+    body(plan(d, Some(a), owned(), &Owners::default()).unwrap().action).unwrap_or_default()
 }
 
-type Setup = fn(&mut Desired, &mut SynapseUser);
+type Setup = fn(&mut Desired, &mut Account);
 
 /// Every managed field, absent / equal / different: (case, setup, expected body).
 fn field_cases() -> Vec<(&'static str, Setup, UserUpdate)> {
@@ -402,7 +414,7 @@ fn other_differences_go_in_one_body_and_the_password_alone_after() {
     d.password = Some(password("pw", false, false));
     let mut a = account();
     let u = update(&d, &a);
-    assert_eq!(changed_fields(&u), vec!["displayname", "locked"]);
+    assert_eq!(body_fields(&u), vec!["displayname", "locked"]);
     // Once those are in place, the password follows on its own.
     a.displayname = Some("Alice".into());
     a.locked = true;
@@ -427,11 +439,11 @@ fn reactivation_carries_the_password_and_the_rest_follows() {
     let mut a = account();
     a.deactivated = true;
     let u = update(&d, &a);
-    assert_eq!(changed_fields(&u), vec!["password", "deactivated"]);
+    assert_eq!(body_fields(&u), vec!["password", "deactivated"]);
     a.deactivated = false;
     // The password was applied with the re-activation (the executor marks it so).
     d.password = Some(password("pw", true, false));
-    assert_eq!(changed_fields(&update(&d, &a)), vec!["displayname", "threepids"]);
+    assert_eq!(body_fields(&update(&d, &a)), vec!["displayname", "threepids"]);
 }
 
 #[test]
@@ -536,13 +548,13 @@ fn reactivation_sends_the_password_in_the_same_call() {
     a.deactivated = true;
     let p = plan(&d, Some(&a), owned(), &Owners::default()).unwrap();
     assert_eq!(
-        p.action,
-        Some(Action::Update(UserUpdate {
+        body(p.action),
+        Some(UserUpdate {
             deactivated: Some(false),
             password: Some(SecretString::new("pw")),
             logout_devices: Some(false),
             ..UserUpdate::default()
-        }))
+        })
     );
     assert!(!p.reactivates_without_password);
 }
@@ -556,11 +568,11 @@ fn reactivation_without_a_managed_password_is_flagged() {
     let p = plan(&d, Some(&a), owned(), &Owners::default()).unwrap();
     assert!(p.reactivates_without_password);
     assert_eq!(
-        p.action,
-        Some(Action::Update(UserUpdate {
+        body(p.action),
+        Some(UserUpdate {
             deactivated: Some(false),
             ..UserUpdate::default()
-        }))
+        })
     );
 }
 
@@ -819,9 +831,14 @@ fn admin_needs_the_policy() {
     assert!(plan(&d, Some(&account()), owned(), &Owners::default()).is_ok());
 }
 
-fn update_with(d: &Desired, a: &SynapseUser, authority: Authority) -> UserUpdate {
+/// The names of the fields a Synapse body sends.
+fn body_fields(u: &UserUpdate) -> Vec<&'static str> {
+    crate::synapse::body_fields(u)
+}
+
+fn update_with(d: &Desired, a: &Account, authority: Authority) -> UserUpdate {
     match plan(d, Some(a), authority, &Owners::default()).unwrap().action {
-        Some(Action::Update(u)) => u,
+        Some(Action::Update(c)) => user_update(&c, false),
         other => panic!("expected an update, got {other:?}"),
     }
 }
@@ -954,7 +971,7 @@ fn deletion_policies() {
     type Case<'a> = (
         DeletionPolicy,
         bool,
-        Option<&'a SynapseUser>,
+        Option<&'a Account>,
         Result<DeletionAction, Untouched>,
     );
     let cases: [Case; 12] = [
@@ -1054,11 +1071,14 @@ fn an_account_made_by_a_pending_creation_is_recorded_as_created_not_adopted() {
 
 #[test]
 fn changed_fields_names_fields_never_values() {
-    let u = UserUpdate {
-        password: Some(SecretString::new("hunter2")),
-        logout_devices: Some(true),
+    let c = Changes {
+        password: Some(PasswordChange {
+            value: SecretString::new("hunter2"),
+            logout_devices: true,
+        }),
         threepids: Some(vec![email("a@example.org")]),
-        ..UserUpdate::default()
+        ..Changes::default()
     };
-    assert_eq!(changed_fields(&u), vec!["password", "threepids"]);
+    assert_eq!(changed_fields(&c), vec!["password", "threepids"]);
+    assert!(!format!("{:?}", changed_fields(&c)).contains("hunter2"));
 }

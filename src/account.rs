@@ -1,41 +1,10 @@
+//! The account, neutral between the backends: the Matrix ID it is known
+//! by, the third-party IDs and SSO links it carries, and the account as a
+//! backend reports it.
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-
-use crate::secret::SecretString;
-
-/// The admin API endpoints the operator calls: a closed set, so it can label
-/// metrics and errors without unbounded cardinality.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    Whoami,
-    ServerVersion,
-    GetUser,
-    PutUser,
-    Deactivate,
-    ThreepidLookup,
-    ExternalIdLookup,
-}
-
-impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Whoami => "whoami",
-            Endpoint::ServerVersion => "server_version",
-            Endpoint::GetUser => "get_user",
-            Endpoint::PutUser => "put_user",
-            Endpoint::Deactivate => "deactivate",
-            Endpoint::ThreepidLookup => "threepid_lookup",
-            Endpoint::ExternalIdLookup => "external_id_lookup",
-        }
-    }
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Why a localpart or Matrix ID is not valid.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -131,67 +100,30 @@ pub struct ExternalId {
     pub external_id: String,
 }
 
-/// An account as `GET /_synapse/admin/v2/users/<id>` reports it (the fields
-/// the operator reads; Synapse sends more).
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct SynapseUser {
+/// An account as a backend reports it: from Synapse's admin API alone, or
+/// from MAS (the account, its emails and upstream links) with Synapse's
+/// profile. The plan compares it with the spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Account {
+    /// The Matrix ID.
     pub name: String,
-    #[serde(default)]
+    /// The backend's own ID of the account, when it has one apart from the
+    /// Matrix ID (MAS's ULID).
+    pub account_id: Option<String>,
+    /// Synapse: a server admin. MAS: may ask for admin scopes.
     pub admin: bool,
-    #[serde(default)]
     pub deactivated: bool,
-    #[serde(default)]
     pub locked: bool,
-    #[serde(default)]
     pub erased: bool,
-    #[serde(default)]
     pub user_type: Option<String>,
-    #[serde(default)]
     pub displayname: Option<String>,
-    #[serde(default)]
     pub avatar_url: Option<String>,
-    #[serde(default)]
     pub threepids: Vec<Threepid>,
-    #[serde(default)]
+    /// SSO links: Synapse's external ids, or MAS's upstream OAuth links with
+    /// the provider's ID as `auth_provider`.
     pub external_ids: Vec<ExternalId>,
-    /// Seconds since the epoch.
-    #[serde(default)]
+    /// When the account was created, seconds since the epoch.
     pub creation_ts: Option<i64>,
-}
-
-/// The body of `PUT /_synapse/admin/v2/users/<id>`. A field left `None` is
-/// left out of the body: Synapse rejects explicit nulls for some fields and
-/// leaves omitted ones unchanged.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct UserUpdate {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<SecretString>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub logout_devices: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub displayname: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub avatar_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub threepids: Option<Vec<Threepid>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub external_ids: Option<Vec<ExternalId>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub deactivated: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub locked: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_type: Option<String>,
-}
-
-impl UserUpdate {
-    /// The secret values this body carries, to keep out of whatever an
-    /// answer to it turns into.
-    pub(super) fn secrets(&self) -> impl Iterator<Item = &SecretString> {
-        self.password.iter()
-    }
 }
 
 #[cfg(test)]
@@ -233,32 +165,5 @@ mod tests {
         let over = "a".repeat(256 - 2 - server.len());
         assert!(matches!(UserId::new(&over, server), Err(InvalidUserId::TooLong(_))));
         assert_eq!(UserId::new("a", ""), Err(InvalidUserId::EmptyServerName));
-    }
-
-    #[test]
-    fn unset_fields_are_left_out_of_the_body() {
-        let body = UserUpdate {
-            displayname: Some(String::new()),
-            admin: Some(false),
-            ..Default::default()
-        };
-        assert_eq!(
-            serde_json::to_value(&body).unwrap(),
-            serde_json::json!({"displayname": "", "admin": false})
-        );
-        assert_eq!(
-            serde_json::to_value(UserUpdate::default()).unwrap(),
-            serde_json::json!({})
-        );
-    }
-
-    #[test]
-    fn password_is_sent_but_never_debug_printed() {
-        let body = UserUpdate {
-            password: Some(SecretString::new("s3cret")),
-            ..Default::default()
-        };
-        assert_eq!(serde_json::to_value(&body).unwrap()["password"], "s3cret");
-        assert!(!format!("{body:?}").contains("s3cret"));
     }
 }

@@ -8,14 +8,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use super::scrub::RequestSecrets;
 use super::{BodySummary, DecodeProblem, Endpoint, ErrCode, SynapseError, SynapseUser, UserId, UserUpdate};
+use crate::backend::scrub::RequestSecrets;
 use crate::secret::SecretString;
 
 /// How much of Synapse's `error` text an error keeps.
-const MAX_MESSAGE_BYTES: usize = 200;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 200;
 /// Matrix error codes and media types are short; anything longer is not one.
-const MAX_CODE_BYTES: usize = 64;
+pub(crate) const MAX_CODE_BYTES: usize = 64;
 
 /// How to reach one homeserver.
 #[derive(Clone, Debug)]
@@ -229,6 +229,25 @@ impl SynapseClient {
         Ok(v.server_version)
     }
 
+    /// The issuer of the authorization server Synapse delegates to (MAS),
+    /// or `None` when it authenticates users itself (its own 404).
+    pub async fn auth_metadata_issuer(&self) -> Result<Option<String>, SynapseError> {
+        #[derive(Deserialize)]
+        struct Metadata {
+            issuer: String,
+        }
+        let segments = ["_matrix", "client", "v1", "auth_metadata"];
+        match self
+            .send::<Metadata>(Endpoint::AuthMetadata, Method::GET, &segments, None)
+            .await
+        {
+            // The issuer goes into a condition message: printable and short.
+            Ok((_, m)) => Ok(Some(RequestSecrets::new([]).scrub(&m.issuer, MAX_MESSAGE_BYTES))),
+            Err(SynapseError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The account, or `None` when Synapse has no such user.
     pub async fn get_user(&self, user_id: &UserId) -> Result<Option<SynapseUser>, SynapseError> {
         self.get_user_raw(user_id.as_str()).await
@@ -336,7 +355,7 @@ fn is_absent(e: &SynapseError) -> bool {
 
 /// The body of an answer that is kept out of the error, by its media type
 /// and length.
-fn summary(secrets: &RequestSecrets, content_type: Option<&HeaderValue>, len: usize) -> BodySummary {
+pub(crate) fn summary(secrets: &RequestSecrets, content_type: Option<&HeaderValue>, len: usize) -> BodySummary {
     let content_type = content_type.map(|value| {
         let value = String::from_utf8_lossy(value.as_bytes());
         let media_type = value.split(';').next().unwrap_or_default().trim();

@@ -1,10 +1,13 @@
-//! A typed client of Synapse's admin API.
+//! The Synapse backend: a typed client of Synapse's admin API, and the
+//! account changes made as its user PUTs.
 
+mod account;
 mod client;
 mod error;
-mod scrub;
 mod types;
 
+pub use account::{body_fields, user_update};
 pub use client::{ClientConfig, PutOutcome, RequestObserver, SynapseClient};
+pub(crate) use client::{MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
 pub use error::{BodySummary, DecodeProblem, ErrCode, ErrorClass, SynapseError};
 pub use types::{Endpoint, ExternalId, InvalidUserId, SynapseUser, Threepid, UserId, UserUpdate, validate_localpart};

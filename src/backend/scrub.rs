@@ -14,12 +14,12 @@ const REDACTED: &str = "***";
 /// The secret values one request carries, in every form an echo of the
 /// request shows them: as they are (the Authorization header) and
 /// JSON-escaped (the body).
-pub(super) struct RequestSecrets {
+pub(crate) struct RequestSecrets {
     forms: Vec<String>,
 }
 
 impl RequestSecrets {
-    pub(super) fn new<'a>(secrets: impl IntoIterator<Item = &'a SecretString>) -> Self {
+    pub(crate) fn new<'a>(secrets: impl IntoIterator<Item = &'a SecretString>) -> Self {
         let mut forms = Vec::new();
         for secret in secrets {
             let raw = secret.expose();
@@ -43,7 +43,7 @@ impl RequestSecrets {
     ///
     /// Secrets go first: cut first, a secret at the cut would be left as a
     /// prefix that no longer matches.
-    pub(super) fn scrub(&self, text: &str, max_bytes: usize) -> String {
+    pub(crate) fn scrub(&self, text: &str, max_bytes: usize) -> String {
         let mut text = text.to_string();
         for form in &self.forms {
             if text.contains(form.as_str()) {

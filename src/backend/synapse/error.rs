@@ -2,6 +2,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::Endpoint;
+pub use crate::backend::ErrorClass;
 
 /// A Matrix error code (`errcode`) the operator tells apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,28 +70,6 @@ impl fmt::Display for ErrCode {
     }
 }
 
-/// What a failed admin call means for whoever made it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Try again later: the network, a timeout, a 5xx, a race.
-    Transient,
-    /// Try again after the given wait (M_LIMIT_EXCEEDED).
-    RateLimited(Option<Duration>),
-    /// The admin token is missing or not valid: wait for a new Secret.
-    Unauthorized,
-    /// The token is valid but may not do this (not a server admin).
-    Forbidden,
-    /// Something belongs to another account (an external id, a threepid).
-    Conflict,
-    /// Synapse rejected the request as it is: wait for a spec change.
-    Invalid,
-    /// The account (or the looked-up thing) does not exist.
-    NotFound,
-    /// The URL answers, but not like Synapse's API: a web page, a redirect,
-    /// JSON of another shape. Wait for a change of the homeserver URL.
-    NotSynapse,
-}
-
 /// What a body was, told without its content: it can echo the request, and
 /// the request carries the token and maybe a password.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,7 +96,7 @@ pub enum DecodeProblem {
 }
 
 impl DecodeProblem {
-    pub(super) fn of(e: &serde_json::Error) -> Self {
+    pub(crate) fn of(e: &serde_json::Error) -> Self {
         match e.classify() {
             serde_json::error::Category::Data => DecodeProblem::OtherShape,
             _ => DecodeProblem::NotJson,

@@ -1,0 +1,552 @@
+//! A typed client of MAS's admin API (`/api/admin/v1`), with its OAuth 2.0
+//! token: `client_credentials` with scope `urn:mas:admin`, kept until
+//! shortly before it expires (MAS gives 5 minutes) and renewed once when
+//! MAS answers 401.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Semaphore};
+use url::Url;
+
+use super::error::{MasEndpoint, MasError};
+use crate::backend::scrub::RequestSecrets;
+use crate::secret::SecretString;
+use crate::synapse::{DecodeProblem, MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
+
+/// A token is renewed this long before MAS says it expires.
+const RENEW_BEFORE_EXPIRY: Duration = Duration::from_secs(30);
+/// Users, emails and links are listed this many a page (MAS's default: 10).
+const PAGE_SIZE: usize = 100;
+
+/// How to reach one MAS.
+#[derive(Clone, Debug)]
+pub struct MasConfig {
+    pub base_url: String,
+    /// An OAuth 2.0 client listed in MAS's `policy.data.admin_clients`.
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub max_concurrent_requests: usize,
+    pub timeout: Duration,
+}
+
+impl MasConfig {
+    pub fn new(base_url: impl Into<String>, client_id: impl Into<String>, client_secret: SecretString) -> Self {
+        Self {
+            base_url: base_url.into(),
+            client_id: client_id.into(),
+            client_secret,
+            max_concurrent_requests: 8,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A resource of MAS's admin API: `{type, id, attributes}`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Resource<A> {
+    pub id: String,
+    pub attributes: A,
+}
+
+#[derive(Deserialize)]
+struct Single<A> {
+    data: Resource<A>,
+}
+
+#[derive(Deserialize)]
+struct Page<A> {
+    #[serde(default = "Vec::new")]
+    data: Vec<Resource<A>>,
+}
+
+/// A MAS user's attributes.
+#[derive(Clone, Debug, Deserialize)]
+pub struct MasUser {
+    pub username: String,
+    pub created_at: String,
+    #[serde(default)]
+    pub locked_at: Option<String>,
+    #[serde(default)]
+    pub deactivated_at: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MasEmail {
+    pub user_id: String,
+    pub email: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MasLink {
+    pub provider_id: String,
+    pub subject: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct MasProvider {
+    #[serde(default)]
+    pub human_name: Option<String>,
+    #[serde(default)]
+    pub disabled_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Errors {
+    errors: Vec<ErrorItem>,
+}
+
+#[derive(Deserialize)]
+struct ErrorItem {
+    #[serde(default)]
+    title: String,
+}
+
+#[derive(Deserialize)]
+struct OAuthError {
+    error: String,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: SecretString,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// A client of one MAS. Cheap to clone; clones share the connection pool,
+/// the request limit and the token.
+#[derive(Clone, Debug)]
+pub struct MasClient {
+    base: Url,
+    client_id: String,
+    client_secret: SecretString,
+    http: reqwest::Client,
+    permits: Arc<Semaphore>,
+    token: Arc<Mutex<Option<(SecretString, Instant)>>>,
+}
+
+/// What a create did.
+pub enum CreateOutcome {
+    Created(Resource<MasUser>),
+    /// MAS has a user of that name already (409 "User already exists").
+    Exists,
+}
+
+impl MasClient {
+    pub fn new(config: MasConfig) -> Result<Self, MasError> {
+        let invalid = |reason: String| MasError::InvalidUrl { reason };
+        let base = Url::parse(&config.base_url).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(invalid("it must be an http:// or https:// URL".into()));
+        }
+        if !base.username().is_empty() || base.password().is_some() {
+            return Err(invalid("it must not carry credentials".into()));
+        }
+        crate::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            // A redirect would carry the token or a password elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| invalid(e.without_url().to_string()))?;
+        Ok(Self {
+            base,
+            client_id: config.client_id,
+            client_secret: config.client_secret,
+            http,
+            permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
+            token: Arc::default(),
+        })
+    }
+
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new(): the base URL can be a base")
+            .pop_if_empty()
+            .extend(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    /// Sends one request and returns a 2xx answer's status and body; any
+    /// other answer is an error, scrubbed of the request's secrets.
+    async fn exchange(
+        &self,
+        endpoint: MasEndpoint,
+        request: reqwest::RequestBuilder,
+        secrets: &[&SecretString],
+    ) -> Result<(StatusCode, Vec<u8>), MasError> {
+        let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
+        let transport = |source: reqwest::Error| MasError::Transport {
+            endpoint,
+            source: source.without_url(),
+        };
+        let response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        if status.is_redirection() {
+            return Err(MasError::Redirected {
+                endpoint,
+                status: status.as_u16(),
+            });
+        }
+        if status.is_success() {
+            return Ok((status, bytes));
+        }
+        let secrets = RequestSecrets::new(secrets.iter().copied());
+        if let Ok(Errors { errors }) = serde_json::from_slice(&bytes) {
+            let title = errors.first().map(|e| e.title.as_str()).unwrap_or_default();
+            return Err(MasError::Api {
+                endpoint,
+                status: status.as_u16(),
+                title: secrets.scrub(title, MAX_MESSAGE_BYTES),
+            });
+        }
+        if let Ok(OAuthError { error }) = serde_json::from_slice(&bytes) {
+            return Err(MasError::OAuth {
+                endpoint,
+                status: status.as_u16(),
+                error: secrets.scrub(&error, MAX_CODE_BYTES),
+            });
+        }
+        Err(MasError::UnexpectedResponse {
+            endpoint,
+            status: status.as_u16(),
+            body: summary(&secrets, content_type.as_ref(), bytes.len()),
+        })
+    }
+
+    /// A token for the admin API: the cached one, or a new one.
+    async fn token(&self, renew: bool) -> Result<SecretString, MasError> {
+        let mut cached = self.token.lock().await;
+        if !renew
+            && let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(token.clone());
+        }
+        let endpoint = MasEndpoint::Token;
+        let form = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        // client_secret_basic: both parts form-encoded, then Base64 (RFC 6749, 2.3.1).
+        let credentials = SecretString::new(format!(
+            "Basic {}",
+            base64_encode(format!("{}:{}", form(&self.client_id), form(self.client_secret.expose())).as_bytes())
+        ));
+        let request = self
+            .http
+            .post(self.url(&["oauth2", "token"], &[]))
+            .header(AUTHORIZATION, credentials.expose())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials&scope=urn%3Amas%3Aadmin");
+        let requested = Instant::now();
+        let (status, body) = self
+            .exchange(endpoint, request, &[&self.client_secret, &credentials])
+            .await?;
+        let answer: TokenAnswer = decode(endpoint, status, &body)?;
+        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(300));
+        let until = requested + lifetime.saturating_sub(RENEW_BEFORE_EXPIRY.min(lifetime / 2));
+        *cached = Some((answer.access_token.clone(), until));
+        Ok(answer.access_token)
+    }
+
+    /// An admin API call with the token, renewed once if MAS says 401.
+    async fn admin(
+        &self,
+        endpoint: MasEndpoint,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<(Vec<u8>, Vec<&SecretString>)>,
+    ) -> Result<(StatusCode, Vec<u8>), MasError> {
+        let mut path = vec!["api", "admin", "v1"];
+        path.extend_from_slice(segments);
+        let url = self.url(&path, query);
+        let mut renew = false;
+        loop {
+            let token = self.token(renew).await?;
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .bearer_auth(token.expose());
+            let mut secrets = vec![&token];
+            if let Some((json, body_secrets)) = &body {
+                request = request.header(CONTENT_TYPE, "application/json").body(json.clone());
+                secrets.extend(body_secrets.iter().copied());
+            }
+            match self.exchange(endpoint, request, &secrets).await {
+                Err(MasError::Api { status: 401, .. }) if !renew => renew = true,
+                other => return other,
+            }
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        endpoint: MasEndpoint,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<T, MasError> {
+        let (status, body) = self.admin(endpoint, Method::GET, segments, query, None).await?;
+        decode(endpoint, status, &body)
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        endpoint: MasEndpoint,
+        segments: &[&str],
+        body: &impl Serialize,
+    ) -> Result<T, MasError> {
+        let (status, answer) = self
+            .admin(endpoint, Method::POST, segments, &[], Some((to_json(body), Vec::new())))
+            .await?;
+        decode(endpoint, status, &answer)
+    }
+
+    /// Every resource of a list, page by page.
+    async fn list<A: DeserializeOwned>(
+        &self,
+        endpoint: MasEndpoint,
+        segments: &[&str],
+        filters: &[(&str, &str)],
+    ) -> Result<Vec<Resource<A>>, MasError> {
+        let size = PAGE_SIZE.to_string();
+        let mut out: Vec<Resource<A>> = Vec::new();
+        loop {
+            let mut query = filters.to_vec();
+            query.push(("page[first]", &size));
+            let after = out.last().map(|r| r.id.clone());
+            if let Some(after) = &after {
+                query.push(("page[after]", after));
+            }
+            let page: Page<A> = self.get(endpoint, segments, &query).await?;
+            let full = page.data.len() == PAGE_SIZE;
+            out.extend(page.data);
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// MAS's version (`GET /api/admin/v1/version`); also proves the client
+    /// may use the admin API.
+    pub async fn version(&self) -> Result<String, MasError> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: String,
+        }
+        let v: Version = self.get(MasEndpoint::Version, &["version"], &[]).await?;
+        Ok(v.version)
+    }
+
+    /// The user of this username, or `None`.
+    pub async fn user_by_username(&self, username: &str) -> Result<Option<Resource<MasUser>>, MasError> {
+        match self
+            .get::<Single<MasUser>>(MasEndpoint::GetUser, &["users", "by-username", username], &[])
+            .await
+        {
+            Ok(u) => Ok(Some(u.data)),
+            // MAS's own 404 (with its error body) says there is no such user;
+            // a 404 page of something else at the URL says nothing.
+            Err(MasError::Api { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create_user(&self, username: &str) -> Result<CreateOutcome, MasError> {
+        let body = serde_json::json!({ "username": username });
+        match self
+            .post::<Single<MasUser>>(MasEndpoint::CreateUser, &["users"], &body)
+            .await
+        {
+            Ok(u) => Ok(CreateOutcome::Created(u.data)),
+            Err(MasError::Api { status: 409, title, .. }) if title == "User already exists" => {
+                Ok(CreateOutcome::Exists)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn set_password(&self, id: &str, password: &SecretString) -> Result<(), MasError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            password: &'a str,
+        }
+        let json = to_json(&Body {
+            password: password.expose(),
+        });
+        self.admin(
+            MasEndpoint::SetPassword,
+            Method::POST,
+            &["users", id, "set-password"],
+            &[],
+            Some((json, vec![password])),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// `lock`, `unlock`, `reactivate`: a POST with no body that answers
+    /// the user.
+    pub async fn user_action(&self, endpoint: MasEndpoint, id: &str, action: &str) -> Result<(), MasError> {
+        let (status, body) = self
+            .admin(endpoint, Method::POST, &["users", id, action], &[], None)
+            .await?;
+        decode::<Single<MasUser>>(endpoint, status, &body)?;
+        Ok(())
+    }
+
+    /// Deactivates the user, erasing it unless `skip_erase`.
+    pub async fn deactivate(&self, id: &str, skip_erase: bool) -> Result<(), MasError> {
+        let body = serde_json::json!({ "skip_erase": skip_erase });
+        self.post::<Single<MasUser>>(MasEndpoint::Deactivate, &["users", id, "deactivate"], &body)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_admin(&self, id: &str, admin: bool) -> Result<(), MasError> {
+        let body = serde_json::json!({ "admin": admin });
+        self.post::<Single<MasUser>>(MasEndpoint::SetAdmin, &["users", id, "set-admin"], &body)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn emails_of(&self, user_id: &str) -> Result<Vec<Resource<MasEmail>>, MasError> {
+        self.list(MasEndpoint::ListEmails, &["user-emails"], &[("filter[user]", user_id)])
+            .await
+    }
+
+    pub async fn email_holders(&self, email: &str) -> Result<Vec<Resource<MasEmail>>, MasError> {
+        self.list(MasEndpoint::ListEmails, &["user-emails"], &[("filter[email]", email)])
+            .await
+    }
+
+    pub async fn add_email(&self, user_id: &str, email: &str) -> Result<(), MasError> {
+        let body = serde_json::json!({ "user_id": user_id, "email": email });
+        self.post::<Single<MasEmail>>(MasEndpoint::AddEmail, &["user-emails"], &body)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_email(&self, id: &str) -> Result<(), MasError> {
+        self.admin(
+            MasEndpoint::DeleteEmail,
+            Method::DELETE,
+            &["user-emails", id],
+            &[],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn links_of(&self, user_id: &str) -> Result<Vec<Resource<MasLink>>, MasError> {
+        self.list(
+            MasEndpoint::ListLinks,
+            &["upstream-oauth-links"],
+            &[("filter[user]", user_id)],
+        )
+        .await
+    }
+
+    pub async fn link_holders(&self, provider_id: &str, subject: &str) -> Result<Vec<Resource<MasLink>>, MasError> {
+        self.list(
+            MasEndpoint::ListLinks,
+            &["upstream-oauth-links"],
+            &[("filter[provider]", provider_id), ("filter[subject]", subject)],
+        )
+        .await
+    }
+
+    pub async fn add_link(&self, user_id: &str, provider_id: &str, subject: &str) -> Result<(), MasError> {
+        let body = serde_json::json!({ "user_id": user_id, "provider_id": provider_id, "subject": subject });
+        self.post::<Single<MasLink>>(MasEndpoint::AddLink, &["upstream-oauth-links"], &body)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_link(&self, id: &str) -> Result<(), MasError> {
+        self.admin(
+            MasEndpoint::DeleteLink,
+            Method::DELETE,
+            &["upstream-oauth-links", id],
+            &[],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn providers(&self) -> Result<Vec<Resource<MasProvider>>, MasError> {
+        self.list(MasEndpoint::ListProviders, &["upstream-oauth-providers"], &[])
+            .await
+    }
+}
+
+fn decode<T: DeserializeOwned>(endpoint: MasEndpoint, status: StatusCode, body: &[u8]) -> Result<T, MasError> {
+    serde_json::from_slice(body).map_err(|e| MasError::Undecodable {
+        endpoint,
+        status: status.as_u16(),
+        problem: DecodeProblem::of(&e),
+        body: crate::synapse::BodySummary {
+            content_type: None,
+            len: body.len(),
+        },
+    })
+}
+
+fn to_json(value: &impl Serialize) -> Vec<u8> {
+    // Serialising plain data to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Standard Base64 with padding, for the Basic credentials.
+fn base64_encode(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_of_rfc_4648_vectors() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(input.as_bytes()), want, "{input}");
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The MAS backend: Synapse delegates authentication to the Matrix
+//! Authentication Service. The account, its password, emails, upstream
+//! links, lock, admin attribute and deactivation live in MAS's admin API;
+//! displayname, avatar and user type stay in Synapse's (MAS never changes
+//! them after it provisioned the account).
+
+mod client;
+mod error;
+
+use std::collections::BTreeSet;
+
+pub use client::{CreateOutcome, MasClient, MasConfig, MasEmail, MasLink, MasProvider, MasUser, Resource};
+pub use error::{MasEndpoint, MasError};
+
+use crate::account::{Account, ExternalId, Threepid, UserId};
+use crate::backend::{AccountBackend, Applied, BackendError, Created, Unsupported};
+use crate::plan::{Changes, Desired, Lookups, Owners};
+use crate::synapse::{SynapseClient, UserUpdate};
+
+/// A Homeserver whose accounts live in MAS.
+#[derive(Clone, Debug)]
+pub struct MasBackend {
+    mas: MasClient,
+    /// Synapse's admin API, for the profile.
+    synapse: SynapseClient,
+}
+
+/// One call of MAS's (or, for the profile, Synapse's) API, as planned from
+/// changes: the order is the order they are made in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MasCall {
+    Reactivate,
+    SetPassword,
+    Lock,
+    Unlock,
+    SetAdmin(bool),
+    AddEmail(String),
+    DeleteEmail(String),
+    AddLink(ExternalId),
+    DeleteLink(ExternalId),
+    /// Synapse's user PUT with displayname, avatar and user type only.
+    Profile(UserUpdate),
+    /// Deactivate without erasing (`skip_erase`): the spec's
+    /// `deactivated: true` keeps the account's messages and profile.
+    Deactivate,
+}
+
+impl MasCall {
+    /// The names of the fields the call changes (never their values).
+    fn fields(&self) -> Vec<&'static str> {
+        let field = match self {
+            MasCall::Reactivate | MasCall::Deactivate => "deactivated",
+            MasCall::SetPassword => "password",
+            MasCall::Lock | MasCall::Unlock => "locked",
+            MasCall::SetAdmin(_) => "admin",
+            MasCall::AddEmail(_) | MasCall::DeleteEmail(_) => "threepids",
+            MasCall::AddLink(_) | MasCall::DeleteLink(_) => "external_ids",
+            MasCall::Profile(u) => {
+                return [
+                    ("displayname", u.displayname.is_some()),
+                    ("avatar_url", u.avatar_url.is_some()),
+                    ("user_type", u.user_type.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(name, set)| set.then_some(name))
+                .collect();
+            }
+        };
+        vec![field]
+    }
+}
+
+/// The calls that make `changes` on `account`, in order: re-activation
+/// first (nothing else may be changed on a deactivated account in a way
+/// that lasts: deactivation deleted its emails), deactivation last.
+pub fn calls(account: &Account, changes: &Changes) -> Vec<MasCall> {
+    let mut out = Vec::new();
+    if changes.deactivated == Some(false) {
+        out.push(MasCall::Reactivate);
+    }
+    if changes.password.is_some() {
+        out.push(MasCall::SetPassword);
+    }
+    match changes.locked {
+        Some(true) => out.push(MasCall::Lock),
+        Some(false) => out.push(MasCall::Unlock),
+        None => {}
+    }
+    if let Some(admin) = changes.admin {
+        out.push(MasCall::SetAdmin(admin));
+    }
+    if let Some(wanted) = &changes.threepids {
+        let wanted: BTreeSet<String> = wanted.iter().map(|t| t.address.to_ascii_lowercase()).collect();
+        let held: BTreeSet<String> = account
+            .threepids
+            .iter()
+            .map(|t| t.address.to_ascii_lowercase())
+            .collect();
+        out.extend(wanted.difference(&held).cloned().map(MasCall::AddEmail));
+        out.extend(held.difference(&wanted).cloned().map(MasCall::DeleteEmail));
+    }
+    if let Some(wanted) = &changes.external_ids {
+        let wanted: BTreeSet<&ExternalId> = wanted.iter().collect();
+        let held: BTreeSet<&ExternalId> = account.external_ids.iter().collect();
+        out.extend(wanted.difference(&held).map(|e| MasCall::AddLink((*e).clone())));
+        out.extend(held.difference(&wanted).map(|e| MasCall::DeleteLink((*e).clone())));
+    }
+    let profile = UserUpdate {
+        displayname: changes.displayname.clone(),
+        avatar_url: changes.avatar_url.clone(),
+        user_type: changes.user_type.clone(),
+        ..UserUpdate::default()
+    };
+    if profile != UserUpdate::default() {
+        out.push(MasCall::Profile(profile));
+    }
+    if changes.deactivated == Some(true) {
+        out.push(MasCall::Deactivate);
+    }
+    out
+}
+
+/// Seconds since the epoch of an RFC 3339 time.
+fn epoch_seconds(time: &str) -> Option<i64> {
+    time.parse::<k8s_openapi::jiff::Timestamp>().ok().map(|t| t.as_second())
+}
+
+impl MasBackend {
+    pub fn new(mas: MasClient, synapse: SynapseClient) -> Self {
+        Self { mas, synapse }
+    }
+
+    pub fn mas(&self) -> &MasClient {
+        &self.mas
+    }
+
+    pub fn synapse(&self) -> &SynapseClient {
+        &self.synapse
+    }
+
+    /// The MAS ID of the account, which the executor read.
+    fn mas_id(account: &Account) -> Result<&str, MasError> {
+        account.account_id.as_deref().ok_or_else(|| MasError::NotProvisioned {
+            user_id: account.name.clone(),
+        })
+    }
+
+    async fn call(&self, user_id: &UserId, id: &str, call: &MasCall, changes: &Changes) -> Result<(), BackendError> {
+        match call {
+            MasCall::Reactivate => self.mas.user_action(MasEndpoint::Reactivate, id, "reactivate").await?,
+            MasCall::SetPassword => {
+                if let Some(p) = &changes.password {
+                    self.mas.set_password(id, &p.value).await?;
+                }
+            }
+            MasCall::Lock => self.mas.user_action(MasEndpoint::Lock, id, "lock").await?,
+            MasCall::Unlock => self.mas.user_action(MasEndpoint::Unlock, id, "unlock").await?,
+            MasCall::SetAdmin(admin) => self.mas.set_admin(id, *admin).await?,
+            MasCall::AddEmail(email) => self.mas.add_email(id, email).await?,
+            MasCall::DeleteEmail(email) => {
+                for held in self.mas.emails_of(id).await? {
+                    if held.attributes.email.eq_ignore_ascii_case(email) {
+                        self.mas.delete_email(&held.id).await?;
+                    }
+                }
+            }
+            MasCall::AddLink(link) => self.mas.add_link(id, &link.auth_provider, &link.external_id).await?,
+            MasCall::DeleteLink(link) => {
+                for held in self.mas.links_of(id).await? {
+                    if held.attributes.provider_id == link.auth_provider && held.attributes.subject == link.external_id
+                    {
+                        self.mas.delete_link(&held.id).await?;
+                    }
+                }
+            }
+            MasCall::Profile(update) => {
+                self.synapse.put_user(user_id, update).await?;
+            }
+            MasCall::Deactivate => self.mas.deactivate(id, true).await?,
+        }
+        Ok(())
+    }
+}
+
+impl AccountBackend for MasBackend {
+    /// MAS keeps emails only, and links SSO identities to its upstream
+    /// providers by their IDs: each `authProvider` is a provider's ID or
+    /// its human name as MAS reports it.
+    async fn prepare(&self, desired: &mut Desired) -> Result<Result<(), Unsupported>, BackendError> {
+        if let Some(threepids) = &desired.threepids
+            && threepids.iter().any(|t| t.medium != "email")
+        {
+            return Ok(Err(Unsupported(
+                "MAS keeps email addresses only: spec.threepids may not hold an msisdn when the Homeserver has spec.mas"
+                    .into(),
+            )));
+        }
+        let Some(ids) = desired.external_ids.as_mut().filter(|ids| !ids.is_empty()) else {
+            return Ok(Ok(()));
+        };
+        let providers = self.mas.providers().await?;
+        for id in ids.iter_mut() {
+            let by_id = providers.iter().find(|p| p.id == id.auth_provider);
+            let by_name: Vec<_> = providers
+                .iter()
+                .filter(|p| p.attributes.human_name.as_deref() == Some(id.auth_provider.as_str()))
+                .collect();
+            let provider = match (by_id, by_name.as_slice()) {
+                (Some(p), _) => p,
+                (None, [p]) => *p,
+                (None, []) => {
+                    return Ok(Err(Unsupported(format!(
+                        "MAS has no upstream OAuth provider with the ID or name {:?} (spec.externalIds)",
+                        id.auth_provider
+                    ))));
+                }
+                (None, _) => {
+                    return Ok(Err(Unsupported(format!(
+                        "MAS has several upstream OAuth providers named {:?}: give the provider's ID in spec.externalIds",
+                        id.auth_provider
+                    ))));
+                }
+            };
+            id.auth_provider = provider.id.clone();
+        }
+        let mut seen = BTreeSet::new();
+        ids.retain(|e| seen.insert(e.clone()));
+        Ok(Ok(()))
+    }
+
+    async fn read(&self, user_id: &UserId) -> Result<Option<Account>, BackendError> {
+        let Some(user) = self.mas.user_by_username(user_id.localpart()).await? else {
+            return Ok(None);
+        };
+        let emails = self.mas.emails_of(&user.id).await?;
+        let links = self.mas.links_of(&user.id).await?;
+        let Some(profile) = self.synapse.get_user(user_id).await? else {
+            return Err(MasError::NotProvisioned {
+                user_id: user_id.to_string(),
+            }
+            .into());
+        };
+        Ok(Some(Account {
+            name: user_id.to_string(),
+            account_id: Some(user.id),
+            admin: user.attributes.admin,
+            deactivated: user.attributes.deactivated_at.is_some(),
+            locked: user.attributes.locked_at.is_some(),
+            erased: profile.erased,
+            user_type: profile.user_type,
+            displayname: profile.displayname,
+            avatar_url: profile.avatar_url,
+            threepids: emails
+                .into_iter()
+                .map(|e| Threepid {
+                    medium: "email".into(),
+                    address: e.attributes.email,
+                })
+                .collect(),
+            external_ids: links
+                .into_iter()
+                .map(|l| ExternalId {
+                    auth_provider: l.attributes.provider_id,
+                    external_id: l.attributes.subject,
+                })
+                .collect(),
+            creation_ts: epoch_seconds(&user.attributes.created_at),
+        }))
+    }
+
+    async fn owners(&self, account: Option<&Account>, wanted: Lookups) -> Result<Owners, BackendError> {
+        let me = account.and_then(|a| a.account_id.as_deref());
+        let other = |holder: Option<String>| holder.filter(|h| Some(h.as_str()) != me);
+        let mut owners = Owners::default();
+        for t in wanted.threepids {
+            let holders = self.mas.email_holders(&t.address).await?;
+            let holder = holders
+                .into_iter()
+                .map(|h| h.attributes.user_id)
+                .find(|h| Some(h.as_str()) != me);
+            owners.threepids.push((t, other(holder)));
+        }
+        for e in wanted.external_ids {
+            let holders = self.mas.link_holders(&e.auth_provider, &e.external_id).await?;
+            let holder = holders
+                .into_iter()
+                .filter_map(|h| h.attributes.user_id)
+                .find(|h| Some(h.as_str()) != me);
+            owners.external_ids.push((e, other(holder)));
+        }
+        Ok(owners)
+    }
+
+    async fn create(&self, user_id: &UserId) -> Result<Created, BackendError> {
+        let created = matches!(
+            self.mas.create_user(user_id.localpart()).await?,
+            CreateOutcome::Created(_)
+        );
+        Ok(Created { created, account: None })
+    }
+
+    async fn apply(&self, user_id: &UserId, account: &Account, changes: &Changes, _created_now: bool) -> Applied {
+        let mut applied = Applied::default();
+        let id = match Self::mas_id(account) {
+            Ok(id) => id,
+            Err(e) => {
+                applied.error = Some(e.into());
+                return applied;
+            }
+        };
+        for call in calls(account, changes) {
+            applied.writes += 1;
+            if let Err(e) = self.call(user_id, id, &call, changes).await {
+                applied.error = Some(e);
+                return applied;
+            }
+            match &call {
+                MasCall::SetPassword => applied.password = true,
+                MasCall::Reactivate => applied.deactivated = Some(false),
+                MasCall::Deactivate => applied.deactivated = Some(true),
+                _ => {}
+            }
+            applied.fields.push(call.fields());
+        }
+        applied
+    }
+
+    async fn deactivate(&self, _: &UserId, account: &Account, erase: bool) -> Result<(), BackendError> {
+        Ok(self.mas.deactivate(Self::mas_id(account)?, !erase).await?)
+    }
+}

@@ -1,0 +1,228 @@
+//! Where accounts live. Each backend reads an account into the neutral
+//! [`Account`], turns the plan's neutral [`Changes`] into its own calls, and
+//! says what they did:
+//!
+//! - [`synapse`]: Synapse owns its accounts; every change is a user PUT of
+//!   its admin API.
+//! - [`mas`]: Synapse delegates authentication to the Matrix Authentication
+//!   Service; the account, its password, emails, upstream links, lock and
+//!   deactivation live in MAS's admin API, the profile in Synapse's.
+
+pub mod mas;
+mod scrub;
+pub mod synapse;
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::account::{Account, UserId};
+use crate::plan::{Changes, Desired, Lookups, Owners};
+use mas::{MasBackend, MasError};
+use synapse::{SynapseClient, SynapseError};
+
+/// What a failed call means for whoever made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Try again later: the network, a timeout, a 5xx, a race.
+    Transient,
+    /// Try again after the given wait (M_LIMIT_EXCEEDED).
+    RateLimited(Option<Duration>),
+    /// The token (or client secret) is missing or not valid: wait for a new
+    /// Secret.
+    Unauthorized,
+    /// The token is valid but may not do this (not a server admin).
+    Forbidden,
+    /// Something belongs to another account (an external id, a threepid).
+    Conflict,
+    /// The server rejected the request as it is: wait for a spec change.
+    Invalid,
+    /// The account (or the looked-up thing) does not exist.
+    NotFound,
+    /// The URL answers, but not like the API expected there: a web page, a
+    /// redirect, JSON of another shape. Wait for a change of the URL.
+    NotSynapse,
+}
+
+/// A failed call of either backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Synapse(#[from] SynapseError),
+    #[error(transparent)]
+    Mas(#[from] MasError),
+}
+
+impl BackendError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BackendError::Synapse(e) => e.class(),
+            BackendError::Mas(e) => e.class(),
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self.class() {
+            ErrorClass::RateLimited(d) => d,
+            _ => None,
+        }
+    }
+
+    /// The server answered with an error of the 4xx kind: it refused the
+    /// request, which therefore created nothing.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            BackendError::Synapse(e) => matches!(e, SynapseError::Api { status: 400..=499, .. }),
+            BackendError::Mas(e) => e.is_refusal(),
+        }
+    }
+}
+
+/// What a create did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    /// The account did not exist and this call created it.
+    pub created: bool,
+    /// The account as the answer reported it, when it did; `None` means
+    /// read it again.
+    pub account: Option<Account>,
+}
+
+/// What applying changes did, whether or not all of it went through.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The names of the fields of each write that succeeded.
+    pub fields: Vec<Vec<&'static str>>,
+    /// The password was set (the backend said so).
+    pub password: bool,
+    /// A deactivation (`Some(true)`) or re-activation went through.
+    pub deactivated: Option<bool>,
+    /// Writes sent, including failed ones: a failed one may have been
+    /// applied in part.
+    pub writes: usize,
+    /// The account as the last answer reported it after every write, when
+    /// it did; `None` means read it again.
+    pub account: Option<Account>,
+    /// The call that failed; the changes after it were not sent.
+    pub error: Option<BackendError>,
+}
+
+/// Why a spec cannot be managed by a backend (a field it does not have, a
+/// name it does not know).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
+/// One kind of account store, as the executor drives it.
+pub trait AccountBackend: Sync {
+    /// Puts the desired account in the backend's terms (MAS: the upstream
+    /// provider's ID for each SSO link), or says why it cannot be managed.
+    fn prepare(
+        &self,
+        desired: &mut Desired,
+    ) -> impl Future<Output = Result<Result<(), Unsupported>, BackendError>> + Send;
+
+    /// The account, or `None` when there is none.
+    fn read(&self, user_id: &UserId) -> impl Future<Output = Result<Option<Account>, BackendError>> + Send;
+
+    /// Who, other than `account`, holds each threepid and SSO link of
+    /// `lookups`.
+    fn owners(
+        &self,
+        account: Option<&Account>,
+        lookups: Lookups,
+    ) -> impl Future<Output = Result<Owners, BackendError>> + Send;
+
+    /// Creates the account, and nothing else.
+    fn create(&self, user_id: &UserId) -> impl Future<Output = Result<Created, BackendError>> + Send;
+
+    /// Applies `changes` to `account`, in as many calls as the backend
+    /// needs, stopping at the first that fails. `created_now`: this sync
+    /// created the account, so it has no sessions to end yet.
+    fn apply(
+        &self,
+        user_id: &UserId,
+        account: &Account,
+        changes: &Changes,
+        created_now: bool,
+    ) -> impl Future<Output = Applied> + Send;
+
+    /// Deactivates the account, erasing it when `erase`.
+    fn deactivate(
+        &self,
+        user_id: &UserId,
+        account: &Account,
+        erase: bool,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+/// The backend of one Homeserver.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Synapse(SynapseClient),
+    Mas(MasBackend),
+}
+
+impl Backend {
+    /// Synapse's admin client: every Homeserver has one (in MAS mode it
+    /// keeps the profile).
+    pub fn synapse(&self) -> &SynapseClient {
+        match self {
+            Backend::Synapse(c) => c,
+            Backend::Mas(m) => m.synapse(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Synapse(_) => "Synapse",
+            Backend::Mas(_) => "MAS",
+        }
+    }
+}
+
+impl AccountBackend for Backend {
+    async fn prepare(&self, desired: &mut Desired) -> Result<Result<(), Unsupported>, BackendError> {
+        match self {
+            Backend::Synapse(c) => c.prepare(desired).await,
+            Backend::Mas(m) => m.prepare(desired).await,
+        }
+    }
+
+    async fn read(&self, user_id: &UserId) -> Result<Option<Account>, BackendError> {
+        match self {
+            Backend::Synapse(c) => c.read(user_id).await,
+            Backend::Mas(m) => m.read(user_id).await,
+        }
+    }
+
+    async fn owners(&self, account: Option<&Account>, lookups: Lookups) -> Result<Owners, BackendError> {
+        match self {
+            Backend::Synapse(c) => c.owners(account, lookups).await,
+            Backend::Mas(m) => m.owners(account, lookups).await,
+        }
+    }
+
+    async fn create(&self, user_id: &UserId) -> Result<Created, BackendError> {
+        match self {
+            Backend::Synapse(c) => c.create(user_id).await,
+            Backend::Mas(m) => m.create(user_id).await,
+        }
+    }
+
+    async fn apply(&self, user_id: &UserId, account: &Account, changes: &Changes, created_now: bool) -> Applied {
+        match self {
+            Backend::Synapse(c) => c.apply(user_id, account, changes, created_now).await,
+            Backend::Mas(m) => m.apply(user_id, account, changes, created_now).await,
+        }
+    }
+
+    async fn deactivate(&self, user_id: &UserId, account: &Account, erase: bool) -> Result<(), BackendError> {
+        match self {
+            Backend::Synapse(c) => AccountBackend::deactivate(c, user_id, account, erase).await,
+            Backend::Mas(m) => m.deactivate(user_id, account, erase).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
