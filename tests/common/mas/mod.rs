@@ -283,6 +283,16 @@ impl MasStandIn {
         self.shared.expire_admin_tokens();
     }
 
+    /// Expires one admin token (as if its 300 s were over), leaving other
+    /// tests' tokens alone. Panics if `token` is no admin token of this
+    /// stand-in.
+    pub fn expire_admin_token(&self, token: &str) {
+        assert!(
+            self.shared.expire_admin_token(token),
+            "expire_admin_token: not an admin token of the stand-in"
+        );
+    }
+
     /// Every request received, oldest first.
     pub fn requests(&self) -> Vec<MasRequest> {
         self.shared.requests()
@@ -317,6 +327,18 @@ impl MasStandIn {
     /// a later reactivate, as measured. See [`Self::wait_for_synapse_jobs`].
     pub fn set_synapse_job_delay(&self, delay: Option<Duration>) {
         self.shared.set_job_delay(delay);
+    }
+
+    /// As [`Self::set_synapse_job_delay`], for the jobs of one user only
+    /// (`Some(delay)` or `None` = at once), so tests running in parallel
+    /// are not affected. [`Self::clear_synapse_job_delay_for`] returns the
+    /// user to the global setting.
+    pub fn set_synapse_job_delay_for(&self, username: &str, delay: Option<Duration>) {
+        self.shared.set_user_job_delay(username, delay);
+    }
+
+    pub fn clear_synapse_job_delay_for(&self, username: &str) {
+        self.shared.clear_user_job_delay(username);
     }
 
     /// Waits until no delayed Synapse job is pending (panics after `timeout`).

@@ -232,6 +232,8 @@ pub(crate) struct State {
     requests: Vec<MasRequest>,
     synapse_url: Option<String>,
     job_delay: Option<Duration>,
+    /// Per-username delays, over `job_delay`.
+    user_job_delays: HashMap<String, Option<Duration>>,
     job_errors: Vec<String>,
 }
 
@@ -358,7 +360,17 @@ impl Shared {
         if jobs.is_empty() {
             return;
         }
-        let delay = self.lock().job_delay;
+        let delay = {
+            let state = self.lock();
+            let username = match &jobs[0] {
+                Job::Provision { user_id, .. } => state.user(user_id).map(|u| u.username.clone()),
+                Job::Delete { localpart, .. } | Job::Reactivate { localpart } => Some(localpart.clone()),
+            };
+            match username.and_then(|u| state.user_job_delays.get(&u).copied()) {
+                Some(delay) => delay,
+                None => state.job_delay,
+            }
+        };
         match delay {
             None => {
                 for job in jobs {
@@ -431,6 +443,12 @@ impl Shared {
     pub fn set_job_delay(&self, delay: Option<Duration>) {
         self.lock().job_delay = delay;
     }
+    pub fn set_user_job_delay(&self, username: &str, delay: Option<Duration>) {
+        self.lock().user_job_delays.insert(username.to_owned(), delay);
+    }
+    pub fn clear_user_job_delay(&self, username: &str) {
+        self.lock().user_job_delays.remove(username);
+    }
     pub fn job_errors(&self) -> Vec<String> {
         self.lock().job_errors.clone()
     }
@@ -439,6 +457,16 @@ impl Shared {
     }
     pub fn clear_requests(&self) {
         self.lock().requests.clear();
+    }
+    /// Whether `token` is an admin token this stand-in issued.
+    pub fn expire_admin_token(&self, token: &str) -> bool {
+        match self.lock().tokens.get_mut(token) {
+            Some(Token::Admin { expires_ms, .. }) => {
+                *expires_ms = (*expires_ms).min(now_ms());
+                true
+            }
+            _ => false,
+        }
     }
     pub fn expire_admin_tokens(&self) {
         let now = now_ms();

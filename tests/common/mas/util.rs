@@ -171,6 +171,7 @@ pub fn form_pairs(text: &str) -> Vec<(String, String)> {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)] // `#[test]`s vanish in harness = false binaries (e2e)
     use super::*;
 
     #[test]
