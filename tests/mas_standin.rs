@@ -834,3 +834,75 @@ async fn unavailable_answers_503() {
     assert!(result.is_err(), "dropped: {result:?}");
     assert_eq!(admin.get("/api/admin/v1/version").await.0, 200);
 }
+
+#[tokio::test]
+async fn client_secret_post_is_accepted_too() {
+    let _shared = EXCLUSIVE.read().await;
+    let target = mas_standin().target();
+    let body = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("grant_type", "client_credentials")
+        .append_pair("scope", "urn:mas:admin")
+        .append_pair("client_id", &target.client_id)
+        .append_pair("client_secret", &target.client_secret)
+        .finish();
+    let response = http_client()
+        .post(format!("{}/oauth2/token", target.mas_url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["access_token"].as_str().unwrap().starts_with("mat_"));
+}
+
+#[tokio::test]
+async fn compat_logout_ends_the_session_and_the_device() {
+    let _shared = EXCLUSIVE.read().await;
+    let (target, admin) = setup().await;
+    let username = unique("logout");
+    user_with_password(&admin, &username).await;
+    let token = target.login(&username, STRONG_PASSWORD).await.expect("login");
+    let (_, whoami) = target
+        .synapse_request(Method::GET, "/_matrix/client/v3/account/whoami", Some(&token), None)
+        .await;
+    let device = whoami["device_id"].clone();
+    let response = http_client()
+        .post(format!("{}/_matrix/client/v3/logout", target.mas_url))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let (_, devices) = target
+        .synapse_admin_get(&format!(
+            "/_synapse/admin/v2/users/{}/devices",
+            target.user_id(&username)
+        ))
+        .await;
+    assert!(
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["device_id"] != device),
+        "{devices}"
+    );
+    // The device is gone, so Synapse drops even its cached introspection.
+    assert_eq!(target.synapse_whoami_status(&token).await, 401);
+}
+
+#[tokio::test]
+async fn mas_target_is_the_stand_in_without_mas_url() {
+    if std::env::var_os("MAS_URL").is_none() {
+        let _shared = EXCLUSIVE.read().await;
+        assert_eq!(common::mas::mas_target().mas_url, mas_standin().url());
+        let shown = format!("{:?}", mas_standin().target());
+        assert!(
+            !shown.contains(&mas_standin().target().client_secret),
+            "Debug redacts secrets"
+        );
+    }
+}

@@ -74,6 +74,12 @@ impl std::fmt::Debug for MasStandIn {
     }
 }
 
+/// The target of a MAS test suite: a real MAS when `MAS_URL` is set (see
+/// [`MasTarget::from_env`]), else the stand-in (started on first use).
+pub fn mas_target() -> MasTarget {
+    MasTarget::from_env().unwrap_or_else(|| mas_standin().target())
+}
+
 static STANDIN: OnceLock<Result<MasStandIn, String>> = OnceLock::new();
 
 /// The stand-in of this test binary, with its MAS-mode Synapse, started
@@ -128,7 +134,7 @@ fn start() -> Result<MasStandIn, String> {
     let (provider_id, disabled_provider_id) = (providers[0].id.clone(), providers[1].id.clone());
     let shared = Arc::new(Shared {
         state: Mutex::new(State::with_providers(providers)),
-        clients: vec![admin_client.clone(), other_client.clone()],
+        clients: Mutex::new(vec![admin_client.clone(), other_client.clone()]),
         shared_secret: util::random_alnum(40),
         server_name: SERVER_NAME.to_owned(),
         addr,
@@ -264,6 +270,39 @@ impl MasStandIn {
             self.other_client.client_id.clone(),
             self.other_client.client_secret.clone(),
         )
+    }
+
+    /// Registers another OAuth client (`admin`: listed in
+    /// `policy.data.admin_clients`). Returns `(client_id, client_secret)`.
+    pub fn add_client(&self, admin: bool) -> (String, String) {
+        let client = OAuthClient {
+            client_id: util::ulid(),
+            client_secret: util::random_alnum(32),
+            admin,
+        };
+        let pair = (client.client_id.clone(), client.client_secret.clone());
+        self.shared
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(client);
+        pair
+    }
+
+    /// Configures another upstream OAuth provider; returns its ULID.
+    pub fn add_upstream_provider(&self, human_name: &str, enabled: bool) -> String {
+        let now = util::now_ms();
+        let provider = UpstreamProvider {
+            id: util::ulid(),
+            issuer: Some(format!("https://{}.example.test", util::random_alnum(8).to_lowercase())),
+            human_name: Some(human_name.to_owned()),
+            brand_name: None,
+            created_ms: now,
+            disabled_ms: (!enabled).then_some(now),
+        };
+        let id = provider.id.clone();
+        self.shared.lock().providers.push(provider);
+        id
     }
 
     /// ULID of the disabled upstream provider.

@@ -257,7 +257,7 @@ impl State {
 
 pub(crate) struct Shared {
     pub state: Mutex<State>,
-    pub clients: Vec<OAuthClient>,
+    pub clients: Mutex<Vec<OAuthClient>>,
     pub shared_secret: String,
     pub server_name: String,
     pub addr: SocketAddr,
@@ -694,13 +694,12 @@ async fn route(shared: &Arc<Shared>, req: &Incoming_) -> Reply {
             json!({"flows": [{"type": "m.login.password"}]}),
         ),
         (&Method::POST, "/_matrix/client/v3/login" | "/_matrix/client/r0/login") => compat_login(shared, req).await,
+        (&Method::POST, "/_matrix/client/v3/logout" | "/_matrix/client/r0/logout") => compat_logout(shared, req).await,
         (_, "/.well-known/openid-configuration" | "/oauth2/token" | "/oauth2/introspect") => Reply::Empty(405),
-        _ if path.starts_with("/api/admin/v1/") => {
-            if let Err(reply) = admin_auth(shared, &req.headers) {
-                return reply;
-            }
-            admin(shared, req).await
-        }
+        _ if path.starts_with("/api/admin/v1/") => match admin_auth(shared, &req.headers) {
+            Ok(caller) => admin(shared, req, &caller).await,
+            Err(reply) => reply,
+        },
         // Guess: axum's fallback, an empty 404.
         _ => Reply::Empty(404),
     }
@@ -737,11 +736,7 @@ fn discovery(shared: &Shared) -> Reply {
 }
 
 /// The client authenticated by Basic auth or by form fields, if any.
-fn client_auth<'a>(
-    shared: &'a Shared,
-    headers: &HeaderMap,
-    form: &[(String, String)],
-) -> Result<&'a OAuthClient, Reply> {
+fn client_auth(shared: &Shared, headers: &HeaderMap, form: &[(String, String)]) -> Result<OAuthClient, Reply> {
     let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let basic = headers
         .get(http::header::AUTHORIZATION)
@@ -760,8 +755,9 @@ fn client_auth<'a>(
             None => return Err(oauth_error(401, "invalid_client", None)),
         },
     };
-    match shared.clients.iter().find(|c| c.client_id == id) {
-        Some(client) if secret.as_deref() == Some(client.client_secret.as_str()) => Ok(client),
+    let clients = shared.clients.lock().unwrap_or_else(|p| p.into_inner());
+    match clients.iter().find(|c| c.client_id == id) {
+        Some(client) if secret.as_deref() == Some(client.client_secret.as_str()) => Ok(client.clone()),
         _ => Err(oauth_error(401, "invalid_client", None)),
     }
 }
@@ -988,19 +984,59 @@ async fn compat_login(shared: &Arc<Shared>, req: &Incoming_) -> Reply {
     }
 }
 
-/// The admin API's bearer check.
-fn admin_auth(shared: &Shared, headers: &HeaderMap) -> Result<(), Reply> {
+/// Ends the compatibility session of the bearer token and deletes its
+/// device on Synapse, as MAS's compatibility `/logout` does.
+async fn compat_logout(shared: &Arc<Shared>, req: &Incoming_) -> Reply {
+    let unknown = matrix_error(401, "M_UNKNOWN_TOKEN", "Invalid access token");
+    let Some(token) = bearer(&req.headers) else {
+        return matrix_error(401, "M_MISSING_TOKEN", "Missing access token");
+    };
+    let (localpart, device_id) = {
+        let mut state = shared.lock();
+        let Some(Token::Compat {
+            session_id,
+            user_id,
+            device_id,
+            ..
+        }) = state.tokens.get(token).cloned()
+        else {
+            return unknown;
+        };
+        match state.compat_sessions.get_mut(&session_id) {
+            Some(session) if !session.finished => session.finished = true,
+            _ => return unknown,
+        }
+        let Some(user) = state.user(&user_id) else {
+            return unknown;
+        };
+        (user.username.clone(), device_id)
+    };
+    let body = json!({"localpart": localpart, "device_id": device_id});
+    match shared.synapse_call(Method::POST, "delete_device", Some(body)).await {
+        Ok((200 | 204, _)) => Reply::Json(200, json!({})),
+        Ok((status, body)) => matrix_error(500, "M_UNKNOWN", &format!("delete_device: {status} {body}")),
+        Err(message) => matrix_error(500, "M_UNKNOWN", &message),
+    }
+}
+
+/// The admin API's bearer check: the calling client's ID.
+fn admin_auth(shared: &Shared, headers: &HeaderMap) -> Result<String, Reply> {
     // Guess: the titles of MAS's 401s; the status is as measured.
     let Some(token) = bearer(headers) else {
         return Err(error(401, "Missing Authorization header"));
     };
     let state = shared.lock();
     match state.tokens.get(token) {
-        Some(Token::Admin { scope, expires_ms, .. }) => {
+        Some(Token::Admin {
+            scope,
+            expires_ms,
+            client_id,
+            ..
+        }) => {
             if now_ms() >= *expires_ms {
                 Err(error(401, "Access token has expired"))
             } else if scope.split(' ').any(|s| s == SCOPE_MAS_ADMIN) {
-                Ok(())
+                Ok(client_id.clone())
             } else {
                 Err(error(403, "Missing urn:mas:admin scope"))
             }
@@ -1285,7 +1321,7 @@ fn email_valid(email: &str) -> bool {
     }
 }
 
-async fn admin(shared: &Arc<Shared>, req: &Incoming_) -> Reply {
+async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
     let rest = req.path.trim_start_matches("/api/admin/v1/").trim_end_matches('/');
     let segments: Vec<&str> = rest.split('/').collect();
     let q = query_map(&req.query);
@@ -1573,13 +1609,8 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_) -> Reply {
             if add.scope.split(' ').all(str::is_empty) {
                 return error(400, "Invalid scope");
             }
-            // The admin client is the owner (the token's client).
-            let owner = shared
-                .clients
-                .iter()
-                .find(|c| c.admin)
-                .map(|c| c.client_id.clone())
-                .unwrap_or_default();
+            // The client whose token made the call owns the session.
+            let owner = caller.to_owned();
             let now = now_ms();
             let session = PersonalSession {
                 id: ulid(),
