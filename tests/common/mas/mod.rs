@@ -12,6 +12,20 @@
 //! 1.22.0), the OpenAPI document MAS serves, and Synapse's MAS client code;
 //! guesses are marked `// Guess:` in server.rs.
 //!
+//! Knobs (on [`MasStandIn`]), for what only a stand-in can make happen:
+//! - [`MasStandIn::expire_admin_tokens`] / [`MasStandIn::expire_admin_token`]:
+//!   admin tokens expire now instead of after 300 s (admin API: 401);
+//! - [`MasStandIn::set_synapse_job_delay`] / [`MasStandIn::set_synapse_job_delay_for`]:
+//!   MAS's Synapse jobs run late, in the background (default: before the
+//!   admin API answers); [`MasStandIn::wait_for_synapse_jobs`];
+//! - [`MasStandIn::set_down`] (connections dropped) and
+//!   [`MasStandIn::set_unavailable`] (503);
+//! - [`MasStandIn::requests`] / [`MasStandIn::admin_writes`] /
+//!   [`MasStandIn::clear_requests`]: the request log (no bodies, no secrets);
+//! - [`MasStandIn::synapse_job_errors`]: Synapse calls that failed;
+//! - [`MasStandIn::issue_compatibility_token`], [`MasStandIn::add_client`],
+//!   [`MasStandIn::add_upstream_provider`].
+//!
 //! [`mas_standin()`] starts one stand-in and its Synapse per test binary
 //! (the Synapse is separate from [`super::synapse()`]'s, same venv). Test
 //! code should go through [`MasTarget`] (HTTP only), so the same suite can
