@@ -474,7 +474,7 @@ async fn a_repeated_deactivate_can_land_after_a_reactivate() {
     let username = unique("race");
     let id = admin.create_user(&username).await.id;
     assert_eq!(admin.user_action(&id, "deactivate", Value::Null).await.0, 200);
-    standin.set_synapse_job_delay_for(&username, Some(Duration::from_millis(1500)));
+    standin.set_synapse_job_delay_for(&username, Some(Duration::from_secs(5)));
     assert_eq!(
         admin.user_action(&id, "deactivate", Value::Null).await.0,
         200,

@@ -1603,6 +1603,8 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
                 Err(reply) => return reply,
             };
             let mut state = shared.lock();
+            // Guess: a locked or deactivated actor gets the same 404 as an
+            // unknown one (measured only: "any active user" works).
             if !state.user(&add.actor_user_id).is_some_and(User::is_valid) {
                 return error(404, "User not found");
             }
