@@ -148,6 +148,23 @@ async fn create_user_refusals() {
     let (status, body) = admin.post("/api/admin/v1/users", json!({"name": "x"})).await;
     assert_eq!(status, 422, "{body}");
     assert!(body.is_string(), "plain text: {body}");
+    let response = http_client()
+        .post(format!("{}/api/admin/v1/users", admin.mas_url))
+        .bearer_auth(&admin.token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 422, "malformed JSON");
+    let response = http_client()
+        .post(format!("{}/api/admin/v1/users", admin.mas_url))
+        .bearer_auth(&admin.token)
+        .body(json!({"username": unique("notype")}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 415, "no JSON content type");
 }
 
 #[tokio::test]

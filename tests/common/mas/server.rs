@@ -307,9 +307,26 @@ fn user_not_found(id: &str) -> Reply {
     error(404, format!("User ID {id} not found"))
 }
 
-/// Deserialises a JSON body; anything malformed (syntax or shape) is 422 in
-/// plain text, as measured. Guess: the text follows axum's `Json` rejection.
-fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+/// Whether the request says its body is JSON.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Deserialises a required JSON body. Anything malformed (syntax or shape)
+/// is 422 in plain text, as measured. Guess: the texts follow axum's `Json`
+/// rejections (MAS is an axum app), which also answer 415 without
+/// `Content-Type: application/json`.
+fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<T, Reply> {
+    if !is_json(headers) {
+        return Err(Reply::Text(
+            415,
+            "Expected request with `Content-Type: application/json`".to_owned(),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         Reply::Text(
             422,
@@ -1351,7 +1368,7 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
         // ---- users ----
         (&Method::GET, ["users"]) => list_users(shared, &q),
         (&Method::POST, ["users"]) => {
-            let add: AddUser = match json_body(body) {
+            let add: AddUser = match json_body(&req.headers, body) {
                 Ok(add) => add,
                 Err(reply) => return reply,
             };
@@ -1381,7 +1398,7 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
         },
         // MAS has no user deletion: axum answers 405 for the route's other methods.
         (_, ["users", _]) => Reply::Empty(405),
-        (&Method::POST, ["users", id, action]) => user_action(shared, id, action, body).await,
+        (&Method::POST, ["users", id, action]) => user_action(shared, id, action, &req.headers, body).await,
 
         // ---- emails ----
         (&Method::GET, ["user-emails"]) => {
@@ -1405,7 +1422,7 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
             paginate("/api/admin/v1/user-emails", &q, items)
         }
         (&Method::POST, ["user-emails"]) => {
-            let add: AddEmail = match json_body(body) {
+            let add: AddEmail = match json_body(&req.headers, body) {
                 Ok(add) => add,
                 Err(reply) => return reply,
             };
@@ -1497,7 +1514,7 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
             paginate("/api/admin/v1/upstream-oauth-links", &q, items)
         }
         (&Method::POST, ["upstream-oauth-links"]) => {
-            let add: AddLink = match json_body(body) {
+            let add: AddLink = match json_body(&req.headers, body) {
                 Ok(add) => add,
                 Err(reply) => return reply,
             };
@@ -1598,7 +1615,7 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
 
         // ---- personal sessions ----
         (&Method::POST, ["personal-sessions"]) => {
-            let add: AddPersonalSession = match json_body(body) {
+            let add: AddPersonalSession = match json_body(&req.headers, body) {
                 Ok(add) => add,
                 Err(reply) => return reply,
             };
@@ -1697,7 +1714,7 @@ fn list_users(shared: &Shared, q: &HashMap<String, String>) -> Reply {
     paginate("/api/admin/v1/users", q, items)
 }
 
-async fn user_action(shared: &Arc<Shared>, id: &str, action: &str, body: &[u8]) -> Reply {
+async fn user_action(shared: &Arc<Shared>, id: &str, action: &str, headers: &HeaderMap, body: &[u8]) -> Reply {
     if shared.lock().user(id).is_none() {
         return match action {
             "set-password" | "set-admin" | "deactivate" | "reactivate" | "lock" | "unlock" => user_not_found(id),
@@ -1708,7 +1725,7 @@ async fn user_action(shared: &Arc<Shared>, id: &str, action: &str, body: &[u8]) 
     let now = now_ms();
     let (jobs, reply) = match action {
         "set-password" => {
-            let set: SetPassword = match json_body(body) {
+            let set: SetPassword = match json_body(headers, body) {
                 Ok(set) => set,
                 Err(reply) => return reply,
             };
@@ -1721,7 +1738,7 @@ async fn user_action(shared: &Arc<Shared>, id: &str, action: &str, body: &[u8]) 
             return Reply::Empty(204);
         }
         "set-admin" => {
-            let set: SetAdmin = match json_body(body) {
+            let set: SetAdmin = match json_body(headers, body) {
                 Ok(set) => set,
                 Err(reply) => return reply,
             };
@@ -1744,10 +1761,13 @@ async fn user_action(shared: &Arc<Shared>, id: &str, action: &str, body: &[u8]) 
             (vec![provision(id)], single(user_resource(user), self_link))
         }
         "deactivate" => {
-            let deactivate: Deactivate = if body.iter().all(u8::is_ascii_whitespace) {
+            // The body is optional. Guess (axum 0.8's `Option<Json<_>>`):
+            // without a JSON content type it is ignored, so a `skip_erase`
+            // sent as text/plain erases.
+            let deactivate: Deactivate = if body.iter().all(u8::is_ascii_whitespace) || !is_json(headers) {
                 Deactivate::default()
             } else {
-                match json_body(body) {
+                match json_body(headers, body) {
                     Ok(d) => d,
                     Err(reply) => return reply,
                 }
