@@ -7,6 +7,7 @@ pub mod deploy_checks;
 pub mod fake_kube;
 pub mod fixtures;
 pub mod helm;
+pub mod mas;
 pub mod synapse;
 pub mod venv;
 

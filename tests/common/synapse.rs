@@ -41,8 +41,8 @@ use std::io;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
@@ -222,7 +222,7 @@ fn is_localpart_byte(b: u8) -> bool {
     matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/')
 }
 
-fn parse_body(text: &str) -> Value {
+pub fn parse_body(text: &str) -> Value {
     if text.trim().is_empty() {
         Value::Null
     } else {
@@ -237,7 +237,7 @@ fn parse_body(text: &str) -> Value {
 /// process-wide default crypto provider (which would hide a missing install in
 /// the code under test) the client gets a rustls config with an explicit
 /// provider. Only plain http is used, so the empty root store never matters.
-fn http_client() -> reqwest::Client {
+pub fn http_client() -> reqwest::Client {
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("rustls: default protocol versions")
@@ -319,26 +319,35 @@ fn registration_mac(secret: &str, nonce: &str, user: &str, password: &str, admin
 /// kill Synapse under the other tests. So the spawning thread parks forever and
 /// only dies with the process, taking Synapse with it.
 fn start_on_keeper_thread() -> Result<SynapseServer, String> {
+    run_on_keeper_thread("synapse-keeper", start_server)
+        .map_err(|message| format!("synapse harness: could not start Synapse {SYNAPSE_VERSION}: {message}"))
+}
+
+/// Runs `start` on a thread that parks forever once `start` succeeded, so
+/// that children it spawned with `PR_SET_PDEATHSIG` live as long as the
+/// test process (see [`start_on_keeper_thread`]). A panic in `start` is an
+/// `Err` with the panic's message.
+pub fn run_on_keeper_thread<T: Send + 'static>(
+    name: &str,
+    start: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("synapse-keeper".to_owned())
-        .spawn(move || {
-            let result =
-                std::panic::catch_unwind(start_server).unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
-            let ok = result.is_ok();
-            let _ = tx.send(result);
-            if ok {
-                loop {
-                    std::thread::park();
-                }
+    let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(start))
+            .unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
+        let ok = result.is_ok();
+        let _ = tx.send(result);
+        if ok {
+            loop {
+                std::thread::park();
             }
-        });
+        }
+    });
     if let Err(err) = spawned {
-        return Err(format!("synapse harness: cannot spawn the keeper thread: {err}"));
+        return Err(format!("cannot spawn the keeper thread {name}: {err}"));
     }
     rx.recv()
-        .unwrap_or_else(|_| Err("synapse harness: keeper thread ended without a result".to_owned()))
-        .map_err(|message| format!("synapse harness: could not start Synapse {SYNAPSE_VERSION}: {message}"))
+        .unwrap_or_else(|_| Err(format!("keeper thread {name} ended without a result")))
 }
 
 /// The text of a panic's payload.
@@ -365,6 +374,58 @@ impl From<String> for StartError {
 }
 
 fn start_server() -> Result<SynapseServer, String> {
+    let process = start_synapse_process("synapse harness", json!({}))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("building a tokio runtime: {e}"))?;
+    // Admin account.
+    let (admin_token, admin_user_id) = runtime
+        .block_on(shared_secret_register(
+            &process.base_url,
+            &process.registration_shared_secret,
+            ADMIN_LOCALPART,
+            ADMIN_PASSWORD,
+            true,
+        ))
+        .map_err(|message| {
+            format!(
+                "registering the admin failed: {message}\n{}",
+                log_tails(&process.data_dir, LOG_TAIL_LINES)
+            )
+        })?;
+    Ok(SynapseServer {
+        base_url: process.base_url,
+        server_name: SERVER_NAME.to_owned(),
+        admin_user_id,
+        admin_token,
+        data_dir: process.data_dir,
+        registration_shared_secret: process.registration_shared_secret,
+        pid: process.pid,
+    })
+}
+
+/// A Synapse process started by [`start_synapse_process`]: `/health`
+/// answers, the database's background updates are done. No account exists.
+#[derive(Debug)]
+pub struct SynapseProcess {
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub base_url: String,
+    /// Data directory (database, config, logs).
+    pub data_dir: PathBuf,
+    /// `registration_shared_secret` from the generated config.
+    pub registration_shared_secret: String,
+    /// Process ID of the Synapse process.
+    pub pid: u32,
+}
+
+/// Installs the venv if needed and starts one Synapse with the harness's
+/// config plus `extra_overrides` (top-level keys replace the harness's own
+/// overrides, as a later `-c` file does). Stopped when the test process
+/// exits. Call it from a thread that outlives the tests (see
+/// [`run_on_keeper_thread`]): the child dies with the thread that spawned
+/// it. `harness` prefixes the progress line.
+pub fn start_synapse_process(harness: &str, extra_overrides: Value) -> Result<SynapseProcess, String> {
     let started = Instant::now();
     let target = target_dir();
     let venv = ensure_venv(&target)?;
@@ -375,10 +436,10 @@ fn start_server() -> Result<SynapseServer, String> {
 
     let mut last_error = String::new();
     for _ in 0..START_ATTEMPTS {
-        match start_once(&venv, &runs) {
+        match start_once(&venv, &runs, &extra_overrides) {
             Ok(server) => {
                 announce(&format!(
-                    "synapse harness: Synapse {SYNAPSE_VERSION} ready at {} in {:.1}s \
+                    "{harness}: Synapse {SYNAPSE_VERSION} ready at {} in {:.1}s \
                      (venv {:.1}s), data dir {}",
                     server.base_url,
                     started.elapsed().as_secs_f64(),
@@ -396,7 +457,7 @@ fn start_server() -> Result<SynapseServer, String> {
     ))
 }
 
-fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
+fn start_once(venv: &Path, runs: &Path, extra_overrides: &Value) -> Result<SynapseProcess, StartError> {
     let python = venv.join("bin").join("python");
     let n = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
     let data_dir = runs.join(format!("{}-{n}", std::process::id()));
@@ -439,7 +500,7 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
 
     // 2. Test overrides: later `-c` files win per top-level key.
     let port = free_port()?;
-    let overrides = json!({
+    let mut overrides = json!({
         "listeners": [{
             "port": port,
             "bind_addresses": ["127.0.0.1"],
@@ -459,6 +520,9 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
         },
         "report_stats": false,
     });
+    if let (Some(base), Some(extra)) = (overrides.as_object_mut(), extra_overrides.as_object()) {
+        base.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     let overrides_text = serde_yaml::to_string(&overrides).map_err(|e| e.to_string())?;
     fs::write(
         &overrides_yaml,
@@ -487,15 +551,12 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
         .map_err(|e| format!("starting {} -m synapse.app.homeserver: {e}", python.display()))?;
 
     let base_url = format!("http://127.0.0.1:{port}");
-    let result = wait_until_ready(&mut child, &python, &base_url, &data_dir, &registration_shared_secret);
+    let result = wait_until_ready(&mut child, &python, &base_url, &data_dir);
     match result {
-        Ok((admin_token, admin_user_id)) => {
+        Ok(()) => {
             stop_at_exit(child.id());
-            Ok(SynapseServer {
+            Ok(SynapseProcess {
                 base_url,
-                server_name: SERVER_NAME.to_owned(),
-                admin_user_id,
-                admin_token,
                 data_dir,
                 registration_shared_secret,
                 pid: child.id(),
@@ -509,13 +570,7 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
     }
 }
 
-fn wait_until_ready(
-    child: &mut Child,
-    python: &Path,
-    base_url: &str,
-    data_dir: &Path,
-    secret: &str,
-) -> Result<(String, String), StartError> {
+fn wait_until_ready(child: &mut Child, python: &Path, base_url: &str, data_dir: &Path) -> Result<(), StartError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -574,21 +629,7 @@ fn wait_until_ready(
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Admin account.
-    runtime
-        .block_on(shared_secret_register(
-            base_url,
-            secret,
-            ADMIN_LOCALPART,
-            ADMIN_PASSWORD,
-            true,
-        ))
-        .map_err(|message| {
-            StartError::Fatal(format!(
-                "registering the admin failed: {message}\n{}",
-                log_tails(data_dir, LOG_TAIL_LINES)
-            ))
-        })
+    Ok(())
 }
 
 fn check_alive(child: &mut Child, data_dir: &Path) -> Result<(), StartError> {
@@ -676,37 +717,42 @@ fn prune_old_runs(runs: &Path) {
     }
 }
 
-static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
+static RUNNING_PIDS: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+static AT_EXIT: Once = Once::new();
 
-/// Stops Synapse when the test binary exits normally (libtest returns from
-/// `main` or calls `process::exit`), and waits for it, so no Synapse is left
-/// running once `cargo test` returns. `PR_SET_PDEATHSIG` covers the abnormal
-/// exits (killed, aborted) where `atexit` handlers do not run.
+/// Stops every Synapse this process started when the test binary exits
+/// normally (libtest returns from `main` or calls `process::exit`), and
+/// waits for them, so no Synapse is left running once `cargo test` returns.
+/// `PR_SET_PDEATHSIG` covers the abnormal exits (killed, aborted) where
+/// `atexit` handlers do not run.
 fn stop_at_exit(pid: u32) {
-    RUNNING_PID.store(pid as i32, Ordering::SeqCst);
-    // SAFETY: registers a plain `extern "C"` function.
-    unsafe {
-        libc::atexit(stop_synapse);
-    }
+    RUNNING_PIDS.lock().unwrap_or_else(|p| p.into_inner()).push(pid as i32);
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain `extern "C"` function.
+        unsafe {
+            libc::atexit(stop_synapses);
+        }
+    });
 }
 
-extern "C" fn stop_synapse() {
-    let pid = RUNNING_PID.swap(0, Ordering::SeqCst);
-    if pid <= 0 {
-        return;
-    }
-    // SAFETY: plain syscalls on the child we spawned and never reaped.
+extern "C" fn stop_synapses() {
+    let pids = std::mem::take(&mut *RUNNING_PIDS.lock().unwrap_or_else(|p| p.into_inner()));
+    // SAFETY: plain syscalls on children we spawned and never reaped.
     unsafe {
-        libc::kill(pid, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut status = 0;
-        while libc::waitpid(pid, &mut status, libc::WNOHANG) == 0 {
-            if Instant::now() > deadline {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-                return;
+        for &pid in &pids {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        for pid in pids {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut status = 0;
+            while libc::waitpid(pid, &mut status, libc::WNOHANG) == 0 {
+                if Instant::now() > deadline {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -717,7 +763,7 @@ fn pid_alive(pid: libc::pid_t) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn log_tails(data_dir: &Path, lines: usize) -> String {
+pub fn log_tails(data_dir: &Path, lines: usize) -> String {
     let mut text = String::new();
     for name in ["homeserver.log", "synapse.out"] {
         let path = data_dir.join(name);
