@@ -8,6 +8,7 @@ pub mod fake_kube;
 pub mod fixtures;
 pub mod helm;
 pub mod mas;
+pub mod mas_scenarios;
 pub mod synapse;
 pub mod venv;
 

@@ -1,0 +1,367 @@
+//! The MAS scenarios, written against [`MasTarget`] only: `tests/mas.rs`
+//! runs them against the in-process stand-in (and its real MAS-mode
+//! Synapse) in CI, `tests/mas_e2e.rs` runs the very same functions against a
+//! real MAS when `MAS_URL` and friends are set.
+//!
+//! Each drives the library's executor ([`sync_account`], [`delete_account`])
+//! through the MAS backend, and checks MAS and Synapse through their own
+//! HTTP APIs, not through the operator's decoding.
+
+use matrix_user_operator::account::{Account, ExternalId, Threepid, UserId};
+use matrix_user_operator::api::{DeletionPolicy, UserType};
+use matrix_user_operator::apply::{Progress, SyncError, Unguarded, delete_account, sync_account};
+use matrix_user_operator::backend::mas::{MasBackend, MasClient, MasConfig};
+use matrix_user_operator::plan::{Authority, DeletionAction, Desired, DesiredPassword, Refusal, Untouched};
+use matrix_user_operator::secret::SecretString;
+use matrix_user_operator::synapse::{ClientConfig, SynapseClient};
+
+use super::mas::MasTarget;
+
+/// A password MAS's policy accepts (zxcvbn score 4 on a real MAS too).
+pub const STRONG: &str = "Tortoise-Lantern-Quarry-58";
+const STRONG_2: &str = "Velvet-Harbour-Compass-91";
+
+const OWNED: Authority = Authority {
+    owned: true,
+    adopt_requested: false,
+    adoption_allowed: false,
+    admin_allowed: true,
+    owned_creation_ts: None,
+    pending_creation: None,
+};
+
+const FRESH: Authority = Authority {
+    owned: false,
+    adopt_requested: false,
+    adoption_allowed: false,
+    admin_allowed: true,
+    owned_creation_ts: None,
+    pending_creation: None,
+};
+
+pub fn backend(t: &MasTarget) -> MasBackend {
+    let mas = MasClient::new(MasConfig::new(
+        &t.mas_url,
+        &t.client_id,
+        SecretString::new(&t.client_secret),
+    ))
+    .expect("a MAS client");
+    let synapse = SynapseClient::new(ClientConfig::new(
+        &t.synapse_url,
+        SecretString::new(&t.synapse_admin_token),
+    ))
+    .expect("a Synapse client");
+    MasBackend::new(mas, synapse)
+}
+
+/// A localpart no earlier run used (MAS cannot delete users).
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{prefix}-{:x}", nanos % 0xffff_ffff_ffff)
+}
+
+fn user_id(t: &MasTarget, localpart: &str) -> UserId {
+    UserId::new(localpart, &t.server_name).expect("a valid Matrix ID")
+}
+
+fn password(value: &str, applied: bool) -> DesiredPassword {
+    DesiredPassword {
+        value: SecretString::new(value),
+        applied,
+        logout_devices: false,
+    }
+}
+
+fn email(address: &str) -> Threepid {
+    Threepid {
+        medium: "email".into(),
+        address: address.into(),
+    }
+}
+
+fn link(provider: &str, subject: &str) -> ExternalId {
+    ExternalId {
+        auth_provider: provider.into(),
+        external_id: subject.into(),
+    }
+}
+
+async fn sync(b: &MasBackend, d: &Desired, authority: Authority) -> (Result<Account, SyncError>, Progress) {
+    let mut progress = Progress::default();
+    let result = sync_account(b, d, authority, &mut Unguarded, &mut progress).await;
+    (result, progress)
+}
+
+async fn sync_ok(b: &MasBackend, d: &Desired, authority: Authority) -> (Account, Progress) {
+    match sync(b, d, authority).await {
+        (Ok(account), progress) => (account, progress),
+        (Err(e), progress) => panic!("sync of {} failed: {e}; progress {progress:?}", d.user_id),
+    }
+}
+
+/// Synapse's view of the account, raw.
+async fn synapse_user(t: &MasTarget, localpart: &str) -> serde_json::Value {
+    let (status, body) = t.synapse_user(localpart).await;
+    assert_eq!(status, 200, "Synapse's GET of {localpart}: {body}");
+    body
+}
+
+/// Create with every field MAS mode manages, then a second sync writes
+/// nothing, and the password logs in through MAS's compatibility login.
+pub async fn create_with_every_field_then_steady(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("every");
+    let id = user_id(t, &lp);
+    let mut d = Desired::existing(id.clone());
+    d.displayname = Some("Every Field".into());
+    d.avatar_url = Some("mxc://example.org/every".into());
+    d.user_type = Some(UserType::Bot);
+    d.admin = Some(true);
+    d.locked = Some(false);
+    d.password = Some(password(STRONG, false));
+    d.threepids = Some(vec![email(&format!("{lp}@example.org"))]);
+    // By the provider's human name: prepare() maps it to the ID.
+    d.external_ids = Some(vec![link(&t.upstream_provider_name, &format!("sub-{lp}"))]);
+    let (account, p) = sync_ok(&b, &d, FRESH).await;
+    assert!(p.created && p.password_applied, "{p:?}");
+    assert!(account.account_id.is_some(), "MAS's ID is read: {account:?}");
+
+    let mas = t.get_user_by_username(&lp).await.expect("the MAS user");
+    assert!(mas.admin && !mas.locked && !mas.deactivated, "{mas:?}");
+    assert_eq!(t.user_emails(&mas.id).await, vec![format!("{lp}@example.org")]);
+    let links = t.upstream_links(&mas.id).await;
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert_eq!(links[0].provider_id, t.upstream_provider_id);
+    assert_eq!(links[0].subject, format!("sub-{lp}"));
+    let s = synapse_user(t, &lp).await;
+    assert_eq!(s["displayname"], "Every Field", "{s}");
+    assert_eq!(s["avatar_url"], "mxc://example.org/every", "{s}");
+    assert_eq!(s["user_type"], "bot", "{s}");
+    t.login(&lp, STRONG).await.expect("password login through MAS");
+
+    let mut d = d.clone();
+    d.password = Some(password(STRONG, true));
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert_eq!(p.writes, 0, "a steady state is read-only: {p:?}");
+}
+
+/// Every field changed on an existing account.
+pub async fn every_field_changed(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("change");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.displayname = Some("Before".into());
+    d.password = Some(password(STRONG, false));
+    d.threepids = Some(vec![email(&format!("{lp}-a@example.org"))]);
+    d.external_ids = Some(vec![link(&t.upstream_provider_id, &format!("a-{lp}"))]);
+    d.admin = Some(false);
+    sync_ok(&b, &d, FRESH).await;
+
+    d.displayname = Some("After".into());
+    d.avatar_url = Some("mxc://example.org/after".into());
+    d.password = Some(password(STRONG_2, false));
+    d.threepids = Some(vec![email(&format!("{lp}-b@example.org"))]);
+    d.external_ids = Some(vec![link(&t.upstream_provider_id, &format!("b-{lp}"))]);
+    d.admin = Some(true);
+    d.user_type = Some(UserType::Support);
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert!(p.password_applied, "{p:?}");
+    let mas = t.get_user_by_username(&lp).await.expect("the MAS user");
+    assert!(mas.admin, "{mas:?}");
+    assert_eq!(t.user_emails(&mas.id).await, vec![format!("{lp}-b@example.org")]);
+    let subjects: Vec<String> = t.upstream_links(&mas.id).await.into_iter().map(|l| l.subject).collect();
+    assert_eq!(subjects, vec![format!("b-{lp}")]);
+    let s = synapse_user(t, &lp).await;
+    assert_eq!(s["displayname"], "After", "{s}");
+    assert_eq!(s["user_type"], "support", "{s}");
+    assert!(t.login(&lp, STRONG_2).await.is_ok(), "the new password logs in");
+    assert!(t.login(&lp, STRONG).await.is_err(), "the old one does not");
+
+    // Unmanaged again: left as they are.
+    let (_, p) = sync_ok(&b, &Desired::existing(user_id(t, &lp)), OWNED).await;
+    assert_eq!(p.writes, 0, "{p:?}");
+}
+
+/// Lock and unlock: MAS's compatibility login refuses a locked account.
+pub async fn lock_and_unlock(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("lock");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.password = Some(password(STRONG, false));
+    d.locked = Some(true);
+    sync_ok(&b, &d, FRESH).await;
+    assert!(t.get_user_by_username(&lp).await.expect("the MAS user").locked);
+    assert_eq!(
+        t.login(&lp, STRONG).await.map(|_| ()),
+        Err((401, "M_USER_LOCKED".into()))
+    );
+    d.password = Some(password(STRONG, true));
+    d.locked = Some(false);
+    sync_ok(&b, &d, OWNED).await;
+    assert!(!t.get_user_by_username(&lp).await.expect("the MAS user").locked);
+    t.login(&lp, STRONG).await.expect("login after unlock");
+}
+
+/// Deactivate (not erased), then re-activate: MAS deleted the emails and
+/// Synapse cleared the displayname; both come back.
+pub async fn deactivate_and_reactivate(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("deact");
+    let address = format!("{lp}@example.org");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.displayname = Some("Comes Back".into());
+    d.password = Some(password(STRONG, false));
+    d.threepids = Some(vec![email(&address)]);
+    sync_ok(&b, &d, FRESH).await;
+
+    d.deactivated = Some(true);
+    d.password = Some(password(STRONG, true));
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert!(p.deactivated, "{p:?}");
+    let mas = t.get_user_by_username(&lp).await.expect("the MAS user");
+    assert!(mas.deactivated, "{mas:?}");
+    let s = synapse_user(t, &lp).await;
+    assert_eq!(s["deactivated"], true, "{s}");
+    assert_eq!(s["erased"], false, "spec.deactivated keeps the account unerased: {s}");
+    // In sync while deactivated: no second deactivate is ever sent.
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert_eq!(p.writes, 0, "{p:?}");
+
+    d.deactivated = Some(false);
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert!(p.reactivated, "{p:?}");
+    let mas = t.get_user_by_username(&lp).await.expect("the MAS user");
+    assert!(!mas.deactivated, "{mas:?}");
+    assert_eq!(t.user_emails(&mas.id).await, vec![address]);
+    let s = synapse_user(t, &lp).await;
+    assert_eq!(s["displayname"], "Comes Back", "{s}");
+    t.login(&lp, STRONG).await.expect("login after re-activation");
+}
+
+/// Each deletion policy.
+pub async fn deletion_policies(t: &MasTarget) {
+    let b = backend(t);
+    for (policy, erased) in [(DeletionPolicy::Deactivate, false), (DeletionPolicy::Erase, true)] {
+        let lp = unique("delete");
+        let id = user_id(t, &lp);
+        let mut d = Desired::existing(id.clone());
+        d.displayname = Some("Doomed".into());
+        sync_ok(&b, &d, FRESH).await;
+        let action = delete_account(&b, &id, policy, OWNED).await.expect("the deletion");
+        assert_eq!(action, Ok(DeletionAction::Deactivate { erase: erased }), "{policy:?}");
+        assert!(t.get_user_by_username(&lp).await.expect("the MAS user").deactivated);
+        let s = synapse_user(t, &lp).await;
+        assert_eq!(s["deactivated"], true, "{policy:?}: {s}");
+        assert_eq!(s["erased"], erased, "{policy:?}: {s}");
+        let again = delete_account(&b, &id, policy, OWNED)
+            .await
+            .expect("the deletion again");
+        assert_eq!(again, Err(Untouched::AlreadyDone), "{policy:?}");
+    }
+    let lp = unique("retain");
+    let id = user_id(t, &lp);
+    sync_ok(&b, &Desired::existing(id.clone()), FRESH).await;
+    let action = delete_account(&b, &id, DeletionPolicy::Retain, OWNED)
+        .await
+        .expect("retain");
+    assert_eq!(action, Err(Untouched::Retained));
+    assert!(!t.get_user_by_username(&lp).await.expect("the MAS user").deactivated);
+}
+
+/// An account made in MAS by someone else is refused, then adopted when
+/// both the spec and the policy allow it; the refusal writes nothing.
+pub async fn adoption_refused_then_allowed(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("adopt");
+    t.create_user_directly(&lp).await;
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.displayname = Some("Adopted".into());
+    match sync(&b, &d, FRESH).await {
+        (Err(SyncError::Refused(Refusal::AdoptionNotRequested { .. })), p) => {
+            assert_eq!(p.writes, 0, "{p:?}")
+        }
+        (other, p) => panic!("expected AdoptionNotRequested, got {other:?}; {p:?}"),
+    }
+    let adopting = Authority {
+        adopt_requested: true,
+        adoption_allowed: true,
+        ..FRESH
+    };
+    let (_, p) = sync_ok(&b, &d, adopting).await;
+    assert!(p.adopted && !p.created, "{p:?}");
+    assert_eq!(synapse_user(t, &lp).await["displayname"], "Adopted");
+}
+
+/// An email or an SSO link held by another MAS user is a conflict, and is
+/// left where it is.
+pub async fn conflicts(t: &MasTarget) {
+    let b = backend(t);
+    let holder = unique("holder");
+    let address = format!("{holder}@example.org");
+    let mut h = Desired::existing(user_id(t, &holder));
+    h.threepids = Some(vec![email(&address)]);
+    h.external_ids = Some(vec![link(&t.upstream_provider_id, &format!("held-{holder}"))]);
+    sync_ok(&b, &h, FRESH).await;
+
+    let lp = unique("taker");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.threepids = Some(vec![email(&address)]);
+    match sync(&b, &d, FRESH).await {
+        (Err(SyncError::Refused(Refusal::ThreepidInUse { .. })), _) => {}
+        (other, p) => panic!("expected ThreepidInUse, got {other:?}; {p:?}"),
+    }
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.external_ids = Some(vec![link(&t.upstream_provider_id, &format!("held-{holder}"))]);
+    match sync(&b, &d, FRESH).await {
+        (Err(SyncError::Refused(Refusal::ExternalIdInUse { .. })), _) => {}
+        (other, p) => panic!("expected ExternalIdInUse, got {other:?}; {p:?}"),
+    }
+    let mas = t.get_user_by_username(&holder).await.expect("the holder");
+    assert_eq!(t.user_emails(&mas.id).await, vec![address]);
+    assert_eq!(t.upstream_links(&mas.id).await.len(), 1);
+}
+
+/// What MAS mode cannot do is refused before any write: a weak password
+/// (MAS's policy), an msisdn, an unknown upstream provider.
+pub async fn refusals_of_mas_mode(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("weak");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.password = Some(password(&t.weak_password, false));
+    match sync(&b, &d, FRESH).await {
+        (Err(SyncError::Mas(e)), p) => {
+            assert!(e.is_password_refused(), "{e}");
+            assert!(!e.to_string().contains(&t.weak_password), "the password stays out: {e}");
+            assert!(!p.password_applied, "{p:?}");
+        }
+        (other, p) => panic!("expected MAS's refusal, got {other:?}; {p:?}"),
+    }
+
+    let mut d = Desired::existing(user_id(t, &unique("msisdn")));
+    d.threepids = Some(vec![Threepid {
+        medium: "msisdn".into(),
+        address: "15551234567".into(),
+    }]);
+    match sync(&b, &d, FRESH).await {
+        (Err(SyncError::Unsupported(m)), p) => {
+            assert!(m.contains("msisdn"), "{m}");
+            assert_eq!(p.writes, 0, "{p:?}");
+        }
+        (other, p) => panic!("expected Unsupported, got {other:?}; {p:?}"),
+    }
+
+    let lp = unique("provider");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.external_ids = Some(vec![link("no-such-provider", "x")]);
+    match sync(&b, &d, FRESH).await {
+        (Err(SyncError::Unsupported(m)), p) => {
+            assert!(m.contains("no-such-provider"), "{m}");
+            assert_eq!(p.writes, 0, "{p:?}");
+        }
+        (other, p) => panic!("expected Unsupported, got {other:?}; {p:?}"),
+    }
+    assert!(t.get_user_by_username(&lp).await.is_none(), "nothing was created");
+}

@@ -1,0 +1,120 @@
+//! The MAS backend against the in-process MAS stand-in
+//! (`tests/common/mas/`) and the real Synapse it provisions, in MAS mode.
+//! The scenarios are `tests/common/mas_scenarios.rs`, which
+//! `tests/mas_e2e.rs` runs unchanged against a real MAS; the tests after
+//! them use knobs only the stand-in has.
+
+mod common;
+
+use common::mas::mas_standin;
+use common::mas_scenarios::{self as scenarios, STRONG, backend, unique};
+use matrix_user_operator::account::UserId;
+use matrix_user_operator::apply::{Progress, Unguarded, sync_account};
+use matrix_user_operator::backend::AccountBackend;
+use matrix_user_operator::plan::{Authority, Desired, DesiredPassword};
+use matrix_user_operator::secret::SecretString;
+
+#[tokio::test]
+async fn create_with_every_field_then_steady() {
+    scenarios::create_with_every_field_then_steady(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn every_field_changed() {
+    scenarios::every_field_changed(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn lock_and_unlock() {
+    scenarios::lock_and_unlock(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn deactivate_and_reactivate() {
+    scenarios::deactivate_and_reactivate(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn deletion_policies() {
+    scenarios::deletion_policies(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn adoption_refused_then_allowed() {
+    scenarios::adoption_refused_then_allowed(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn conflicts() {
+    scenarios::conflicts(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn refusals_of_mas_mode() {
+    scenarios::refusals_of_mas_mode(&mas_standin().target()).await;
+}
+
+/// An expired admin token (MAS answers 401) is renewed once, and the call
+/// goes through.
+#[tokio::test]
+async fn an_expired_admin_token_is_renewed() {
+    let standin = mas_standin();
+    let t = standin.target();
+    let b = backend(&t);
+    let id = UserId::new(&unique("token"), &t.server_name).unwrap();
+    assert!(b.read(&id).await.expect("a first read").is_none());
+    standin.expire_admin_tokens();
+    standin.clear_requests();
+    assert!(b.read(&id).await.expect("a read after expiry").is_none());
+    let tokens = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/oauth2/token")
+        .count();
+    assert_eq!(tokens, 1, "one new token: {:?}", standin.requests());
+}
+
+/// In sync, a sync sends MAS nothing but GETs.
+#[tokio::test]
+async fn a_steady_state_sends_mas_no_write() {
+    let standin = mas_standin();
+    let t = standin.target();
+    let b = backend(&t);
+    let lp = unique("steady");
+    let mut d = Desired::existing(UserId::new(&lp, &t.server_name).unwrap());
+    d.displayname = Some("Steady".into());
+    d.locked = Some(false);
+    d.admin = Some(false);
+    d.threepids = Some(vec![matrix_user_operator::account::Threepid {
+        medium: "email".into(),
+        address: format!("{lp}@example.org"),
+    }]);
+    d.password = Some(DesiredPassword {
+        value: SecretString::new(STRONG),
+        applied: false,
+        logout_devices: false,
+    });
+    let owned = Authority {
+        owned: true,
+        ..Authority::default()
+    };
+    let mut p = Progress::default();
+    sync_account(&b, &d, Authority::default(), &mut Unguarded, &mut p)
+        .await
+        .expect("the first sync");
+    if let Some(pw) = d.password.as_mut() {
+        pw.applied = true;
+    }
+    standin.clear_requests();
+    let mut p = Progress::default();
+    sync_account(&b, &d, owned, &mut Unguarded, &mut p)
+        .await
+        .expect("the steady sync");
+    assert_eq!(p.writes, 0, "{p:?}");
+    let writes: Vec<_> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != http::Method::GET && r.path != "/oauth2/token" && r.path != "/oauth2/introspect")
+        .collect();
+    assert!(writes.is_empty(), "MAS got writes: {writes:?}");
+}
