@@ -923,3 +923,43 @@ async fn mas_target_is_the_stand_in_without_mas_url() {
         );
     }
 }
+
+#[tokio::test]
+async fn synapse_side_changes_and_mas_reprovisioning() {
+    let _shared = EXCLUSIVE.read().await;
+    let (target, admin) = setup().await;
+    let username = unique("reprov");
+    let id = admin.create_user(&username).await.id;
+    let email = format!("{username}@example.test");
+    assert_eq!(admin.add_email(&id, &email).await.0, 201);
+    let path = format!("/_synapse/admin/v2/users/{}", target.user_id(&username));
+    let (status, body) = target
+        .synapse_admin_put(
+            &path,
+            json!({
+                "threepids": [{"medium": "email", "address": format!("other-{email}")}],
+                "admin": true,
+                "external_ids": [{"auth_provider": "oidc-keycloak", "external_id": "sub-1"}],
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Any re-provisioning (here: lock) puts MAS's emails back; Synapse's
+    // own admin flag and external_ids stay.
+    assert_eq!(admin.user_action(&id, "lock", Value::Null).await.0, 200);
+    let (_, synapse) = target.synapse_user(&username).await;
+    let addresses: Vec<&Value> = synapse["threepids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["address"])
+        .collect();
+    assert_eq!(addresses, vec![&json!(email)], "{synapse}");
+    assert_eq!(synapse["admin"], json!(true));
+    assert_eq!(synapse["external_ids"].as_array().map(Vec::len), Some(1), "{synapse}");
+    assert_eq!(
+        admin.get_user(&id).await.map(|u| u.admin),
+        Some(false),
+        "MAS is not told"
+    );
+}

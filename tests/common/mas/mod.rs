@@ -267,6 +267,11 @@ impl MasStandIn {
         &self.synapse.base_url
     }
 
+    /// Process ID of its Synapse (for SIGSTOP/SIGCONT fault tests).
+    pub fn synapse_pid(&self) -> u32 {
+        self.synapse.pid
+    }
+
     /// The last `lines` lines of the Synapse's logs.
     pub fn synapse_log_tail(&self, lines: usize) -> String {
         log_tails(&self.synapse.data_dir, lines)
