@@ -1,6 +1,7 @@
 //! The kube-runtime wiring: one controller for Homeservers, one for
 //! MatrixUsers, Secrets watched by metadata only.
 
+mod cache;
 mod error;
 mod homeserver;
 mod matrixuser;
@@ -24,6 +25,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+pub use cache::{CacheSizes, WatchedScope};
 pub use error::Error;
 pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
 pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
@@ -74,6 +76,11 @@ pub struct Context {
     synapse_clients: Mutex<HashMap<(String, String), CachedClient>>,
     /// Failed attempts in a row, per object, for exponential backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
+    /// The caches of the controllers' watches, per scope: Homeservers and
+    /// Secret metadata are read there rather than from the API server.
+    /// Empty: every read goes to the API server.
+    watched: Vec<WatchedScope>,
+    secret_values: cache::SecretValues,
 }
 
 struct CachedClient {
@@ -98,7 +105,17 @@ impl Context {
             users,
             synapse_clients: Mutex::default(),
             failures: Mutex::default(),
+            watched: Vec::new(),
+            secret_values: cache::SecretValues::default(),
         }
+    }
+
+    /// Reads Homeservers and Secrets through the caches of these scopes'
+    /// watches (and keeps Secret values per resourceVersion), instead of
+    /// asking the API server on every reconcile.
+    pub fn with_watches(mut self, scopes: Vec<WatchedScope>) -> Self {
+        self.watched = scopes;
+        self
     }
 
     /// Every cached MatrixUser, of every watched scope.
@@ -110,7 +127,7 @@ impl Context {
     /// request limit changed.
     async fn synapse_client(&self, hs: &Homeserver) -> Result<SynapseClient, Error> {
         let ns = hs.namespace().unwrap_or_default();
-        let token = secrets::read_key(&self.client, &ns, &hs.spec.admin_token_secret_ref).await?;
+        let token = self.secret_value(&ns, &hs.spec.admin_token_secret_ref).await?;
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
         let fingerprint = (hs.spec.url.clone(), token.clone(), limit);
         let key = (ns, hs.name_any());
@@ -265,12 +282,21 @@ pub async fn run(
         config.namespaces.iter().cloned().map(Some).collect()
     };
     let (readers, writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
-    let ctx = Arc::new(Context::with_scopes(
-        client.clone(),
-        config.clone(),
-        readers.clone(),
-        metrics,
-    ));
+    let (homeserver_readers, homeserver_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let (secret_readers, secret_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let watched = scopes
+        .iter()
+        .zip(&readers)
+        .zip(homeserver_readers.iter().zip(&secret_readers))
+        .map(|((namespace, users), (homeservers, secrets))| WatchedScope {
+            namespace: namespace.clone(),
+            users: users.clone(),
+            homeservers: homeservers.clone(),
+            secrets: secrets.clone(),
+        })
+        .collect();
+    let ctx =
+        Arc::new(Context::with_scopes(client.clone(), config.clone(), readers.clone(), metrics).with_watches(watched));
     // A MatrixUser's rivals may live in another scope: each scope's
     // controller also takes the rivals the others find for it.
     let (senders, receivers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
@@ -278,16 +304,17 @@ pub async fn run(
     let controllers: Vec<_> = scopes
         .iter()
         .zip(writers)
+        .zip(homeserver_writers.into_iter().zip(secret_writers))
         .zip(receivers)
         .enumerate()
-        .map(|(index, ((scope, writer), rivals))| {
+        .map(|(index, (((scope, writer), caches), rivals))| {
             let scope = Scope {
                 namespace: scope.as_deref(),
                 index,
                 all: all_scopes.clone(),
                 rivals,
             };
-            controllers_for(&client, &ctx, scope, writer, shutdown.clone())
+            controllers_for(&client, &ctx, scope, writer, caches, shutdown.clone())
         })
         .collect();
     let readiness = async move {
@@ -299,9 +326,31 @@ pub async fn run(
         info!("caches synced");
         ready();
     };
-    futures::join!(futures::future::join_all(controllers), readiness);
+    // What is kept per object goes with the object.
+    let sweeping = {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut every = tokio::time::interval(SWEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let sweep = async {
+                loop {
+                    every.tick().await;
+                    ctx.sweep();
+                }
+            };
+            tokio::select! {
+                _ = sweep => {}
+                _ = shutdown => {}
+            }
+        }
+    };
+    futures::join!(futures::future::join_all(controllers), readiness, sweeping);
     info!("controllers stopped");
 }
+
+/// How often what is kept of objects that are gone is dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Where MatrixUsers to reconcile are sent, per scope.
 type RivalSender = tokio::sync::mpsc::UnboundedSender<ObjectRef<MatrixUser>>;
@@ -316,13 +365,22 @@ struct Scope<'a> {
     rivals: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<MatrixUser>>,
 }
 
+/// The caches the MatrixUser controller's trigger watches of one scope fill
+/// for [`Context`]: Homeservers, and Secrets by metadata.
+type ScopeCaches = (
+    reflector::store::Writer<Homeserver>,
+    reflector::store::Writer<PartialObjectMeta<Secret>>,
+);
+
 /// The MatrixUser and Homeserver controllers of one scope, filling `users`
-/// with the scope's MatrixUsers.
+/// with the scope's MatrixUsers and `caches` with its Homeservers and
+/// Secrets' metadata.
 fn controllers_for<S>(
     client: &Client,
     ctx: &Arc<Context>,
     scope: Scope<'_>,
     users: reflector::store::Writer<MatrixUser>,
+    (homeserver_cache, secret_cache): ScopeCaches,
     shutdown: S,
 ) -> futures::future::BoxFuture<'static, ()>
 where
@@ -355,7 +413,7 @@ where
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
         .watches_stream(
-            watch::touched(homeservers_api.clone(), "Homeserver"),
+            watch::touched_into(homeservers_api.clone(), homeserver_cache, "Homeserver"),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
         )
         // When a MatrixUser changes or goes, the others naming the same
@@ -374,9 +432,10 @@ where
         .reconcile_on(futures::stream::unfold(scope.rivals, |mut rivals| async move {
             rivals.recv().await.map(|rival| (rival, rivals))
         }))
-        .watches_stream(watch::touched(secrets_api.clone(), "Secret"), move |secret| {
-            users_of_secret(&by_secret, &homeservers_for_secrets, &secret)
-        })
+        .watches_stream(
+            watch::touched_into(secrets_api.clone(), secret_cache, "Secret"),
+            move |secret| users_of_secret(&by_secret, &homeservers_for_secrets, &secret),
+        )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_user, matrixuser::error_policy, ctx.clone())
         .for_each(|result| async move { log_outcome("MatrixUser", result) });
