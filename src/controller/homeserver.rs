@@ -50,12 +50,12 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
     match result {
         Ok(()) => {
             ctx.reset_backoff(hs.as_ref());
-            Ok(ctx.resync())
+            Ok(ctx.resync(hs.as_ref()))
         }
         Err(e) if e.is_transient() => Err(e),
         // A bad token or URL waits for a change of the spec or the Secret
         // (both watched), and is looked at again at the next resync.
-        Err(_) => Ok(ctx.resync()),
+        Err(_) => Ok(ctx.resync(hs.as_ref())),
     }
 }
 

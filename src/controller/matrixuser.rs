@@ -186,7 +186,7 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
     match result {
         Ok(()) => {
             ctx.reset_backoff(user);
-            Ok(ctx.resync())
+            Ok(ctx.resync(user))
         }
         // The Homeserver is being checked or retried: its status change
         // triggers this MatrixUser again; the backoff covers a missed one
@@ -197,7 +197,7 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
             // Waits for a change of the spec, a Secret or the Homeserver
             // (all watched), and is looked at again at the next resync.
             ctx.reset_backoff(user);
-            Ok(ctx.resync())
+            Ok(ctx.resync(user))
         }
     }
 }

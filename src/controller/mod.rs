@@ -42,8 +42,9 @@ pub const MANAGER: &str = "matrix-user-operator";
 /// How the controllers behave.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// How often an in-sync resource is checked against Synapse (with
-    /// ±10% jitter): Synapse changes produce no watch events.
+    /// How often an in-sync resource is checked against Synapse, each at a
+    /// phase of the interval of its own: Synapse changes produce no watch
+    /// events.
     pub resync_interval: Duration,
     /// Limit on each admin API request.
     pub request_timeout: Duration,
@@ -158,10 +159,16 @@ impl Context {
         Ok(client)
     }
 
-    /// The requeue after a success: the resync interval, ±10%.
-    fn resync(&self) -> Action {
-        let base = self.config.resync_interval.as_secs_f64();
-        Action::requeue(Duration::from_secs_f64(base * (0.9 + 0.2 * random_fraction())))
+    /// The requeue after a success of `obj`: at the object's own phase of
+    /// the resync interval, at least half an interval from now (see
+    /// [`next_resync`]), so objects created together still resync spread
+    /// over the whole interval.
+    fn resync<K: Resource<DynamicType = ()>>(&self, obj: &K) -> Action {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let phase = phase_of(obj.meta().uid.as_deref(), &Self::failure_key(obj));
+        Action::requeue(next_resync(now, self.config.resync_interval, phase))
     }
 
     fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> (String, String, String) {
@@ -210,14 +217,38 @@ impl Context {
 const MIN_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
-/// A fraction in [0, 1) from the OS's randomness (0.5 if it has none).
-fn random_fraction() -> f64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    match ring::rand::SystemRandom::new().fill(&mut b) {
-        Ok(()) => u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0),
-        Err(_) => 0.5,
+/// An object's fixed place in the resync interval, a fraction in [0, 1):
+/// from its uid (random, so uniform), else from its kind, namespace and
+/// name.
+fn phase_of(uid: Option<&str>, key: &(String, String, String)) -> f64 {
+    let text = match uid {
+        Some(uid) => uid.to_string(),
+        None => format!("{}/{}/{}", key.0, key.1, key.2),
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest.as_ref()[..8]);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The wait from `now` (time since the Unix epoch) to the next resync of an
+/// object at `phase` of `interval`: the first instant at that phase of the
+/// wall clock's intervals that is at least half an interval away. In steady
+/// state an object is looked at once per interval, always at the same phase;
+/// after a change (or its creation) the next look comes 0.5 to 1.5 intervals
+/// later. Objects created or changed together, even all in one second, so
+/// resync spread over a whole interval, as their phases are.
+fn next_resync(now: Duration, interval: Duration, phase: f64) -> Duration {
+    let interval = interval.as_secs_f64().max(0.001);
+    let now = now.as_secs_f64();
+    let offset = phase.clamp(0.0, 1.0) * interval;
+    // The first instant at `offset` in an interval at or after now + interval/2.
+    let earliest = now + interval / 2.0;
+    let mut at = (earliest / interval).floor() * interval + offset;
+    if at < earliest {
+        at += interval;
     }
+    Duration::from_secs_f64(at - now)
 }
 
 /// Writes `status` with server-side apply on the status subresource.
@@ -600,6 +631,34 @@ mod tests {
             .collect();
         n.sort();
         n
+    }
+
+    #[test]
+    fn resyncs_keep_each_object_at_its_phase_and_spread_objects_made_together() {
+        let interval = Duration::from_secs(600);
+        let now = Duration::from_secs(1_800_000_123);
+        for phase in [0.0, 0.1, 0.5, 0.77, 0.999] {
+            let wait = next_resync(now, interval, phase);
+            assert!(wait >= interval / 2 && wait < interval * 3 / 2, "{phase}: {wait:?}");
+            // Once at its phase, an object is looked at once per interval.
+            let again = next_resync(now + wait, interval, phase);
+            assert!((again.as_secs_f64() - 600.0).abs() < 1e-3, "{phase}: {again:?}");
+        }
+        // 10,000 objects made in one second resync over the whole interval,
+        // none of its seconds holding more than a few times the mean.
+        let mut per_second = vec![0u32; 1200];
+        for i in 0..10_000 {
+            let key = ("MatrixUser".to_string(), "chat".to_string(), format!("u{i}"));
+            let wait = next_resync(now, interval, phase_of(None, &key));
+            per_second[wait.as_secs() as usize] += 1;
+        }
+        let busy: Vec<usize> = (0..per_second.len()).filter(|s| per_second[*s] > 0).collect();
+        assert!(busy.len() > 550, "{} busy seconds", busy.len());
+        assert!(*per_second.iter().max().unwrap() < 60);
+        assert_eq!(
+            phase_of(Some("a-uid"), &Default::default()),
+            phase_of(Some("a-uid"), &Default::default())
+        );
     }
 
     #[test]
