@@ -30,7 +30,7 @@ struct RunArgs {
     /// Watch only these namespaces: repeat the flag or separate them with commas (default: all namespaces).
     #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
     namespaces: Vec<String>,
-    /// How often each resource is checked against Synapse for drift, e.g. 30s, 10m, 1h (±10% jitter).
+    /// How often each resource is checked against Synapse for drift, e.g. 30s, 10m, 1h (each resource at a phase of the interval of its own).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     resync_interval: Duration,
     /// Reconciles in flight at once, per kind.

@@ -160,6 +160,23 @@ impl Metrics {
         }
     }
 
+    /// Forgets the MatrixUsers for which `keep` is false (they are gone).
+    pub fn retain_users(&self, mut keep: impl FnMut(&str, &str) -> bool) {
+        let mut reasons = self.user_reasons.lock().unwrap_or_else(|p| p.into_inner());
+        reasons.retain(|(ns, name), reason| {
+            let kept = keep(ns, name);
+            if !kept {
+                self.users_by_reason.get_or_create(&ReasonLabel { reason }).dec();
+            }
+            kept
+        });
+    }
+
+    /// How many MatrixUsers the per-user entries cover.
+    pub fn tracked_users(&self) -> usize {
+        self.user_reasons.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// The metrics in Prometheus's text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -183,6 +200,9 @@ mod tests {
         m.user_reason("ns", "b", Some("InSync"));
         m.user_reason("ns", "b", Some("Conflict"));
         m.user_reason("ns", "a", None);
+        m.user_reason("ns", "gone", Some("Conflict"));
+        m.retain_users(|_, name| name != "gone");
+        assert_eq!(m.tracked_users(), 1);
         let text = m.encode();
         for line in [
             r#"matrix_user_operator_reconciliations_total{kind="MatrixUser",result="success"} 1"#,

@@ -813,3 +813,116 @@ async fn the_creation_time_of_a_new_account_is_recorded_with_it() {
     assert_eq!(status.account_creation_ts, acc["creation_ts"].as_i64());
     assert!(status.account_creation_ts.is_some());
 }
+
+/// Issue 9, point 4: the failure counts, the admin clients (holding the
+/// token) and the per-user metrics entries of objects that are gone are
+/// dropped, whether they went through the finalizer or vanished.
+#[tokio::test]
+async fn what_is_kept_per_object_goes_with_the_object() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::core::PartialObjectMeta;
+    use matrix_user_operator::controller::{CacheSizes, Error, WatchedScope};
+    let s = synapse();
+    let (client, fake) = cluster(json!({}));
+    let users: Vec<MatrixUser> = (0..12)
+        .map(|i| {
+            let obj = matrix_user(
+                &format!("churn-{i}"),
+                json!({"homeserverRef": {"name": "hs"}, "localpart": s.unique_localpart("churn")}),
+                Value::Null,
+            );
+            fake.put(obj.clone());
+            stored(&fake, &obj)
+        })
+        .collect();
+    let hs: Homeserver = serde_json::from_value(
+        fake.get("/apis/matrix-operator.io/v1alpha1/namespaces/chat/homeservers/hs")
+            .unwrap(),
+    )
+    .unwrap();
+    let admin: PartialObjectMeta<Secret> =
+        serde_json::from_value(fake.get("/api/v1/namespaces/chat/secrets/admin").unwrap()).unwrap();
+    // The caches as the watches fill them.
+    let (mut user_cache, mut hs_cache, mut secret_cache) = (
+        Writer::<MatrixUser>::default(),
+        Writer::<Homeserver>::default(),
+        Writer::<PartialObjectMeta<Secret>>::default(),
+    );
+    user_cache.apply_watcher_event(&watcher::Event::Init);
+    for u in &users {
+        user_cache.apply_watcher_event(&watcher::Event::InitApply(u.clone()));
+    }
+    user_cache.apply_watcher_event(&watcher::Event::InitDone);
+    hs_cache.apply_watcher_event(&watcher::Event::Init);
+    hs_cache.apply_watcher_event(&watcher::Event::InitApply(hs.clone()));
+    hs_cache.apply_watcher_event(&watcher::Event::InitDone);
+    secret_cache.apply_watcher_event(&watcher::Event::Init);
+    secret_cache.apply_watcher_event(&watcher::Event::InitApply(admin.clone()));
+    secret_cache.apply_watcher_event(&watcher::Event::InitDone);
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Config::default(),
+            user_cache.as_reader(),
+            Metrics::new(),
+        )
+        .with_watches(vec![WatchedScope {
+            namespace: Some(NS.into()),
+            users: user_cache.as_reader(),
+            homeservers: hs_cache.as_reader(),
+            secrets: secret_cache.as_reader(),
+        }]),
+    );
+    reconcile_homeserver(Arc::new(hs.clone()), ctx.clone()).await.unwrap();
+    for u in &users {
+        reconcile_user(Arc::new(u.clone()), ctx.clone()).await.unwrap();
+        ctx.backoff(u, &Error::Stale);
+    }
+    ctx.backoff(&hs, &Error::Stale);
+    let sizes = ctx.cache_sizes();
+    assert_eq!(
+        sizes,
+        CacheSizes {
+            failures: 13,
+            synapse_clients: 1,
+            secret_values: 1,
+            user_metrics: 12
+        }
+    );
+    ctx.sweep();
+    assert_eq!(ctx.cache_sizes(), sizes, "nothing of what is there is dropped");
+    // Half go through the finalizer; the others vanish (their finalizer
+    // taken off by someone else).
+    for (i, u) in users.iter().enumerate() {
+        if i % 2 == 0 {
+            let mut deleting = serde_json::to_value(stored(&fake, &serde_json::to_value(u).unwrap())).unwrap();
+            deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+            fake.put(deleting.clone());
+            reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
+                .await
+                .unwrap();
+        }
+        user_cache.apply_watcher_event(&watcher::Event::Delete(u.clone()));
+    }
+    // The Homeserver goes too, through its finalizer, and its Secret.
+    let mut deleting = serde_json::to_value(&hs).unwrap();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    let api: kube::Api<MatrixUser> = kube::Api::namespaced(client.clone(), NS);
+    for (i, u) in users.iter().enumerate() {
+        if i % 2 == 1 {
+            let name = u.metadata.name.as_deref().unwrap();
+            api.delete(name, &Default::default()).await.unwrap();
+            let unfinalize = json!({"metadata": {"finalizers": null}});
+            api.patch(name, &Default::default(), &kube::api::Patch::Merge(&unfinalize))
+                .await
+                .unwrap();
+        }
+    }
+    reconcile_homeserver(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
+        .await
+        .unwrap();
+    hs_cache.apply_watcher_event(&watcher::Event::Delete(hs));
+    secret_cache.apply_watcher_event(&watcher::Event::Delete(admin));
+    ctx.sweep();
+    assert_eq!(ctx.cache_sizes(), CacheSizes::default());
+}

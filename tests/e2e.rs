@@ -91,7 +91,7 @@ const API_VERSION: &str = "matrix-operator.io/v1alpha1";
 const POLL: Duration = Duration::from_millis(500);
 /// The default deadline of a wait: reconciles triggered by a watch event.
 const WAIT: Duration = Duration::from_secs(60);
-/// Changes the operator only sees at a resync (5 s ±10%) or through a
+/// Changes the operator only sees at a resync (5 s, at most 7.5 s after a change) or through a
 /// Secret watch must show within this.
 const RESYNC_WAIT: Duration = Duration::from_secs(20);
 /// A scenario that takes longer than this fails (a backstop: every wait has

@@ -230,15 +230,31 @@ async fn the_owner_of_an_account_wins_a_duplicate() {
 /// The controllers of `config`, running until the returned sender is
 /// dropped or fired.
 fn run_operator(fake: &FakeApiServer, config: Config) -> tokio::sync::oneshot::Sender<()> {
+    run_operator_with(fake, config, Metrics::new())
+}
+
+/// [`run_operator`], counting into `metrics`.
+fn run_operator_with(fake: &FakeApiServer, config: Config, metrics: Metrics) -> tokio::sync::oneshot::Sender<()> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let client = fake.client();
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        controller::run(client, config, Metrics::new(), shutdown, || {}).await;
+        controller::run(client, config, metrics, shutdown, || {}).await;
     });
     stop
+}
+
+/// How many MatrixUser reconciles succeeded, by the operator's metrics.
+fn user_reconciles(metrics: &Metrics) -> u64 {
+    let prefix = r#"matrix_user_operator_reconciliations_total{kind="MatrixUser",result="success"} "#;
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn config_for(namespaces: &[&str]) -> Config {
@@ -740,4 +756,61 @@ async fn a_revoked_admin_token_waits_for_a_new_one() {
     })
     .await;
     drop(stop);
+}
+
+/// Issue 9, point 3: every reconcile read its Homeserver, the admin token
+/// and the password Secret from the API server, so a resync of in-sync
+/// users cost three GETs each. They come from the watches now: a resync
+/// asks the API server nothing (and writes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_in_sync_users_asks_the_api_server_nothing() {
+    let _serial = serial().await;
+    let s = synapse();
+    let (_, fake) = with_homeservers(&[(NS, json!({}))]);
+    fake.put(secret_in(NS, "steady-pw", "password", "steady-password"));
+    let specs = [
+        json!({"password": {"secretRef": {"name": "steady-pw", "key": "password"}}}),
+        json!({"password": {"generate": true}}),
+        json!({"displayName": "No password"}),
+    ];
+    let users: Vec<Value> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, extra)| {
+            let mut spec = json!({"homeserverRef": {"name": "hs"}, "localpart": s.unique_localpart("steady")});
+            spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            applied_user(NS, &format!("steady-{i}"), spec)
+        })
+        .collect();
+    let metrics = Metrics::new();
+    let config = Config {
+        resync_interval: Duration::from_secs(2),
+        ..config_for(&[NS])
+    };
+    let stop = run_operator_with(&fake, config, metrics.clone());
+    for u in &users {
+        fake.put(u.clone());
+    }
+    wait_until(Duration::from_secs(60), "the MatrixUsers InSync", || async {
+        all_in_sync(&fake, &users)
+    })
+    .await;
+    // What the creation set off (its own status writes, the credentials
+    // Secret) has been seen.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fake.clear_requests();
+    let before = user_reconciles(&metrics);
+    wait_until(Duration::from_secs(30), "each MatrixUser resynced twice", || async {
+        user_reconciles(&metrics) >= before + 2 * users.len() as u64
+    })
+    .await;
+    let asked: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| !r.query.contains("watch=true"))
+        .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+        .collect();
+    drop(stop);
+    assert!(asked.is_empty(), "in-sync resyncs asked the API server: {asked:#?}");
+    assert!(all_in_sync(&fake, &users));
 }

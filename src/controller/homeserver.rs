@@ -53,12 +53,12 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
     match result {
         Ok(()) => {
             ctx.reset_backoff(hs.as_ref());
-            Ok(ctx.resync())
+            Ok(ctx.resync(hs.as_ref()))
         }
         Err(e) if e.is_transient() => Err(e),
         // A bad token or URL waits for a change of the spec or the Secret
         // (both watched), and is looked at again at the next resync.
-        Err(_) => Ok(ctx.resync()),
+        Err(_) => Ok(ctx.resync(hs.as_ref())),
     }
 }
 
@@ -135,7 +135,13 @@ fn now() -> Time {
 async fn hold_token_secret(ctx: &Context, hs: &Homeserver, held_before: Option<&str>) -> Result<String, Error> {
     let ns = hs.namespace().unwrap_or_default();
     let name = hs.spec.admin_token_secret_ref.name.clone();
-    secrets::hold(&ctx.client, &ns, &name).await?;
+    // The watch's copy already carrying the finalizer: nothing to ask.
+    let held = ctx.secret_meta(&ns, &name).is_some_and(|s| {
+        s.meta().deletion_timestamp.is_none() && s.finalizers().iter().any(|f| f == secrets::ADMIN_TOKEN_FINALIZER)
+    });
+    if !held {
+        secrets::hold(&ctx.client, &ns, &name).await?;
+    }
     if let Some(before) = held_before.filter(|b| *b != name) {
         release_token_secret(ctx, hs, before).await?;
     }
@@ -196,6 +202,7 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
     for name in held {
         release_token_secret(ctx, hs, &name).await?;
     }
+    ctx.forget_homeserver(&ns, &hs.name_any());
     info!("homeserver deleted");
     Ok(Action::await_change())
 }

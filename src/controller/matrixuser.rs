@@ -72,14 +72,10 @@ struct ReadyHomeserver {
     backend: Backend,
 }
 
-/// The MatrixUser's Homeserver, as it is now.
-async fn homeserver_of(ctx: &Context, user: &MatrixUser) -> Result<Homeserver, Error> {
-    let ns = user.namespace().unwrap_or_default();
-    let name = &user.spec.homeserver_ref.name;
-    let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &ns);
-    api.get_opt(name)
-        .await?
-        .ok_or_else(|| Error::HomeserverNotFound { name: name.clone() })
+/// The MatrixUser's Homeserver, as the watch last saw it.
+async fn homeserver_of(ctx: &Context, user: &MatrixUser) -> Result<Arc<Homeserver>, Error> {
+    ctx.homeserver(&user.namespace().unwrap_or_default(), &user.spec.homeserver_ref.name)
+        .await
 }
 
 async fn ready_homeserver(ctx: &Context, hs: &Homeserver) -> Result<ReadyHomeserver, Error> {
@@ -191,7 +187,7 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
     match result {
         Ok(()) => {
             ctx.reset_backoff(user);
-            Ok(ctx.resync())
+            Ok(ctx.resync(user))
         }
         // The Homeserver is being checked or retried: its status change
         // triggers this MatrixUser again; the backoff covers a missed one
@@ -202,7 +198,7 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
             // Waits for a change of the spec, a Secret or the Homeserver
             // (all watched), and is looked at again at the next resync.
             ctx.reset_backoff(user);
-            Ok(ctx.resync())
+            Ok(ctx.resync(user))
         }
     }
 }
@@ -464,7 +460,7 @@ async fn sync(
     out: &mut Outcome,
     guard: &mut Guard<'_>,
 ) -> Result<(), Error> {
-    let hs = ready_homeserver(ctx, &homeserver_of(ctx, user).await?).await?;
+    let hs = ready_homeserver(ctx, homeserver_of(ctx, user).await?.as_ref()).await?;
     guard.server_name = Some(hs.server_name.clone());
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
@@ -484,10 +480,9 @@ async fn sync(
         None => None,
         Some(p) => {
             let value = match (&p.secret_ref, p.generate) {
-                (Some(r), _) => secrets::read_key(&ctx.client, &user.namespace().unwrap_or_default(), r).await?,
+                (Some(r), _) => ctx.secret_value(&user.namespace().unwrap_or_default(), r).await?,
                 (None, true) => {
-                    let (value, created) =
-                        secrets::generated_password(&ctx.client, user, user_id.as_str(), &hs.url).await?;
+                    let (value, created) = ctx.generated_password(user, user_id.as_str(), &hs.url).await?;
                     if created {
                         out.generated_secret = Some(secrets::credentials_secret_name(user));
                     }
@@ -678,7 +673,7 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
         }
         Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
     };
-    if skip_cleanup(&hs) {
+    if skip_cleanup(hs.as_ref()) {
         return skip(format!(
             "the Homeserver's {SKIP_CLEANUP} is \"true\": {recorded} is left as it is"
         ))

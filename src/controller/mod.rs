@@ -1,6 +1,7 @@
 //! The kube-runtime wiring: one controller for Homeservers, one for
 //! MatrixUsers, Secrets watched by metadata only.
 
+mod cache;
 mod error;
 mod homeserver;
 mod matrixuser;
@@ -24,6 +25,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+pub use cache::{CacheSizes, WatchedScope};
 pub use error::Error;
 pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
 pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
@@ -42,8 +44,9 @@ pub const MANAGER: &str = "matrix-user-operator";
 /// How the controllers behave.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// How often an in-sync resource is checked against Synapse (with
-    /// ±10% jitter): Synapse changes produce no watch events.
+    /// How often an in-sync resource is checked against Synapse, each at a
+    /// phase of the interval of its own: Synapse changes produce no watch
+    /// events.
     pub resync_interval: Duration,
     /// Limit on each admin API request.
     pub request_timeout: Duration,
@@ -77,6 +80,11 @@ pub struct Context {
     mas_clients: Mutex<HashMap<(String, String), CachedMasClient>>,
     /// Failed attempts in a row, per object, for exponential backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
+    /// The caches of the controllers' watches, per scope: Homeservers and
+    /// Secret metadata are read there rather than from the API server.
+    /// Empty: every read goes to the API server.
+    watched: Vec<WatchedScope>,
+    secret_values: cache::SecretValues,
 }
 
 struct CachedClient {
@@ -107,7 +115,17 @@ impl Context {
             synapse_clients: Mutex::default(),
             mas_clients: Mutex::default(),
             failures: Mutex::default(),
+            watched: Vec::new(),
+            secret_values: cache::SecretValues::default(),
         }
+    }
+
+    /// Reads Homeservers and Secrets through the caches of these scopes'
+    /// watches (and keeps Secret values per resourceVersion), instead of
+    /// asking the API server on every reconcile.
+    pub fn with_watches(mut self, scopes: Vec<WatchedScope>) -> Self {
+        self.watched = scopes;
+        self
     }
 
     /// Every cached MatrixUser, of every watched scope.
@@ -119,7 +137,7 @@ impl Context {
     /// request limit changed.
     async fn synapse_client(&self, hs: &Homeserver) -> Result<SynapseClient, Error> {
         let ns = hs.namespace().unwrap_or_default();
-        let token = secrets::read_key(&self.client, &ns, &hs.spec.admin_token_secret_ref).await?;
+        let token = self.secret_value(&ns, &hs.spec.admin_token_secret_ref).await?;
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
         let fingerprint = (hs.spec.url.clone(), token.clone(), limit);
         let key = (ns, hs.name_any());
@@ -158,7 +176,7 @@ impl Context {
             return Ok(None);
         };
         let ns = hs.namespace().unwrap_or_default();
-        let secret = secrets::read_key(&self.client, &ns, &mas.client_secret_ref).await?;
+        let secret = self.secret_value(&ns, &mas.client_secret_ref).await?;
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
         let fingerprint = (mas.url.clone(), mas.client_id.clone(), secret.clone(), limit);
         let key = (ns, hs.name_any());
@@ -194,10 +212,16 @@ impl Context {
         })
     }
 
-    /// The requeue after a success: the resync interval, ±10%.
-    fn resync(&self) -> Action {
-        let base = self.config.resync_interval.as_secs_f64();
-        Action::requeue(Duration::from_secs_f64(base * (0.9 + 0.2 * random_fraction())))
+    /// The requeue after a success of `obj`: at the object's own phase of
+    /// the resync interval, at least half an interval from now (see
+    /// [`next_resync`]), so objects created together still resync spread
+    /// over the whole interval.
+    fn resync<K: Resource<DynamicType = ()>>(&self, obj: &K) -> Action {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let phase = phase_of(obj.meta().uid.as_deref(), &Self::failure_key(obj));
+        Action::requeue(next_resync(now, self.config.resync_interval, phase))
     }
 
     fn failure_key<K: Resource<DynamicType = ()>>(obj: &K) -> (String, String, String) {
@@ -246,14 +270,38 @@ impl Context {
 const MIN_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
-/// A fraction in [0, 1) from the OS's randomness (0.5 if it has none).
-fn random_fraction() -> f64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    match ring::rand::SystemRandom::new().fill(&mut b) {
-        Ok(()) => u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0),
-        Err(_) => 0.5,
+/// An object's fixed place in the resync interval, a fraction in [0, 1):
+/// from its uid (random, so uniform), else from its kind, namespace and
+/// name.
+fn phase_of(uid: Option<&str>, key: &(String, String, String)) -> f64 {
+    let text = match uid {
+        Some(uid) => uid.to_string(),
+        None => format!("{}/{}/{}", key.0, key.1, key.2),
+    };
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest.as_ref()[..8]);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The wait from `now` (time since the Unix epoch) to the next resync of an
+/// object at `phase` of `interval`: the first instant at that phase of the
+/// wall clock's intervals that is at least half an interval away. In steady
+/// state an object is looked at once per interval, always at the same phase;
+/// after a change (or its creation) the next look comes 0.5 to 1.5 intervals
+/// later. Objects created or changed together, even all in one second, so
+/// resync spread over a whole interval, as their phases are.
+fn next_resync(now: Duration, interval: Duration, phase: f64) -> Duration {
+    let interval = interval.as_secs_f64().max(0.001);
+    let now = now.as_secs_f64();
+    let offset = phase.clamp(0.0, 1.0) * interval;
+    // The first instant at `offset` in an interval at or after now + interval/2.
+    let earliest = now + interval / 2.0;
+    let mut at = (earliest / interval).floor() * interval + offset;
+    if at < earliest {
+        at += interval;
     }
+    Duration::from_secs_f64(at - now)
 }
 
 /// Writes `status` with server-side apply on the status subresource.
@@ -318,12 +366,21 @@ pub async fn run(
         config.namespaces.iter().cloned().map(Some).collect()
     };
     let (readers, writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
-    let ctx = Arc::new(Context::with_scopes(
-        client.clone(),
-        config.clone(),
-        readers.clone(),
-        metrics,
-    ));
+    let (homeserver_readers, homeserver_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let (secret_readers, secret_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let watched = scopes
+        .iter()
+        .zip(&readers)
+        .zip(homeserver_readers.iter().zip(&secret_readers))
+        .map(|((namespace, users), (homeservers, secrets))| WatchedScope {
+            namespace: namespace.clone(),
+            users: users.clone(),
+            homeservers: homeservers.clone(),
+            secrets: secrets.clone(),
+        })
+        .collect();
+    let ctx =
+        Arc::new(Context::with_scopes(client.clone(), config.clone(), readers.clone(), metrics).with_watches(watched));
     // A MatrixUser's rivals may live in another scope: each scope's
     // controller also takes the rivals the others find for it.
     let (senders, receivers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
@@ -331,16 +388,17 @@ pub async fn run(
     let controllers: Vec<_> = scopes
         .iter()
         .zip(writers)
+        .zip(homeserver_writers.into_iter().zip(secret_writers))
         .zip(receivers)
         .enumerate()
-        .map(|(index, ((scope, writer), rivals))| {
+        .map(|(index, (((scope, writer), caches), rivals))| {
             let scope = Scope {
                 namespace: scope.as_deref(),
                 index,
                 all: all_scopes.clone(),
                 rivals,
             };
-            controllers_for(&client, &ctx, scope, writer, shutdown.clone())
+            controllers_for(&client, &ctx, scope, writer, caches, shutdown.clone())
         })
         .collect();
     let readiness = async move {
@@ -352,9 +410,31 @@ pub async fn run(
         info!("caches synced");
         ready();
     };
-    futures::join!(futures::future::join_all(controllers), readiness);
+    // What is kept per object goes with the object.
+    let sweeping = {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut every = tokio::time::interval(SWEEP_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let sweep = async {
+                loop {
+                    every.tick().await;
+                    ctx.sweep();
+                }
+            };
+            tokio::select! {
+                _ = sweep => {}
+                _ = shutdown => {}
+            }
+        }
+    };
+    futures::join!(futures::future::join_all(controllers), readiness, sweeping);
     info!("controllers stopped");
 }
+
+/// How often what is kept of objects that are gone is dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Where MatrixUsers to reconcile are sent, per scope.
 type RivalSender = tokio::sync::mpsc::UnboundedSender<ObjectRef<MatrixUser>>;
@@ -369,13 +449,22 @@ struct Scope<'a> {
     rivals: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<MatrixUser>>,
 }
 
+/// The caches the MatrixUser controller's trigger watches of one scope fill
+/// for [`Context`]: Homeservers, and Secrets by metadata.
+type ScopeCaches = (
+    reflector::store::Writer<Homeserver>,
+    reflector::store::Writer<PartialObjectMeta<Secret>>,
+);
+
 /// The MatrixUser and Homeserver controllers of one scope, filling `users`
-/// with the scope's MatrixUsers.
+/// with the scope's MatrixUsers and `caches` with its Homeservers and
+/// Secrets' metadata.
 fn controllers_for<S>(
     client: &Client,
     ctx: &Arc<Context>,
     scope: Scope<'_>,
     users: reflector::store::Writer<MatrixUser>,
+    (homeserver_cache, secret_cache): ScopeCaches,
     shutdown: S,
 ) -> futures::future::BoxFuture<'static, ()>
 where
@@ -408,7 +497,7 @@ where
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
         .watches_stream(
-            watch::touched(homeservers_api.clone(), "Homeserver"),
+            watch::touched_into(homeservers_api.clone(), homeserver_cache, "Homeserver"),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
         )
         // When a MatrixUser changes or goes, the others naming the same
@@ -427,9 +516,10 @@ where
         .reconcile_on(futures::stream::unfold(scope.rivals, |mut rivals| async move {
             rivals.recv().await.map(|rival| (rival, rivals))
         }))
-        .watches_stream(watch::touched(secrets_api.clone(), "Secret"), move |secret| {
-            users_of_secret(&by_secret, &homeservers_for_secrets, &secret)
-        })
+        .watches_stream(
+            watch::touched_into(secrets_api.clone(), secret_cache, "Secret"),
+            move |secret| users_of_secret(&by_secret, &homeservers_for_secrets, &secret),
+        )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_user, matrixuser::error_policy, ctx.clone())
         .for_each(|result| async move { log_outcome("MatrixUser", result) });
@@ -594,6 +684,34 @@ mod tests {
             .collect();
         n.sort();
         n
+    }
+
+    #[test]
+    fn resyncs_keep_each_object_at_its_phase_and_spread_objects_made_together() {
+        let interval = Duration::from_secs(600);
+        let now = Duration::from_secs(1_800_000_123);
+        for phase in [0.0, 0.1, 0.5, 0.77, 0.999] {
+            let wait = next_resync(now, interval, phase);
+            assert!(wait >= interval / 2 && wait < interval * 3 / 2, "{phase}: {wait:?}");
+            // Once at its phase, an object is looked at once per interval.
+            let again = next_resync(now + wait, interval, phase);
+            assert!((again.as_secs_f64() - 600.0).abs() < 1e-3, "{phase}: {again:?}");
+        }
+        // 10,000 objects made in one second resync over the whole interval,
+        // none of its seconds holding more than a few times the mean.
+        let mut per_second = vec![0u32; 1200];
+        for i in 0..10_000 {
+            let key = ("MatrixUser".to_string(), "chat".to_string(), format!("u{i}"));
+            let wait = next_resync(now, interval, phase_of(None, &key));
+            per_second[wait.as_secs() as usize] += 1;
+        }
+        let busy: Vec<usize> = (0..per_second.len()).filter(|s| per_second[*s] > 0).collect();
+        assert!(busy.len() > 550, "{} busy seconds", busy.len());
+        assert!(*per_second.iter().max().unwrap() < 60);
+        assert_eq!(
+            phase_of(Some("a-uid"), &Default::default()),
+            phase_of(Some("a-uid"), &Default::default())
+        );
     }
 
     #[test]

@@ -16,17 +16,23 @@ use crate::secret::{SecretString, generate_password};
 /// about 186 bits.
 const GENERATED_PASSWORD_LEN: usize = 32;
 
-/// The value of one key of a Secret in `namespace`.
-pub async fn read_key(client: &Client, namespace: &str, r: &SecretKeyRef) -> Result<SecretString, Error> {
+/// The value of one key of a Secret in `namespace`, read from the API
+/// server, and the resourceVersion of the copy it came from.
+pub async fn read_key_at(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<(SecretString, Option<String>), Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = api.get_opt(&r.name).await?.ok_or_else(|| Error::SecretNotFound {
         name: r.name.clone(),
         key: r.key.clone(),
     })?;
-    value_of(&secret, &r.key).ok_or_else(|| Error::SecretKeyMissing {
+    let value = value_of(&secret, &r.key).ok_or_else(|| Error::SecretKeyMissing {
         name: r.name.clone(),
         key: r.key.clone(),
-    })
+    })?;
+    Ok((value, secret.resource_version()))
 }
 
 fn value_of(secret: &Secret, key: &str) -> Option<SecretString> {
@@ -102,13 +108,14 @@ pub fn credentials_secret_name(user: &MatrixUser) -> String {
 
 /// The password in the generated credentials Secret, creating the Secret
 /// (owned by the MatrixUser) when it does not exist. A Secret of that name
-/// that the MatrixUser does not own is never touched.
+/// that the MatrixUser does not own is never touched. Also says whether it
+/// was created, and the resourceVersion of the copy read or created.
 pub async fn generated_password(
     client: &Client,
     user: &MatrixUser,
     user_id: &str,
     homeserver_url: &str,
-) -> Result<(SecretString, bool), Error> {
+) -> Result<(SecretString, bool, Option<String>), Error> {
     let ns = user.namespace().unwrap_or_default();
     let name = credentials_secret_name(user);
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -124,7 +131,7 @@ pub async fn generated_password(
                 name: name.clone(),
                 key: "password".into(),
             })?;
-            return Ok((password, false));
+            return Ok((password, false, existing.resource_version()));
         }
         let password = generate_password(GENERATED_PASSWORD_LEN)
             .map_err(|_| Error::InvalidSpec("the system has no randomness to generate a password".into()))?;
@@ -165,7 +172,7 @@ pub async fn generated_password(
             )
             .await
         {
-            Ok(_) => return Ok((password, true)),
+            Ok(created) => return Ok((password, true, created.resource_version())),
             // Made meanwhile (by us in another pass, or by someone else):
             // read it again and check who owns it.
             Err(kube::Error::Api(s)) if s.code == 409 => continue,

@@ -91,6 +91,25 @@ where
     objects_only(events(api, watcher::Config::default()).touched_objects(), what)
 }
 
+/// [`touched`], also keeping `writer`'s cache of the objects: the cache is
+/// updated before the object is handed on, so what it triggers sees it.
+pub fn touched_into<K>(
+    api: Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    what: &'static str,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    objects_only(
+        events(api, watcher::Config::default())
+            .reflect(writer)
+            .touched_objects(),
+        what,
+    )
+}
+
 /// Keeps the objects of a stream and logs its errors instead of passing
 /// them on, so the controller never pauses for them.
 pub fn objects_only<K, E: std::fmt::Display>(
