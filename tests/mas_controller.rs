@@ -13,7 +13,9 @@ use common::mas_scenarios::{STRONG, unique};
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use matrix_user_operator::api::{Homeserver, MatrixUser};
-use matrix_user_operator::controller::{Config, Context, HOMESERVER_FINALIZER, reconcile_homeserver, reconcile_user};
+use matrix_user_operator::controller::{
+    ADMIN_TOKEN_FINALIZER, Config, Context, HOMESERVER_FINALIZER, reconcile_homeserver, reconcile_user,
+};
 use matrix_user_operator::metrics::Metrics;
 use serde_json::{Value, json};
 
@@ -111,6 +113,23 @@ async fn a_matrixuser_on_a_mas_homeserver_is_created_in_mas_and_then_in_sync() {
     let hs_status = hs.status.as_ref().unwrap();
     assert_eq!(hs_status.backend.as_deref(), Some("MAS"));
     assert!(hs_status.mas_version.is_some(), "{hs_status:?}");
+    // Both Secrets are held, so that a namespace deletion leaves them
+    // readable until the MatrixUsers' deletion policies (in MAS) ran.
+    assert_eq!(
+        hs_status.held_mas_secret.as_deref(),
+        Some("mas-client"),
+        "{hs_status:?}"
+    );
+    for name in ["admin", "mas-client"] {
+        let secret = fake.get(&path_of(&secret_in(NS, name, "k", "v"))).expect("the Secret");
+        assert!(
+            secret["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == ADMIN_TOKEN_FINALIZER)),
+            "{name} is held: {}",
+            secret["metadata"]
+        );
+    }
 
     let lp = unique("ctl");
     fake.put(secret_in(NS, "pw", "password", STRONG));

@@ -87,6 +87,14 @@ fn default_max_concurrent_requests() -> u32 {
     8
 }
 
+impl HomeserverSpec {
+    /// Whether the Homeserver reads the Secret `name` (its admin token, or
+    /// its MAS client's secret).
+    pub fn uses_secret(&self, name: &str) -> bool {
+        self.admin_token_secret_ref.name == name || self.mas.as_ref().is_some_and(|m| m.client_secret_ref.name == name)
+    }
+}
+
 /// What MatrixUsers that reference a Homeserver may ask for.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -131,4 +139,8 @@ pub struct HomeserverStatus {
     /// Released when the Homeserver goes or names another Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_secret: Option<String>,
+    /// The Secret of `spec.mas.clientSecretRef`, held the same way: the
+    /// deletion policies of MAS accounts need MAS too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_mas_secret: Option<String>,
 }

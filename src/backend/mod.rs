@@ -20,6 +20,18 @@ use crate::plan::{Changes, Desired, Lookups, Owners};
 use mas::{MasBackend, MasError};
 use synapse::{SynapseClient, SynapseError};
 
+/// A callback told of every request to a backend: the endpoint's name (a
+/// closed set: Synapse's `Endpoint`, MAS's `MasEndpoint`), the HTTP status
+/// (`None` when no response came) and the duration. For metrics.
+#[derive(Clone)]
+pub struct RequestObserver(pub std::sync::Arc<dyn Fn(&'static str, Option<u16>, Duration) + Send + Sync>);
+
+impl std::fmt::Debug for RequestObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestObserver")
+    }
+}
+
 /// What a failed call means for whoever made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {

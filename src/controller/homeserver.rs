@@ -97,7 +97,18 @@ async fn check_and_record(hs: &Homeserver, ctx: &Context, hold: bool) -> Result<
             Err(Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. })
         )
     {
-        status.held_secret = Some(hold_token_secret(ctx, hs, old.held_secret.as_deref()).await?);
+        let admin_token = hs.spec.admin_token_secret_ref.name.clone();
+        status.held_secret = Some(hold_secret(ctx, hs, admin_token, old.held_secret.as_deref()).await?);
+        let mas_secret = hs.spec.mas.as_ref().map(|m| m.client_secret_ref.name.clone());
+        status.held_mas_secret = match mas_secret {
+            Some(name) => Some(hold_secret(ctx, hs, name, old.held_mas_secret.as_deref()).await?),
+            None => {
+                if let Some(before) = old.held_mas_secret.as_deref() {
+                    release_secret(ctx, hs, before).await?;
+                }
+                None
+            }
+        };
     }
     record(ctx, hs, &old, status, &ready).await?;
     Ok(result.map(|_| ()))
@@ -128,13 +139,13 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// Puts the finalizer on the admin token Secret, so that deleting the
-/// namespace leaves the token readable until the MatrixUsers' deletion
-/// policies ran, and releases the one held before if the spec now names
-/// another. Returns the name of the Secret held.
-async fn hold_token_secret(ctx: &Context, hs: &Homeserver, held_before: Option<&str>) -> Result<String, Error> {
+/// Puts the finalizer on a Secret the Homeserver reads (its admin token,
+/// its MAS client's secret), so that deleting the namespace leaves it
+/// readable until the MatrixUsers' deletion policies ran, and releases the
+/// one held before in its place if the spec now names another. Returns the
+/// name of the Secret held.
+async fn hold_secret(ctx: &Context, hs: &Homeserver, name: String, held_before: Option<&str>) -> Result<String, Error> {
     let ns = hs.namespace().unwrap_or_default();
-    let name = hs.spec.admin_token_secret_ref.name.clone();
     // The watch's copy already carrying the finalizer: nothing to ask.
     let held = ctx.secret_meta(&ns, &name).is_some_and(|s| {
         s.meta().deletion_timestamp.is_none() && s.finalizers().iter().any(|f| f == secrets::ADMIN_TOKEN_FINALIZER)
@@ -142,21 +153,20 @@ async fn hold_token_secret(ctx: &Context, hs: &Homeserver, held_before: Option<&
     if !held {
         secrets::hold(&ctx.client, &ns, &name).await?;
     }
-    if let Some(before) = held_before.filter(|b| *b != name) {
-        release_token_secret(ctx, hs, before).await?;
+    // Still read by this Homeserver in its other role: kept.
+    if let Some(before) = held_before.filter(|b| *b != name && !hs.spec.uses_secret(b)) {
+        release_secret(ctx, hs, before).await?;
     }
     Ok(name)
 }
 
 /// Releases the Secret `name` unless another Homeserver of the namespace
 /// that is not being deleted still uses it.
-async fn release_token_secret(ctx: &Context, hs: &Homeserver, name: &str) -> Result<(), Error> {
+async fn release_secret(ctx: &Context, hs: &Homeserver, name: &str) -> Result<(), Error> {
     let ns = hs.namespace().unwrap_or_default();
     let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &ns);
     let still_used = api.list(&ListParams::default()).await?.items.iter().any(|other| {
-        other.uid() != hs.uid()
-            && other.meta().deletion_timestamp.is_none()
-            && other.spec.admin_token_secret_ref.name == name
+        other.uid() != hs.uid() && other.meta().deletion_timestamp.is_none() && other.spec.uses_secret(name)
     });
     if !still_used {
         secrets::release(&ctx.client, &ns, name).await?;
@@ -196,11 +206,18 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
     }
     // The Secret the status names, and the one the spec names (held, maybe,
     // by a pass whose status write failed).
-    let mut held: Vec<String> = hs.status.iter().filter_map(|s| s.held_secret.clone()).collect();
+    let mut held: Vec<String> = hs
+        .status
+        .iter()
+        .flat_map(|s| [s.held_secret.clone(), s.held_mas_secret.clone()])
+        .flatten()
+        .collect();
     held.push(hs.spec.admin_token_secret_ref.name.clone());
+    held.extend(hs.spec.mas.iter().map(|m| m.client_secret_ref.name.clone()));
+    held.sort();
     held.dedup();
     for name in held {
-        release_token_secret(ctx, hs, &name).await?;
+        release_secret(ctx, hs, &name).await?;
     }
     ctx.forget_homeserver(&ns, &hs.name_any());
     info!("homeserver deleted");

@@ -152,10 +152,7 @@ impl Context {
             admin_token: token,
             max_concurrent_requests: limit,
             timeout: self.config.request_timeout,
-            observer: Some(RequestObserver({
-                let metrics = self.metrics.clone();
-                Arc::new(move |endpoint, status, took| metrics.admin_request(endpoint, status, took))
-            })),
+            observer: Some(self.request_observer()),
         })
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
         cache.insert(
@@ -166,6 +163,14 @@ impl Context {
             },
         );
         Ok(client)
+    }
+
+    /// Counts every backend request in the metrics.
+    fn request_observer(&self) -> RequestObserver {
+        let metrics = self.metrics.clone();
+        RequestObserver(Arc::new(move |endpoint, status, took| {
+            metrics.admin_request(endpoint, status, took)
+        }))
     }
 
     /// The MAS admin client of a Homeserver with `spec.mas`, made anew when
@@ -192,6 +197,7 @@ impl Context {
             client_secret: secret,
             max_concurrent_requests: limit,
             timeout: self.config.request_timeout,
+            observer: Some(self.request_observer()),
         })?;
         cache.insert(
             key,
@@ -606,7 +612,7 @@ fn users_of_secret(
     let token_of: Vec<String> = homeservers
         .state()
         .iter()
-        .filter(|h| h.namespace() == ns && h.spec.admin_token_secret_ref.name == name)
+        .filter(|h| h.namespace() == ns && h.spec.uses_secret(&name))
         .map(|h| h.name_any())
         .collect();
     let owners: Vec<&str> = secret
@@ -640,9 +646,7 @@ fn deleting_homeserver_of(store: &Store<Homeserver>, user: &MatrixUser) -> Optio
 
 fn homeservers_of_secret(store: &Store<Homeserver>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Homeserver>> {
     let (ns, name) = (secret.namespace(), secret.name_any());
-    refs_where(store, |h| {
-        h.namespace() == ns && h.spec.admin_token_secret_ref.name == name
-    })
+    refs_where(store, |h| h.namespace() == ns && h.spec.uses_secret(&name))
 }
 
 #[cfg(test)]

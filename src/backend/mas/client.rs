@@ -14,6 +14,7 @@ use tokio::sync::{Mutex, Semaphore};
 use url::Url;
 
 use super::error::{MasEndpoint, MasError};
+use crate::backend::RequestObserver;
 use crate::backend::scrub::RequestSecrets;
 use crate::secret::SecretString;
 use crate::synapse::{DecodeProblem, MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
@@ -32,6 +33,8 @@ pub struct MasConfig {
     pub client_secret: SecretString,
     pub max_concurrent_requests: usize,
     pub timeout: Duration,
+    /// Told of every request, as Synapse's client tells its own.
+    pub observer: Option<RequestObserver>,
 }
 
 impl MasConfig {
@@ -42,6 +45,7 @@ impl MasConfig {
             client_secret,
             max_concurrent_requests: 8,
             timeout: Duration::from_secs(30),
+            observer: None,
         }
     }
 }
@@ -132,6 +136,7 @@ pub struct MasClient {
     http: reqwest::Client,
     permits: Arc<Semaphore>,
     token: Arc<Mutex<Option<(SecretString, Instant)>>>,
+    observer: Option<RequestObserver>,
 }
 
 /// What a create did.
@@ -166,6 +171,7 @@ impl MasClient {
             http,
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
             token: Arc::default(),
+            observer: config.observer,
         })
     }
 
@@ -190,14 +196,24 @@ impl MasClient {
         secrets: &[&SecretString],
     ) -> Result<(StatusCode, Vec<u8>), MasError> {
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
-        let transport = |source: reqwest::Error| MasError::Transport {
-            endpoint,
-            source: source.without_url(),
+        let started = Instant::now();
+        let observe = |status: Option<StatusCode>| {
+            if let Some(o) = &self.observer {
+                (o.0)(endpoint.as_str(), status.map(|s| s.as_u16()), started.elapsed());
+            }
+        };
+        let transport = |source: reqwest::Error| {
+            observe(None);
+            MasError::Transport {
+                endpoint,
+                source: source.without_url(),
+            }
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
         let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        observe(Some(status));
         if status.is_redirection() {
             return Err(MasError::Redirected {
                 endpoint,

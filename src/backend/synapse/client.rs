@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use super::{BodySummary, DecodeProblem, Endpoint, ErrCode, SynapseError, SynapseUser, UserId, UserUpdate};
+use crate::backend::RequestObserver;
 use crate::backend::scrub::RequestSecrets;
 use crate::secret::SecretString;
 
@@ -30,16 +31,6 @@ pub struct ClientConfig {
     /// Told of every request: endpoint, HTTP status (`None` when no
     /// response came) and duration. For metrics.
     pub observer: Option<RequestObserver>,
-}
-
-/// A callback told of every admin request.
-#[derive(Clone)]
-pub struct RequestObserver(pub Arc<dyn Fn(Endpoint, Option<u16>, Duration) + Send + Sync>);
-
-impl std::fmt::Debug for RequestObserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RequestObserver")
-    }
 }
 
 impl ClientConfig {
@@ -143,7 +134,7 @@ impl SynapseClient {
         let started = std::time::Instant::now();
         let observe = |status: Option<StatusCode>| {
             if let Some(o) = &self.observer {
-                (o.0)(endpoint, status.map(|s| s.as_u16()), started.elapsed());
+                (o.0)(endpoint.as_str(), status.map(|s| s.as_u16()), started.elapsed());
             }
         };
         let transport = |source: reqwest::Error| {
