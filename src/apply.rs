@@ -169,6 +169,7 @@ pub async fn sync_account<B: AccountBackend>(
             authority.owned = true;
             authority.owned_creation_ts = created_at;
             progress.creation_ts = created_at;
+            progress.account_id = account.as_ref().and_then(|a| a.account_id.clone());
             if plan.created_by_pending {
                 info!(user_id = %desired.user_id, "recognised the account a pending creation made");
                 authority.pending_creation = None;
@@ -221,10 +222,10 @@ pub async fn sync_account<B: AccountBackend>(
                 progress.pending_creation = PendingOutcome::Settled;
                 if created.created {
                     info!(user_id = %desired.user_id, "created the account");
-                    let created_at = created.account.as_ref().and_then(|a| a.creation_ts);
                     authority.owned = true;
-                    authority.owned_creation_ts = created_at;
-                    progress.creation_ts = created_at;
+                    authority.owned_creation_ts = created.creation_ts;
+                    progress.creation_ts = created.creation_ts;
+                    progress.account_id = created.account_id.clone();
                     progress.created = true;
                     created_now = true;
                 }

@@ -97,6 +97,10 @@ pub struct Created {
     /// The account as the answer reported it, when it did; `None` means
     /// read it again.
     pub account: Option<Account>,
+    /// When the created account was created and the backend's ID of it, as
+    /// the answer said (also when it reported no whole account).
+    pub creation_ts: Option<i64>,
+    pub account_id: Option<String>,
 }
 
 /// What applying changes did, whether or not all of it went through.

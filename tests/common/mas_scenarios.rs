@@ -335,6 +335,9 @@ pub async fn refusals_of_mas_mode(t: &MasTarget) {
         (Err(SyncError::Mas(e)), p) => {
             assert!(e.is_password_refused(), "{e}");
             assert!(!p.password_applied, "{p:?}");
+            // Created before the password was refused: the ownership
+            // record is complete all the same.
+            assert!(p.created && p.creation_ts.is_some() && p.account_id.is_some(), "{p:?}");
         }
         (other, p) => panic!("expected MAS's refusal, got {other:?}; {p:?}"),
     }

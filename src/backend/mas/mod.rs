@@ -292,11 +292,22 @@ impl AccountBackend for MasBackend {
     }
 
     async fn create(&self, user_id: &UserId) -> Result<Created, BackendError> {
-        let created = matches!(
-            self.mas.create_user(user_id.localpart()).await?,
-            CreateOutcome::Created(_)
-        );
-        Ok(Created { created, account: None })
+        // The account is read again: its emails, links and Synapse profile
+        // are not in MAS's answer.
+        Ok(match self.mas.create_user(user_id.localpart()).await? {
+            CreateOutcome::Created(user) => Created {
+                created: true,
+                account: None,
+                creation_ts: epoch_seconds(&user.attributes.created_at),
+                account_id: Some(user.id),
+            },
+            CreateOutcome::Exists => Created {
+                created: false,
+                account: None,
+                creation_ts: None,
+                account_id: None,
+            },
+        })
     }
 
     async fn apply(&self, user_id: &UserId, account: &Account, changes: &Changes, _created_now: bool) -> Applied {

@@ -109,6 +109,8 @@ impl AccountBackend for SynapseClient {
         let outcome = self.put_user(user_id, &UserUpdate::default()).await?;
         Ok(Created {
             created: outcome.created,
+            creation_ts: outcome.user.creation_ts,
+            account_id: None,
             account: Some(outcome.user.into()),
         })
     }
