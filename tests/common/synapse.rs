@@ -91,10 +91,20 @@ static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// be started; once startup failed, every later call panics with the same
 /// message without trying again.
 pub fn synapse() -> &'static SynapseServer {
-    match SERVER.get_or_init(start_on_keeper_thread) {
+    match SERVER.get_or_init(|| start_on_keeper_thread(DEFAULT_BCRYPT_ROUNDS)) {
         Ok(server) => server,
         Err(message) => panic!("{message}"),
     }
+}
+
+/// The `bcrypt_rounds` of the shared test Synapse.
+pub const DEFAULT_BCRYPT_ROUNDS: u32 = 4;
+
+/// A Synapse of its own (not the shared one), set up as [`synapse()`]'s
+/// but hashing passwords with `bcrypt_rounds` (Synapse's default is 12):
+/// for benchmarks. Stopped when the process exits.
+pub fn start_synapse(bcrypt_rounds: u32) -> Result<SynapseServer, String> {
+    start_on_keeper_thread(bcrypt_rounds)
 }
 
 impl SynapseServer {
@@ -318,13 +328,13 @@ fn registration_mac(secret: &str, nonce: &str, user: &str, password: &str, admin
 /// the process: spawning from a test thread (which ends with its test) would
 /// kill Synapse under the other tests. So the spawning thread parks forever and
 /// only dies with the process, taking Synapse with it.
-fn start_on_keeper_thread() -> Result<SynapseServer, String> {
+fn start_on_keeper_thread(bcrypt_rounds: u32) -> Result<SynapseServer, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("synapse-keeper".to_owned())
         .spawn(move || {
-            let result =
-                std::panic::catch_unwind(start_server).unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
+            let result = std::panic::catch_unwind(|| start_server(bcrypt_rounds))
+                .unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
             let ok = result.is_ok();
             let _ = tx.send(result);
             if ok {
@@ -364,7 +374,7 @@ impl From<String> for StartError {
     }
 }
 
-fn start_server() -> Result<SynapseServer, String> {
+fn start_server(bcrypt_rounds: u32) -> Result<SynapseServer, String> {
     let started = Instant::now();
     let target = target_dir();
     let venv = ensure_venv(&target)?;
@@ -375,7 +385,7 @@ fn start_server() -> Result<SynapseServer, String> {
 
     let mut last_error = String::new();
     for _ in 0..START_ATTEMPTS {
-        match start_once(&venv, &runs) {
+        match start_once(&venv, &runs, bcrypt_rounds) {
             Ok(server) => {
                 announce(&format!(
                     "synapse harness: Synapse {SYNAPSE_VERSION} ready at {} in {:.1}s \
@@ -396,7 +406,7 @@ fn start_server() -> Result<SynapseServer, String> {
     ))
 }
 
-fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
+fn start_once(venv: &Path, runs: &Path, bcrypt_rounds: u32) -> Result<SynapseServer, StartError> {
     let python = venv.join("bin").join("python");
     let n = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
     let data_dir = runs.join(format!("{}-{n}", std::process::id()));
@@ -450,7 +460,7 @@ fn start_once(venv: &Path, runs: &Path) -> Result<SynapseServer, StartError> {
         }],
         "trusted_key_servers": [],
         "enable_registration": false,
-        "bcrypt_rounds": 4,
+        "bcrypt_rounds": bcrypt_rounds,
         "background_updates": {"sleep_enabled": false},
         "rc_login": {
             "address": {"per_second": 1000, "burst_count": 1000},
@@ -677,13 +687,21 @@ fn prune_old_runs(runs: &Path) {
 }
 
 static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
+/// Synapses started by [`start_synapse`], stopped at exit too.
+static MORE_PIDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
 
 /// Stops Synapse when the test binary exits normally (libtest returns from
 /// `main` or calls `process::exit`), and waits for it, so no Synapse is left
 /// running once `cargo test` returns. `PR_SET_PDEATHSIG` covers the abnormal
 /// exits (killed, aborted) where `atexit` handlers do not run.
 fn stop_at_exit(pid: u32) {
-    RUNNING_PID.store(pid as i32, Ordering::SeqCst);
+    if RUNNING_PID
+        .compare_exchange(0, pid as i32, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        MORE_PIDS.lock().unwrap_or_else(|p| p.into_inner()).push(pid as i32);
+        return;
+    }
     // SAFETY: registers a plain `extern "C"` function.
     unsafe {
         libc::atexit(stop_synapse);
@@ -691,10 +709,17 @@ fn stop_at_exit(pid: u32) {
 }
 
 extern "C" fn stop_synapse() {
-    let pid = RUNNING_PID.swap(0, Ordering::SeqCst);
-    if pid <= 0 {
-        return;
+    let more = std::mem::take(&mut *MORE_PIDS.lock().unwrap_or_else(|p| p.into_inner()));
+    for pid in more {
+        stop_pid(pid);
     }
+    let pid = RUNNING_PID.swap(0, Ordering::SeqCst);
+    if pid > 0 {
+        stop_pid(pid);
+    }
+}
+
+fn stop_pid(pid: i32) {
     // SAFETY: plain syscalls on the child we spawned and never reaped.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
