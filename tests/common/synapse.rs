@@ -91,10 +91,20 @@ static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// be started; once startup failed, every later call panics with the same
 /// message without trying again.
 pub fn synapse() -> &'static SynapseServer {
-    match SERVER.get_or_init(start_on_keeper_thread) {
+    match SERVER.get_or_init(|| start_on_keeper_thread(DEFAULT_BCRYPT_ROUNDS)) {
         Ok(server) => server,
         Err(message) => panic!("{message}"),
     }
+}
+
+/// The `bcrypt_rounds` of the shared test Synapse.
+pub const DEFAULT_BCRYPT_ROUNDS: u32 = 4;
+
+/// A Synapse of its own (not the shared one), set up as [`synapse()`]'s
+/// but hashing passwords with `bcrypt_rounds` (Synapse's default is 12):
+/// for benchmarks. Stopped when the process exits.
+pub fn start_synapse(bcrypt_rounds: u32) -> Result<SynapseServer, String> {
+    start_on_keeper_thread(bcrypt_rounds)
 }
 
 impl SynapseServer {
@@ -318,8 +328,8 @@ fn registration_mac(secret: &str, nonce: &str, user: &str, password: &str, admin
 /// the process: spawning from a test thread (which ends with its test) would
 /// kill Synapse under the other tests. So the spawning thread parks forever and
 /// only dies with the process, taking Synapse with it.
-fn start_on_keeper_thread() -> Result<SynapseServer, String> {
-    run_on_keeper_thread("synapse-keeper", start_server)
+fn start_on_keeper_thread(bcrypt_rounds: u32) -> Result<SynapseServer, String> {
+    run_on_keeper_thread("synapse-keeper", move || start_server(bcrypt_rounds))
         .map_err(|message| format!("synapse harness: could not start Synapse {SYNAPSE_VERSION}: {message}"))
 }
 
@@ -373,8 +383,8 @@ impl From<String> for StartError {
     }
 }
 
-fn start_server() -> Result<SynapseServer, String> {
-    let process = start_synapse_process("synapse harness", json!({}))?;
+fn start_server(bcrypt_rounds: u32) -> Result<SynapseServer, String> {
+    let process = start_synapse_process("synapse harness", json!({ "bcrypt_rounds": bcrypt_rounds }))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -511,7 +521,7 @@ fn start_once(venv: &Path, runs: &Path, extra_overrides: &Value) -> Result<Synap
         }],
         "trusted_key_servers": [],
         "enable_registration": false,
-        "bcrypt_rounds": 4,
+        "bcrypt_rounds": DEFAULT_BCRYPT_ROUNDS,
         "background_updates": {"sleep_enabled": false},
         "rc_login": {
             "address": {"per_second": 1000, "burst_count": 1000},
