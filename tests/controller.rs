@@ -140,7 +140,19 @@ async fn new_user_is_created_and_recorded_then_in_sync_costs_no_writes() {
     assert_eq!(status.observed_generation, Some(1));
     let digest = status.password_digest.clone().expect("password digest recorded");
     assert!(!digest.contains("first-password"));
-    assert_eq!(fake.event_reasons(), vec!["Created", "Updated", "PasswordChanged"]);
+    // One Event for the new account, naming what was set (never a value).
+    assert_eq!(fake.event_reasons(), vec!["Created"]);
+    let note = fake
+        .requests()
+        .iter()
+        .find(|r| r.path.ends_with("/events"))
+        .and_then(|r| r.body["note"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    assert!(
+        note.contains("displayname") && note.contains("threepids") && note.contains("password"),
+        "{note}"
+    );
+    assert!(!note.contains("first-password"), "{note}");
     let (code, acc) = account(&s.user_id(&lp)).await;
     assert_eq!(code, 200);
     assert_eq!(acc["displayname"], "Alice");
@@ -886,7 +898,8 @@ async fn what_is_kept_per_object_goes_with_the_object() {
             failures: 13,
             synapse_clients: 1,
             secret_values: 1,
-            user_metrics: 12
+            user_metrics: 12,
+            digests: 0,
         }
     );
     ctx.sweep();

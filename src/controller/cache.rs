@@ -98,6 +98,8 @@ pub struct CacheSizes {
     pub synapse_clients: usize,
     pub secret_values: usize,
     pub user_metrics: usize,
+    /// Password digests known to match.
+    pub digests: usize,
 }
 
 impl Context {
@@ -229,6 +231,10 @@ impl Context {
             })
         });
         self.metrics.retain_users(|ns, name| !user_gone(ns, name));
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(ns, name), _| !user_gone(ns, name));
     }
 
     /// Forgets what is kept for the Homeserver `name` of `namespace` (its
@@ -253,6 +259,7 @@ impl Context {
             synapse_clients: self.synapse_clients.lock().unwrap_or_else(|p| p.into_inner()).len(),
             secret_values: self.secret_values.len(),
             user_metrics: self.metrics.tracked_users(),
+            digests: self.digests.lock().unwrap_or_else(|p| p.into_inner()).len(),
         }
     }
 }

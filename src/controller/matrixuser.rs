@@ -21,7 +21,7 @@ use crate::api::{
 use crate::apply::{Halt, PendingOutcome, Progress, Write, WriteGuard, delete_account, sync_account};
 use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
-use crate::secret::{SecretString, digest_matches, password_digest};
+use crate::secret::{SecretString, password_digest};
 use crate::synapse::UserId;
 
 /// Put on every MatrixUser so its deletion policy runs before it goes.
@@ -496,7 +496,7 @@ async fn sync(
             let applied = old
                 .password_digest
                 .as_deref()
-                .is_some_and(|d| digest_matches(d, &value));
+                .is_some_and(|d| ctx.digest_matches(user, d, &value));
             Some(DesiredPassword {
                 value,
                 applied,
@@ -518,7 +518,9 @@ async fn sync(
     if out.progress.password_applied
         && let Some(p) = &desired.password
     {
-        out.password_digest = Some(password_digest(&p.value));
+        let digest = password_digest(&p.value);
+        ctx.remember_digest(user, digest.clone(), &p.value);
+        out.password_digest = Some(digest);
     }
     result.map(|_| ()).map_err(Error::from)
 }
@@ -563,9 +565,25 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
         )
         .await;
     }
+    // A field re-sent after a partly applied call counts once.
+    let mut fields: Vec<&str> = Vec::new();
+    for f in p.updates.iter().flatten().copied() {
+        if !matches!(f, "password" | "deactivated") && !fields.contains(&f) {
+            fields.push(f);
+        }
+    }
     if p.created {
-        ctx.publish(user, EventType::Normal, "Created", format!("created {id}"))
-            .await;
+        // One Event for a new account, with what was set: at a thousand new
+        // accounts an Event per field is thousands of API calls for nothing.
+        let mut set = fields.clone();
+        if p.password_applied {
+            set.push("password");
+        }
+        let note = match set.is_empty() {
+            true => format!("created {id}"),
+            false => format!("created {id} with {}", set.join(", ")),
+        };
+        ctx.publish(user, EventType::Normal, "Created", note).await;
     }
     if p.adopted {
         ctx.publish(
@@ -576,14 +594,7 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
         )
         .await;
     }
-    // A field re-sent after a partly applied call counts once.
-    let mut fields: Vec<&str> = Vec::new();
-    for f in p.updates.iter().flatten().copied() {
-        if !matches!(f, "password" | "deactivated") && !fields.contains(&f) {
-            fields.push(f);
-        }
-    }
-    if !fields.is_empty() {
+    if !fields.is_empty() && !p.created {
         ctx.publish(
             user,
             EventType::Normal,
@@ -592,7 +603,7 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
         )
         .await;
     }
-    if p.password_applied {
+    if p.password_applied && !p.created {
         ctx.publish(
             user,
             EventType::Normal,

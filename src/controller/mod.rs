@@ -78,6 +78,10 @@ pub struct Context {
     users: Vec<Store<MatrixUser>>,
     synapse_clients: Mutex<HashMap<(String, String), CachedClient>>,
     mas_clients: Mutex<HashMap<(String, String), CachedMasClient>>,
+    /// Per MatrixUser, a status digest known to match a password (by the
+    /// password's SHA-256): PBKDF2 costs milliseconds of CPU, and every
+    /// reconcile of an in-sync user would pay it again.
+    digests: Mutex<HashMap<(String, String), (String, [u8; 32])>>,
     /// Failed attempts in a row, per object, for exponential backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
     /// The caches of the controllers' watches, per scope: Homeservers and
@@ -114,6 +118,7 @@ impl Context {
             users,
             synapse_clients: Mutex::default(),
             mas_clients: Mutex::default(),
+            digests: Mutex::default(),
             failures: Mutex::default(),
             watched: Vec::new(),
             secret_values: cache::SecretValues::default(),
@@ -163,6 +168,32 @@ impl Context {
             },
         );
         Ok(client)
+    }
+
+    /// Whether `digest` (from the status of `user`) is one of `password`.
+    fn digest_matches(&self, user: &MatrixUser, digest: &str, password: &SecretString) -> bool {
+        let key = (user.namespace().unwrap_or_default(), user.name_any());
+        let fingerprint = sha256(password);
+        let known = |cache: &HashMap<_, (String, [u8; 32])>| {
+            cache.get(&key).is_some_and(|(d, f)| d == digest && *f == fingerprint)
+        };
+        if known(&self.digests.lock().unwrap_or_else(|p| p.into_inner())) {
+            return true;
+        }
+        let matches = crate::secret::digest_matches(digest, password);
+        if matches {
+            self.remember_digest(user, digest.to_string(), password);
+        }
+        matches
+    }
+
+    /// Remembers that `digest` is one of `password`, for [`Self::digest_matches`].
+    fn remember_digest(&self, user: &MatrixUser, digest: String, password: &SecretString) {
+        let key = (user.namespace().unwrap_or_default(), user.name_any());
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (digest, sha256(password)));
     }
 
     /// Counts every backend request in the metrics.
@@ -270,6 +301,27 @@ impl Context {
             warn!(error = %e, reason, "cannot publish an Event");
         }
     }
+}
+
+fn sha256(password: &SecretString) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, password.expose().as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// What a MatrixUser reconcile acts on: the spec (its generation), the
+/// finalizers, the deletion mark and the annotations (`skip-cleanup`). Not
+/// the status, which the operator writes itself.
+fn acted_on(user: &MatrixUser) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = user.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.annotations.hash(&mut h);
+    Some(h.finish())
 }
 
 /// The shortest and the longest wait before a failed reconcile is retried.
@@ -497,7 +549,11 @@ where
             .reflect(users)
             .applied_objects(),
         "MatrixUser",
-    );
+    )
+    // The operator's own status writes change nothing it acts on: without
+    // this, every one (two per new account) costs another reconcile and
+    // admin GET. The cache above still sees every change.
+    .predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
     let (by_homeserver, by_secret, by_rival) = (store.clone(), store.clone(), store.clone());
     let (all_scopes, this_scope) = (scope.all, scope.index);
     let users = Controller::for_stream(users_stream, store)
@@ -716,6 +772,37 @@ mod tests {
             phase_of(Some("a-uid"), &Default::default()),
             phase_of(Some("a-uid"), &Default::default())
         );
+    }
+
+    #[test]
+    fn status_writes_trigger_no_reconcile_but_spec_finalizers_deletion_and_annotations_do() {
+        let base: MatrixUser =
+            serde_json::from_value(user("a", "alice", "u1", json!({"homeserverRef": {"name": "hs"}}))).unwrap();
+        let mut with_status = base.clone();
+        with_status.status = Some(crate::api::MatrixUserStatus {
+            user_id: Some("@alice:example.org".into()),
+            ..Default::default()
+        });
+        with_status.metadata.resource_version = Some("99".into());
+        assert_eq!(acted_on(&base), acted_on(&with_status), "a status write");
+        let mut changes: Vec<MatrixUser> = Vec::new();
+        let mut spec = base.clone();
+        spec.metadata.generation = Some(2);
+        changes.push(spec);
+        let mut finalizer = base.clone();
+        finalizer.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        changes.push(finalizer);
+        let mut deleting = base.clone();
+        deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        changes.push(deleting);
+        let mut annotated = base.clone();
+        annotated.metadata.annotations = Some([(SKIP_CLEANUP.to_string(), "true".to_string())].into());
+        changes.push(annotated);
+        for changed in changes {
+            assert_ne!(acted_on(&base), acted_on(&changed), "{:?}", changed.metadata);
+        }
     }
 
     #[test]
