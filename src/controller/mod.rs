@@ -81,7 +81,7 @@ pub struct Context {
     /// Per MatrixUser, a status digest known to match a password (by the
     /// password's SHA-256): PBKDF2 costs milliseconds of CPU, and every
     /// reconcile of an in-sync user would pay it again.
-    digests: Mutex<HashMap<(String, String), (String, [u8; 32])>>,
+    digests: Mutex<HashMap<(String, String), KnownDigest>>,
     /// Failed attempts in a row, per object, for exponential backoff.
     failures: Mutex<HashMap<(String, String, String), u32>>,
     /// The caches of the controllers' watches, per scope: Homeservers and
@@ -95,6 +95,9 @@ struct CachedClient {
     config: (String, SecretString, usize),
     client: SynapseClient,
 }
+
+/// A status digest and the SHA-256 of the password it was found to match.
+type KnownDigest = (String, [u8; 32]);
 
 struct CachedMasClient {
     config: (String, String, SecretString, usize),
@@ -174,7 +177,7 @@ impl Context {
     fn digest_matches(&self, user: &MatrixUser, digest: &str, password: &SecretString) -> bool {
         let key = (user.namespace().unwrap_or_default(), user.name_any());
         let fingerprint = sha256(password);
-        let known = |cache: &HashMap<_, (String, [u8; 32])>| {
+        let known = |cache: &HashMap<_, KnownDigest>| {
             cache.get(&key).is_some_and(|(d, f)| d == digest && *f == fingerprint)
         };
         if known(&self.digests.lock().unwrap_or_else(|p| p.into_inner())) {
