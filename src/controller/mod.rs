@@ -177,9 +177,8 @@ impl Context {
     fn digest_matches(&self, user: &MatrixUser, digest: &str, password: &SecretString) -> bool {
         let key = (user.namespace().unwrap_or_default(), user.name_any());
         let fingerprint = sha256(password);
-        let known = |cache: &HashMap<_, KnownDigest>| {
-            cache.get(&key).is_some_and(|(d, f)| d == digest && *f == fingerprint)
-        };
+        let known =
+            |cache: &HashMap<_, KnownDigest>| cache.get(&key).is_some_and(|(d, f)| d == digest && *f == fingerprint);
         if known(&self.digests.lock().unwrap_or_else(|p| p.into_inner())) {
             return true;
         }
