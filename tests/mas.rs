@@ -50,6 +50,11 @@ async fn conflicts() {
 }
 
 #[tokio::test]
+async fn password_change_logs_out_only_when_asked() {
+    scenarios::password_change_logs_out_only_when_asked(&mas_standin().target()).await;
+}
+
+#[tokio::test]
 async fn refusals_of_mas_mode() {
     scenarios::refusals_of_mas_mode(&mas_standin().target()).await;
 }

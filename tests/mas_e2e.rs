@@ -51,6 +51,10 @@ fn main() -> ExitCode {
                 scenarios::adoption_refused_then_allowed(t).boxed(),
             ),
             ("conflicts", scenarios::conflicts(t).boxed()),
+            (
+                "password_change_logs_out_only_when_asked",
+                scenarios::password_change_logs_out_only_when_asked(t).boxed(),
+            ),
             ("refusals_of_mas_mode", scenarios::refusals_of_mas_mode(t).boxed()),
         ];
         let mut failed = 0;

@@ -138,7 +138,7 @@ fn cases() -> Vec<Case> {
                 logout_devices: Some(true),
                 ..none()
             },
-            mas: vec![MasCall::SetPassword],
+            mas: vec![MasCall::SetPassword, MasCall::EndSessions],
         },
         Case {
             name: "emails added and removed",
@@ -213,6 +213,7 @@ fn cases() -> Vec<Case> {
             mas: vec![
                 MasCall::Reactivate,
                 MasCall::SetPassword,
+                MasCall::EndSessions,
                 MasCall::AddEmail("a@example.org".into()),
                 MasCall::Profile(UserUpdate {
                     displayname: Some("Alice".into()),

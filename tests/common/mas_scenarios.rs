@@ -367,3 +367,61 @@ pub async fn refusals_of_mas_mode(t: &MasTarget) {
     }
     assert!(t.get_user_by_username(&lp).await.is_none(), "nothing was created");
 }
+
+/// The devices Synapse has for the account (by their IDs).
+async fn devices(t: &MasTarget, localpart: &str) -> Vec<String> {
+    let path = format!(
+        "/_synapse/admin/v2/users/{}/devices",
+        url::form_urlencoded::byte_serialize(t.user_id(localpart).as_bytes()).collect::<String>()
+    );
+    let (status, body) = t.synapse_admin_get(&path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body["devices"]
+        .as_array()
+        .map(|ds| {
+            ds.iter()
+                .filter_map(|d| d["device_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A new password with `logoutDevicesOnChange` ends the account's sessions
+/// (MAS's `set-password` alone ends none): the password login's device goes
+/// from Synapse. Without it, the device stays.
+pub async fn password_change_logs_out_only_when_asked(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("logout");
+    let mut d = Desired::existing(user_id(t, &lp));
+    d.password = Some(password(STRONG, false));
+    sync_ok(&b, &d, FRESH).await;
+    t.login(&lp, STRONG).await.expect("a password login");
+    assert_eq!(devices(t, &lp).await.len(), 1, "the login's device");
+
+    d.password = Some(password(STRONG_2, false));
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert!(p.password_applied, "{p:?}");
+    assert_eq!(devices(t, &lp).await.len(), 1, "no logout was asked for");
+
+    d.password = Some(DesiredPassword {
+        value: SecretString::new(STRONG),
+        applied: false,
+        logout_devices: true,
+    });
+    let (_, p) = sync_ok(&b, &d, OWNED).await;
+    assert!(p.password_applied, "{p:?}");
+    // MAS removes the device from Synapse after the session ends (a job).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let left = devices(t, &lp).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "devices left after the logout: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    t.login(&lp, STRONG).await.expect("the new password logs in");
+}

@@ -506,6 +506,35 @@ impl MasClient {
         Ok(())
     }
 
+    /// Ends every active session of the user: its compatibility sessions
+    /// (password logins, each a device in Synapse) and its OAuth 2.0
+    /// sessions. Returns how many it ended.
+    pub async fn end_sessions(&self, user_id: &str) -> Result<usize, MasError> {
+        let active = [("filter[user]", user_id), ("filter[status]", "active")];
+        let mut ended = 0;
+        for kind in ["compat-sessions", "oauth2-sessions"] {
+            let sessions: Vec<Resource<serde::de::IgnoredAny>> =
+                self.list(MasEndpoint::ListSessions, &[kind], &active).await?;
+            for session in sessions {
+                match self
+                    .admin(
+                        MasEndpoint::FinishSession,
+                        Method::POST,
+                        &[kind, &session.id, "finish"],
+                        &[],
+                        None,
+                    )
+                    .await
+                {
+                    // Finished meanwhile (400 "already finished"), or gone.
+                    Ok(_) | Err(MasError::Api { status: 400 | 404, .. }) => ended += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(ended)
+    }
+
     pub async fn providers(&self) -> Result<Vec<Resource<MasProvider>>, MasError> {
         self.list(MasEndpoint::ListProviders, &["upstream-oauth-providers"], &[])
             .await

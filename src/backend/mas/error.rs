@@ -23,6 +23,8 @@ pub enum MasEndpoint {
     AddLink,
     DeleteLink,
     ListProviders,
+    ListSessions,
+    FinishSession,
 }
 
 impl MasEndpoint {
@@ -45,6 +47,8 @@ impl MasEndpoint {
             MasEndpoint::AddLink => "mas_add_link",
             MasEndpoint::DeleteLink => "mas_delete_link",
             MasEndpoint::ListProviders => "mas_list_providers",
+            MasEndpoint::ListSessions => "mas_list_sessions",
+            MasEndpoint::FinishSession => "mas_finish_session",
         }
     }
 }

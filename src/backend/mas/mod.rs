@@ -31,6 +31,9 @@ pub struct MasBackend {
 pub enum MasCall {
     Reactivate,
     SetPassword,
+    /// End the account's sessions (the spec's `logoutDevicesOnChange`, after
+    /// a new password): MAS's `set-password` ends none.
+    EndSessions,
     Lock,
     Unlock,
     SetAdmin(bool),
@@ -50,7 +53,7 @@ impl MasCall {
     fn fields(&self) -> Vec<&'static str> {
         let field = match self {
             MasCall::Reactivate | MasCall::Deactivate => "deactivated",
-            MasCall::SetPassword => "password",
+            MasCall::SetPassword | MasCall::EndSessions => "password",
             MasCall::Lock | MasCall::Unlock => "locked",
             MasCall::SetAdmin(_) => "admin",
             MasCall::AddEmail(_) | MasCall::DeleteEmail(_) => "threepids",
@@ -78,8 +81,11 @@ pub fn calls(account: &Account, changes: &Changes) -> Vec<MasCall> {
     if changes.deactivated == Some(false) {
         out.push(MasCall::Reactivate);
     }
-    if changes.password.is_some() {
+    if let Some(p) = &changes.password {
         out.push(MasCall::SetPassword);
+        if p.logout_devices {
+            out.push(MasCall::EndSessions);
+        }
     }
     match changes.locked {
         Some(true) => out.push(MasCall::Lock),
@@ -152,6 +158,9 @@ impl MasBackend {
                 if let Some(p) = &changes.password {
                     self.mas.set_password(id, &p.value).await?;
                 }
+            }
+            MasCall::EndSessions => {
+                self.mas.end_sessions(id).await?;
             }
             MasCall::Lock => self.mas.user_action(MasEndpoint::Lock, id, "lock").await?,
             MasCall::Unlock => self.mas.user_action(MasEndpoint::Unlock, id, "unlock").await?,
@@ -310,7 +319,7 @@ impl AccountBackend for MasBackend {
         })
     }
 
-    async fn apply(&self, user_id: &UserId, account: &Account, changes: &Changes, _created_now: bool) -> Applied {
+    async fn apply(&self, user_id: &UserId, account: &Account, changes: &Changes, created_now: bool) -> Applied {
         let mut applied = Applied::default();
         let id = match Self::mas_id(account) {
             Ok(id) => id,
@@ -320,12 +329,17 @@ impl AccountBackend for MasBackend {
             }
         };
         for call in calls(account, changes) {
+            // An account this sync created has no session to end.
+            if call == MasCall::EndSessions && created_now {
+                continue;
+            }
             applied.writes += 1;
             if let Err(e) = self.call(user_id, id, &call, changes).await {
                 applied.error = Some(e);
                 return applied;
             }
             match &call {
+                MasCall::EndSessions => continue,
                 MasCall::SetPassword => applied.password = true,
                 MasCall::Reactivate => applied.deactivated = Some(false),
                 MasCall::Deactivate => applied.deactivated = Some(true),

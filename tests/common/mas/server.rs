@@ -198,6 +198,8 @@ enum Token {
 #[derive(Clone, Debug)]
 struct CompatSession {
     user_id: String,
+    device_id: String,
+    created_ms: u64,
     finished: bool,
 }
 
@@ -583,6 +585,8 @@ impl Shared {
             session_id.clone(),
             CompatSession {
                 user_id: user_id.to_owned(),
+                device_id: device_id.clone(),
+                created_ms: now_ms(),
                 finished: false,
             },
         );
@@ -1197,6 +1201,26 @@ fn resource(kind: &str, collection: &str, id: &str, attributes: Value) -> Value 
     })
 }
 
+fn compat_session_resource(id: &str, c: &CompatSession) -> Value {
+    json!({
+        "type": "compat-session",
+        "id": id,
+        "attributes": {
+            "user_id": c.user_id,
+            "device_id": c.device_id,
+            "user_session_id": null,
+            "redirect_uri": null,
+            "created_at": rfc3339(c.created_ms),
+            "user_agent": null,
+            "last_active_at": null,
+            "last_active_ip": null,
+            "finished_at": if c.finished { json!(rfc3339(now_ms())) } else { Value::Null },
+            "human_name": null,
+        },
+        "links": {"self": format!("/api/admin/v1/compat-sessions/{id}")},
+    })
+}
+
 fn single(resource: Value, self_link: String) -> Reply {
     single_status(200, resource, self_link)
 }
@@ -1399,6 +1423,74 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
         // MAS has no user deletion: axum answers 405 for the route's other methods.
         (_, ["users", _]) => Reply::Empty(405),
         (&Method::POST, ["users", id, action]) => user_action(shared, id, action, &req.headers, body).await,
+
+        // ---- sessions ----
+        (&Method::GET, ["compat-sessions"]) => {
+            let user = match ulid_filter(&q, "filter[user]") {
+                Ok(user) => user,
+                Err(reply) => return reply,
+            };
+            let status = q.get("filter[status]").cloned();
+            let state = shared.lock();
+            if let Some(user) = &user
+                && state.user(user).is_none()
+            {
+                return user_not_found(user);
+            }
+            let mut items: Vec<(String, Value)> = state
+                .compat_sessions
+                .iter()
+                .filter(|(_, c)| user.as_ref().is_none_or(|u| &c.user_id == u))
+                .filter(|(_, c)| match status.as_deref() {
+                    Some("active") => !c.finished,
+                    Some("finished") => c.finished,
+                    _ => true,
+                })
+                .map(|(id, c)| (id.clone(), compat_session_resource(id, c)))
+                .collect();
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+            paginate("/api/admin/v1/compat-sessions", &q, items)
+        }
+        (&Method::POST, ["compat-sessions", id, "finish"]) => {
+            let (localpart, device_id, resource) = {
+                let mut state = shared.lock();
+                let Some(session) = state.compat_sessions.get_mut(*id) else {
+                    return error(404, format!("Compatibility session with ID {id} not found"));
+                };
+                if session.finished {
+                    return error(400, format!("Compatibility session with ID {id} is already finished"));
+                }
+                session.finished = true;
+                let session = session.clone();
+                let resource = compat_session_resource(id, &session);
+                let localpart = state
+                    .user(&session.user_id)
+                    .map(|u| u.username.clone())
+                    .unwrap_or_default();
+                (localpart, session.device_id, resource)
+            };
+            // As MAS's job does after a finish: the device goes from Synapse.
+            let body = json!({"localpart": localpart, "device_id": device_id});
+            match shared.synapse_call(Method::POST, "delete_device", Some(body)).await {
+                Ok((200 | 204, _)) => single(resource, format!("/api/admin/v1/compat-sessions/{id}")),
+                Ok((status, body)) => error(500, format!("delete_device: {status} {body}")),
+                Err(message) => error(500, message),
+            }
+        }
+        // The stand-in has no OAuth 2.0 sessions of users (no OAuth 2.0
+        // login): the list of a user's is empty.
+        (&Method::GET, ["oauth2-sessions"]) => {
+            let user = match ulid_filter(&q, "filter[user]") {
+                Ok(user) => user,
+                Err(reply) => return reply,
+            };
+            if let Some(user) = &user
+                && shared.lock().user(user).is_none()
+            {
+                return user_not_found(user);
+            }
+            paginate("/api/admin/v1/oauth2-sessions", &q, Vec::new())
+        }
 
         // ---- emails ----
         (&Method::GET, ["user-emails"]) => {
