@@ -501,8 +501,11 @@ fn users(s: &SynapseServer, prefix: &str, n: usize) -> Vec<(String, String)> {
 }
 
 /// The baseline: what a hand-written script does per new account, GET then
-/// one PUT with displayname and password, `concurrency` in flight.
-async fn script(proxy: &Proxy, token: &str, accounts: &[(String, String)], concurrency: usize) -> Duration {
+/// one PUT with displayname and password, `concurrency` in flight. With
+/// `safe`, the operator's own calls instead, without Kubernetes: GET, the
+/// empty-body create (which touches no account that appeared meanwhile),
+/// then the PUT with the fields — the floor of its design.
+async fn script(proxy: &Proxy, token: &str, accounts: &[(String, String)], concurrency: usize, safe: bool) -> Duration {
     let client = http_client();
     let started = Instant::now();
     futures::stream::iter(accounts.iter().enumerate().map(|(i, (_, id))| {
@@ -512,6 +515,14 @@ async fn script(proxy: &Proxy, token: &str, accounts: &[(String, String)], concu
             let got = client.get(&url).bearer_auth(token).send().await.unwrap();
             assert_eq!(got.status().as_u16(), 404, "{id} exists already");
             let body = json!({"displayname": format!("User {i}"), "password": format!("password-{i}-of-the-script")});
+            if safe {
+                let create = client.put(&url).bearer_auth(token).json(&json!({})).send().await.unwrap();
+                assert_eq!(create.status().as_u16(), 201, "{id}");
+                let body = json!({"displayname": format!("User {i}"), "password": format!("password-{i}-of-the-script"), "logout_devices": false});
+                let put = client.put(&url).bearer_auth(token).json(&body).send().await.unwrap();
+                assert_eq!(put.status().as_u16(), 200, "{id}");
+                return;
+            }
             let put = client.put(&url).bearer_auth(token).json(&body).send().await.unwrap();
             assert_eq!(
                 put.status().as_u16(),
@@ -561,7 +572,7 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
     // The baseline script, on accounts of its own.
     proxy.clear();
     let script_accounts = users(s, &format!("script-{tag}"), n);
-    let script_time = script(proxy, &s.admin_token, &script_accounts, in_flight).await;
+    let script_time = script(proxy, &s.admin_token, &script_accounts, in_flight, false).await;
     let script_counts = admin_counts(&proxy.hits_since(Instant::now() - Duration::from_secs(86_400)));
     println!(
         "script:   {n} accounts in {:.2} s ({:.1}/s), {} in flight; {:.2} admin GETs and {:.2} writes per account",
@@ -570,6 +581,13 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
         in_flight,
         script_counts.user_gets as f64 / n as f64,
         script_counts.user_writes as f64 / n as f64
+    );
+    let safe_accounts = users(s, &format!("safe-{tag}"), n);
+    let safe_time = script(proxy, &s.admin_token, &safe_accounts, in_flight, true).await;
+    println!(
+        "safe script (GET, empty-body create, PUT of the fields: the operator's admin calls without Kubernetes): {n} accounts in {:.2} s; ratio safe/script {:.2}",
+        safe_time.as_secs_f64(),
+        safe_time.as_secs_f64() / script_time.as_secs_f64()
     );
 
     // The operator, against a fake API server of its own.
@@ -631,10 +649,11 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
     let admin = admin_counts(&proxy.hits_since(started));
     let kube = kube_counts(&fake.requests());
     println!(
-        "operator: {n} accounts in {:.2} s ({:.1}/s); ratio operator/script {:.2}",
+        "operator: {n} accounts in {:.2} s ({:.1}/s); ratio operator/script {:.2}, operator/safe script {:.2}",
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64(),
-        took.as_secs_f64() / script_time.as_secs_f64()
+        took.as_secs_f64() / script_time.as_secs_f64(),
+        took.as_secs_f64() / safe_time.as_secs_f64()
     );
     println!(
         "  admin API per new account (counted by the proxy): {:.2} GETs, {:.2} writes (user endpoints); \
