@@ -473,9 +473,12 @@ pub async fn record_operator_calls(watch: &[&str]) -> Vec<Recorded> {
                 reconcile_user(Arc::new(get_user(name)), ctx.clone()).await.unwrap();
             }
         }
-        // A second password change: the recorder updates its Event series.
-        fake.put(secret(ns, "pw", "password", "two"));
-        reconcile_user(Arc::new(get_user("withpw")), ctx.clone()).await.unwrap();
+        // Two password changes after the creation: the second repeats the
+        // first's Event, and the recorder updates its Event series.
+        for password in ["two", "three"] {
+            fake.put(secret(ns, "pw", "password", password));
+            reconcile_user(Arc::new(get_user("withpw")), ctx.clone()).await.unwrap();
+        }
         // Deletion runs the policy and removes the finalizer.
         for name in ["withpw", "gen", "adopter"] {
             let mut deleting = fake.get(&user_path(name)).unwrap();
