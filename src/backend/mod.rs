@@ -32,6 +32,28 @@ impl std::fmt::Debug for RequestObserver {
     }
 }
 
+/// The base URL of a backend and an HTTP client for it, or why the URL
+/// cannot be used: http(s), a base, no credentials in it. The client
+/// follows no redirect: one would carry the token, and after a 307/308 a
+/// body with a password, to wherever it points.
+pub(crate) fn http_client(base_url: &str, timeout: Duration) -> Result<(url::Url, reqwest::Client), String> {
+    let base = url::Url::parse(base_url).map_err(|e| e.to_string())?;
+    if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+        return Err("it must be an http:// or https:// URL".into());
+    }
+    if !base.username().is_empty() || base.password().is_some() {
+        return Err("it must not carry credentials".into());
+    }
+    crate::tls::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| e.without_url().to_string())?;
+    Ok((base, http))
+}
+
 /// What a failed call means for whoever made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -185,13 +207,6 @@ impl Backend {
         match self {
             Backend::Synapse(c) => c,
             Backend::Mas(m) => m.synapse(),
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Backend::Synapse(_) => "Synapse",
-            Backend::Mas(_) => "MAS",
         }
     }
 }

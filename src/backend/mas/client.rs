@@ -148,22 +148,8 @@ pub enum CreateOutcome {
 
 impl MasClient {
     pub fn new(config: MasConfig) -> Result<Self, MasError> {
-        let invalid = |reason: String| MasError::InvalidUrl { reason };
-        let base = Url::parse(&config.base_url).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err(invalid("it must be an http:// or https:// URL".into()));
-        }
-        if !base.username().is_empty() || base.password().is_some() {
-            return Err(invalid("it must not carry credentials".into()));
-        }
-        crate::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            // A redirect would carry the token or a password elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| invalid(e.without_url().to_string()))?;
+        let (base, http) = crate::backend::http_client(&config.base_url, config.timeout)
+            .map_err(|reason| MasError::InvalidUrl { reason })?;
         Ok(Self {
             base,
             client_id: config.client_id,

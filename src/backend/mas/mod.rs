@@ -136,10 +136,6 @@ impl MasBackend {
         Self { mas, synapse }
     }
 
-    pub fn mas(&self) -> &MasClient {
-        &self.mas
-    }
-
     pub fn synapse(&self) -> &SynapseClient {
         &self.synapse
     }

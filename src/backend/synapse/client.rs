@@ -76,23 +76,8 @@ struct MatrixError {
 
 impl SynapseClient {
     pub fn new(config: ClientConfig) -> Result<Self, SynapseError> {
-        let invalid = |reason: String| SynapseError::InvalidUrl { reason };
-        let base = Url::parse(&config.base_url).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err(invalid("it must be an http:// or https:// URL".into()));
-        }
-        if !base.username().is_empty() || base.password().is_some() {
-            return Err(invalid("it must not carry credentials".into()));
-        }
-        crate::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            // A redirect would carry the token, and after a 307/308 the
-            // body with any password, to wherever it points.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| invalid(e.without_url().to_string()))?;
+        let (base, http) = crate::backend::http_client(&config.base_url, config.timeout)
+            .map_err(|reason| SynapseError::InvalidUrl { reason })?;
         Ok(Self {
             base,
             token: config.admin_token,
