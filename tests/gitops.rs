@@ -161,6 +161,9 @@ fn testdata_covers_every_reason_and_every_health() {
         "ServerNameMismatch",
         "NotSynapse",
         "DelegatesToMAS",
+        "RegistrationRefused",
+        "PasswordRejected",
+        "NotMAS",
     ];
     let homeserver_waiting = [
         "InvalidSpec",
@@ -170,6 +173,8 @@ fn testdata_covers_every_reason_and_every_health() {
         "ServerNameMismatch",
         "NotSynapse",
         "DelegatesToMAS",
+        "NotDelegatingToMAS",
+        "NotMAS",
     ];
     let expect: [(&str, &str, Vec<&str>, Vec<&str>); 2] = [
         (

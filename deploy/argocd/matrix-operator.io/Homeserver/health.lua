@@ -14,7 +14,8 @@ local WAITING = {
   InvalidSpec = true, AdoptionRefused = true, AdminNotAllowed = true,
   Conflict = true, SecretNotFound = true, HomeserverNotFound = true,
   Unauthorized = true, NotAdmin = true, ServerNameMismatch = true,
-  NotSynapse = true, DelegatesToMAS = true,
+  NotSynapse = true, DelegatesToMAS = true, NotDelegatingToMAS = true,
+  NotMAS = true, PasswordRejected = true, RegistrationRefused = true,
 }
 
 local function condition(status, kind)
