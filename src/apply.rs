@@ -60,6 +60,11 @@ pub enum PendingOutcome {
     /// A create was asked for under this record and its answer never came
     /// (a timeout, say): keep the record, the account may be this one's.
     Unanswered(PendingCreation),
+    /// The create was answered and made the account, but the answer did not
+    /// say when (shared-secret registration): keep the record until a read
+    /// does, so that it still tells this account from one of the same ID
+    /// made at another time.
+    Unconfirmed(PendingCreation),
     /// Settled: the account was created (and is owned now), or it existed
     /// already and is not this resource's creation.
     Settled,
@@ -146,8 +151,13 @@ pub async fn sync_account<B: AccountBackend>(
     let mut waited = Duration::ZERO;
     let mut guarded = false;
     // The account as the last answer reported it, when it did: no need to
-    // read it again.
-    let mut answered: Option<Option<Account>> = None;
+    // read it again. A resource that never had an account may go straight
+    // to the create, when that changes nothing of one that exists.
+    let fresh = !authority.owned
+        && authority.pending_creation.is_none()
+        && !authority.adopt_requested
+        && backend.creates_before_reading(&desired);
+    let mut answered: Option<Option<Account>> = fresh.then_some(None);
     // This sync created the account: it has no sessions yet.
     let mut created_now = false;
     for _ in 0..MAX_ROUNDS {
@@ -155,6 +165,9 @@ pub async fn sync_account<B: AccountBackend>(
             Some(account) => account,
             None => backend.read(&desired.user_id).await?,
         };
+        if let Some(account) = &account {
+            confirm_creation(account, &mut authority, progress);
+        }
         let owners = backend
             .owners(account.as_ref(), plan::lookups(&desired, account.as_ref()))
             .await?;
@@ -197,7 +210,7 @@ pub async fn sync_account<B: AccountBackend>(
                 guarded = true;
                 authority.pending_creation = pending;
                 progress.writes += 1;
-                let created = match backend.create(&desired.user_id).await {
+                let created = match backend.create(&desired).await {
                     Ok(created) => created,
                     Err(e) => {
                         if e.is_refusal() && !earlier_unanswered {
@@ -228,6 +241,21 @@ pub async fn sync_account<B: AccountBackend>(
                     progress.account_id = created.account_id.clone();
                     progress.created = true;
                     created_now = true;
+                    if !created.fields.is_empty() {
+                        progress.updates.push(created.fields);
+                    }
+                    if created.password
+                        && let Some(p) = desired.password.as_mut()
+                    {
+                        p.applied = true;
+                        progress.password_applied = true;
+                    }
+                    if created.creation_ts.is_none()
+                        && let Some(p) = pending
+                    {
+                        authority.pending_creation = Some(p);
+                        progress.pending_creation = PendingOutcome::Unconfirmed(p);
+                    }
                 }
                 // Otherwise it appeared meanwhile, untouched by the create;
                 // the next round decides whether it may be adopted.
@@ -272,6 +300,22 @@ pub async fn sync_account<B: AccountBackend>(
         answered = applied.account.map(Some);
     }
     Err(SyncError::NotSettling { fields: last_fields })
+}
+
+/// Records the creation time of an owned account whose create did not say
+/// it, once a read shows an account created under the pending record (an
+/// account made at any other time is not this one: [`Authority::owns`]).
+fn confirm_creation(account: &Account, authority: &mut Authority, progress: &mut Progress) {
+    if authority.owned
+        && authority.owned_creation_ts.is_none()
+        && let Some(ts) = account.creation_ts
+        && authority.pending_creation.is_some_and(|p| p.covers(ts))
+    {
+        authority.owned_creation_ts = Some(ts);
+        authority.pending_creation = None;
+        progress.creation_ts = Some(ts);
+        progress.pending_creation = PendingOutcome::Settled;
+    }
 }
 
 /// Returns the error unless it is a rate limit short enough to wait out

@@ -84,6 +84,8 @@ impl Authority {
         self.owned
             && match (self.owned_creation_ts, account.creation_ts) {
                 (Some(recorded), Some(reported)) => recorded == reported,
+                // Created, but not yet told when: under the pending record.
+                (None, Some(reported)) => self.pending_creation.is_none_or(|p| p.covers(reported)),
                 _ => true,
             }
     }

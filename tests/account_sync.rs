@@ -6,16 +6,23 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 use matrix_user_operator::account::Account;
 use matrix_user_operator::api::{DeletionPolicy, MatrixUserSpec, UserType};
-use matrix_user_operator::apply::{Progress, SyncError, Unguarded, delete_account, sync_account};
+use matrix_user_operator::apply::{
+    Halt, PendingOutcome, Progress, SyncError, Unguarded, Write, WriteGuard, delete_account, sync_account,
+};
 use matrix_user_operator::plan::{
-    Authority, DeletionAction, Desired, DesiredPassword, Refusal, Untouched, desired_from_spec,
+    Authority, DeletionAction, Desired, DesiredPassword, PendingCreation, Refusal, Untouched, desired_from_spec,
 };
 use matrix_user_operator::secret::SecretString;
-use matrix_user_operator::synapse::{ClientConfig, ErrorClass, ExternalId, SynapseClient, Threepid, UserId};
+use matrix_user_operator::synapse::{
+    ClientConfig, ErrorClass, ExternalId, RequestObserver, SynapseClient, Threepid, UserId,
+};
 use serde_json::{Value, json};
 
 use common::{SynapseServer, synapse};
@@ -1243,4 +1250,209 @@ async fn localpart_with_slash_equals_and_plus_round_trips() {
     let action = delete_account(&c, &id, DeletionPolicy::Erase, OWNED).await.unwrap();
     assert_eq!(action, Ok(DeletionAction::Deactivate { erase: true }));
     assert_eq!(raw_ok(s, &id).await["erased"], true);
+}
+
+// ---------------------------------------------------------------------------
+// Creation by shared-secret registration
+// ---------------------------------------------------------------------------
+
+/// A client that creates accounts by shared-secret registration with
+/// `secret`, and the endpoints it called, in order.
+fn registering_client(s: &SynapseServer, secret: &str) -> (SynapseClient, Arc<Mutex<Vec<&'static str>>>) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let mut config = ClientConfig::new(&s.base_url, SecretString::new(&s.admin_token));
+    config.registration_shared_secret = Some(SecretString::new(secret));
+    config.observer = Some(RequestObserver(Arc::new(move |endpoint, _, _| {
+        seen.lock().unwrap().push(endpoint)
+    })));
+    (SynapseClient::new(config).expect("a client"), calls)
+}
+
+fn take(calls: &Mutex<Vec<&'static str>>) -> Vec<&'static str> {
+    std::mem::take(&mut *calls.lock().unwrap())
+}
+
+/// Records a pending creation at `at` before every create, as the
+/// controller's guard does in status.
+struct Recording(PendingCreation);
+
+impl WriteGuard for Recording {
+    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, Halt>> {
+        let pending = (write == Write::Create).then_some(self.0);
+        Box::pin(async move { Ok(pending) })
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn device_count(s: &SynapseServer, id: &UserId) -> u64 {
+    let (code, devices) = s
+        .admin_get(&format!("/_synapse/admin/v2/users/{}/devices", encode(id.as_str())))
+        .await;
+    assert_eq!(code, 200, "{devices}");
+    devices["total"].as_u64().expect("a device count")
+}
+
+#[tokio::test]
+async fn registration_creates_the_account_with_its_password_and_profile_in_one_call() {
+    let s = synapse();
+    let (c, calls) = registering_client(s, &s.registration_shared_secret);
+    let (lp, id) = new_user(s, "reg-one-call");
+    let mut d = desired(&id);
+    d.displayname = Some("Registered".into());
+    d.admin = Some(true);
+    d.user_type = Some(UserType::Bot);
+    d.password = Some(password("registered password", false, true));
+    let authority = Authority {
+        admin_allowed: true,
+        ..FRESH
+    };
+
+    let p = sync_ok(&c, &d, authority).await;
+    assert!(p.created && p.password_applied, "{p:?}");
+    assert_eq!(p.writes, 1, "{p:?}");
+    assert_eq!(p.updates, vec![vec!["displayname", "admin", "user_type"]]);
+    // Nothing read before (the registration refuses an existing account)
+    // or after (its outcome is known exactly).
+    assert_eq!(take(&calls), vec!["register_nonce", "register"]);
+    let acc = raw_ok(s, &id).await;
+    assert_eq!(acc["displayname"], "Registered");
+    assert_eq!(acc["admin"], true);
+    assert_eq!(acc["user_type"], "bot");
+    assert_eq!(device_count(s, &id).await, 0, "the registration logged nothing in");
+    s.login(&lp, "registered password").await.expect("the password was set");
+
+    // The next sync reads, and writes nothing.
+    let mut d = d.clone();
+    d.password = Some(password("registered password", true, true));
+    let owned = Authority {
+        admin_allowed: true,
+        ..OWNED
+    };
+    let p = sync_ok(&c, &d, owned).await;
+    assert_eq!(p.writes, 0, "{p:?}");
+    assert_eq!(take(&calls), vec!["get_user"]);
+}
+
+#[tokio::test]
+async fn fields_a_registration_cannot_set_follow_in_one_put_without_the_password() {
+    let s = synapse();
+    let (c, calls) = registering_client(s, &s.registration_shared_secret);
+    let (lp, id) = new_user(s, "reg-rest");
+    let mut d = desired(&id);
+    d.displayname = Some("Rest".into());
+    d.avatar_url = Some("mxc://example.test/rest".into());
+    d.threepids = Some(vec![email(&format!("{lp}@example.org"))]);
+    d.password = Some(password("rest password", false, true));
+
+    let p = sync_ok(&c, &d, FRESH).await;
+    assert_eq!(p.writes, 2, "{p:?}");
+    assert_eq!(p.updates, vec![vec!["displayname"], vec!["avatar_url", "threepids"]]);
+    // The email's holder is looked up before the create and again before
+    // the PUT.
+    assert_eq!(
+        take(&calls),
+        vec![
+            "threepid_lookup",
+            "register_nonce",
+            "register",
+            "threepid_lookup",
+            "put_user"
+        ]
+    );
+    let acc = raw_ok(s, &id).await;
+    assert_eq!(acc["avatar_url"], "mxc://example.test/rest");
+    assert_eq!(threepids_of(&acc), emails(&[&format!("{lp}@example.org")]));
+    // The PUT's answer says when the account was created.
+    assert_eq!(p.creation_ts, acc["creation_ts"].as_i64());
+    s.login(&lp, "rest password").await.expect("the password was set");
+}
+
+#[tokio::test]
+async fn registration_leaves_an_account_that_appeared_untouched() {
+    let s = synapse();
+    let (c, calls) = registering_client(s, &s.registration_shared_secret);
+    let (lp, id, d) = existing_account(s, "reg-taken").await;
+    let before = raw_stable(s, &id).await;
+
+    let (r, p) = refused(&c, &d, FRESH).await;
+    assert_eq!(
+        r,
+        Refusal::AdoptionNotRequested {
+            user_id: id.to_string()
+        }
+    );
+    assert!(!p.created && !p.password_applied, "{p:?}");
+    assert_eq!(take(&calls), vec!["register_nonce", "register", "get_user"]);
+    assert_untouched(s, &lp, &id, &before).await;
+}
+
+#[tokio::test]
+async fn a_wrong_registration_secret_creates_nothing_and_says_so() {
+    let s = synapse();
+    let (c, _) = registering_client(s, "not-the-shared-secret");
+    let (_, id) = new_user(s, "reg-wrong");
+    let mut d = desired(&id);
+    d.password = Some(password("wrong secret password", false, false));
+    let (result, p) = sync(&c, &d, FRESH).await;
+    let Err(SyncError::Synapse(e)) = result else {
+        panic!("expected Synapse's refusal, got {result:?}");
+    };
+    assert_eq!(e.class(), ErrorClass::Forbidden, "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("register") && text.contains("HMAC"), "{text}");
+    assert!(!text.contains("wrong secret password") && !text.contains("not-the-shared-secret"));
+    assert!(!p.created, "{p:?}");
+    assert_eq!(raw(s, &id).await.0, 404, "nothing created");
+}
+
+#[tokio::test]
+async fn a_registered_accounts_creation_time_is_confirmed_by_the_next_read() {
+    let s = synapse();
+    let (c, _) = registering_client(s, &s.registration_shared_secret);
+    let (_, id) = new_user(s, "reg-confirm");
+    let mut d = desired(&id);
+    d.password = Some(password("confirmed password", false, false));
+    let pending = PendingCreation::at(now_secs());
+
+    let mut progress = Progress::default();
+    sync_account(&c, &d, FRESH, &mut Recording(pending), &mut progress)
+        .await
+        .expect("created");
+    // The registration does not say when: the record stays.
+    assert!(progress.created, "{progress:?}");
+    assert_eq!(progress.creation_ts, None);
+    assert_eq!(progress.pending_creation, PendingOutcome::Unconfirmed(pending));
+
+    d.password = Some(password("confirmed password", true, false));
+    let owned_unconfirmed = Authority {
+        pending_creation: Some(pending),
+        ..OWNED
+    };
+    let p = sync_ok(&c, &d, owned_unconfirmed).await;
+    assert_eq!(p.writes, 0, "{p:?}");
+    assert_eq!(p.creation_ts, raw_ok(s, &id).await["creation_ts"].as_i64());
+    assert!(p.creation_ts.is_some());
+    assert_eq!(p.pending_creation, PendingOutcome::Settled);
+
+    // An account of that ID made at another time (a repointed Homeserver)
+    // is not the one the record covers.
+    let an_hour_before = Authority {
+        pending_creation: Some(PendingCreation::at(now_secs() - 3600)),
+        ..OWNED
+    };
+    let (r, p) = refused(&c, &d, an_hour_before).await;
+    assert_eq!(
+        r,
+        Refusal::AdoptionNotRequested {
+            user_id: id.to_string()
+        }
+    );
+    assert_eq!(p.writes, 0, "{p:?}");
 }

@@ -826,6 +826,74 @@ async fn the_creation_time_of_a_new_account_is_recorded_with_it() {
     assert!(status.account_creation_ts.is_some());
 }
 
+/// Issue 9: with the registration shared secret, a new account is made in
+/// one create-only call with its password and displayname, and nothing is
+/// read around it; its creation time, which the registration does not
+/// tell, is read at the next reconcile, under the pending creation record.
+#[tokio::test]
+async fn with_the_registration_secret_a_new_account_costs_one_call_and_its_creation_time_is_read_later() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-registered");
+    let (client, fake) = cluster(json!({}));
+    let mut hs = homeserver(json!({}));
+    hs["spec"]["registrationSharedSecretRef"] = json!({"name": "registration", "key": "secret"});
+    fake.put(hs);
+    fake.put(secret("registration", "secret", &s.registration_shared_secret));
+    fake.put(secret("reg-pw", "password", "registered-password"));
+    let obj = matrix_user(
+        "registered",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Registered",
+               "password": {"secretRef": {"name": "reg-pw", "key": "password"}}}),
+        Value::Null,
+    );
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let metrics = Metrics::new();
+    reconcile_user(
+        Arc::new(user.clone()),
+        context_with_metrics(client.clone(), &[&user], metrics.clone()),
+    )
+    .await
+    .expect("reconcile");
+
+    let created = stored(&fake, &obj);
+    assert_eq!(ready_of(&created).1, "InSync", "{:?}", ready_of(&created));
+    let status = created.status.clone().unwrap();
+    assert_eq!(status.user_id.as_deref(), Some(s.user_id(&lp).as_str()));
+    assert_eq!(status.account_creation_ts, None, "not told yet");
+    let pending = status.pending_creation.clone().expect("the record stays until a read");
+    assert_eq!(pending.user_id, s.user_id(&lp));
+    assert!(status.password_digest.is_some());
+    let mut admin_requests: Vec<String> = metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("matrix_user_operator_admin_requests_total{"))
+        .map(str::to_string)
+        .collect();
+    admin_requests.sort();
+    assert_eq!(
+        admin_requests,
+        vec![
+            r#"matrix_user_operator_admin_requests_total{endpoint="register",status_class="2xx"} 1"#,
+            r#"matrix_user_operator_admin_requests_total{endpoint="register_nonce",status_class="2xx"} 1"#,
+        ]
+    );
+    assert_eq!(fake.event_reasons(), vec!["Created"]);
+    let (_, acc) = account(&s.user_id(&lp)).await;
+    assert_eq!(acc["displayname"], "Registered");
+    assert!(s.login(&lp, "registered-password").await.is_ok());
+
+    // The next reconcile (a resync, say) reads the account and records when
+    // it was created.
+    reconcile_user(Arc::new(created.clone()), context(client, &[&created]))
+        .await
+        .expect("reconcile");
+    let confirmed = stored(&fake, &obj).status.unwrap();
+    assert_eq!(confirmed.account_creation_ts, acc["creation_ts"].as_i64());
+    assert!(confirmed.account_creation_ts.is_some());
+    assert_eq!(confirmed.pending_creation, None);
+}
+
 /// Issue 9, point 4: the failure counts, the admin clients (holding the
 /// token) and the per-user metrics entries of objects that are gone are
 /// dropped, whether they went through the finalizer or vanished.

@@ -15,7 +15,9 @@ use matrix_user_operator::api::{Homeserver, MatrixUser};
 use matrix_user_operator::controller::{Config, Context, HOMESERVER_FINALIZER, reconcile_homeserver};
 use matrix_user_operator::metrics::Metrics;
 use matrix_user_operator::secret::SecretString;
-use matrix_user_operator::synapse::{ClientConfig, ErrorClass, SynapseClient, SynapseError, UserId, UserUpdate};
+use matrix_user_operator::synapse::{
+    ClientConfig, ErrorClass, Registration, SynapseClient, SynapseError, UserId, UserUpdate,
+};
 use serde_json::json;
 
 const TOKEN: &str = "admin-token-that-must-not-leak";
@@ -230,6 +232,41 @@ async fn a_json_error_echoing_the_request_is_redacted() {
             .await
             .expect_err("a 400");
         assert_leaks_nothing(&e, password);
+    }
+}
+
+#[tokio::test]
+async fn a_registration_error_echoing_the_request_leaks_neither_password_nor_mac() {
+    // A nonce, then a JSON error quoting the registration request.
+    let server = LocalServer::start(|r: &Request| {
+        if r.head.starts_with("GET ") {
+            return response(200, &[("Content-Type", "application/json")], r#"{"nonce": "n0nce"}"#);
+        }
+        let body = json!({"errcode": "M_UNKNOWN", "error": format!("cannot register {}", r.echo())});
+        response(400, &[("Content-Type", "application/json")], &body.to_string())
+    });
+    let mut config = ClientConfig::new(&server.url, SecretString::new(TOKEN));
+    config.registration_shared_secret = Some(SecretString::new("shared-secret-that-must-not-leak"));
+    let client = SynapseClient::new(config).expect("a client");
+    for password in [PASSWORD, QUOTED_PASSWORD] {
+        let value = SecretString::new(password);
+        let registration = Registration {
+            localpart: "alice",
+            password: &value,
+            displayname: Some("Alice"),
+            admin: false,
+            user_type: None,
+        };
+        let e = client.register(&registration).await.expect_err("a 400");
+        let posted = server.received().last().cloned().unwrap();
+        let body: serde_json::Value = serde_json::from_str(posted.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let mac = body["mac"].as_str().expect("the request was signed").to_string();
+        assert_eq!(body["password"], password, "the request carried the password");
+        assert_leaks_nothing(&e, password);
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains(&mac), "the mac leaked into {text}");
+        assert!(!text.contains("shared-secret-that-must-not-leak"), "{text}");
+        assert!(text.contains("cannot register"), "{text}");
     }
 }
 

@@ -123,6 +123,11 @@ pub struct Created {
     /// the answer said (also when it reported no whole account).
     pub creation_ts: Option<i64>,
     pub account_id: Option<String>,
+    /// The names of the fields the create set besides the account itself
+    /// and its password (never their values).
+    pub fields: Vec<&'static str>,
+    /// The create set the desired password.
+    pub password: bool,
 }
 
 /// What applying changes did, whether or not all of it went through.
@@ -170,8 +175,17 @@ pub trait AccountBackend: Sync {
         lookups: Lookups,
     ) -> impl Future<Output = Result<Owners, BackendError>> + Send;
 
-    /// Creates the account, and nothing else.
-    fn create(&self, user_id: &UserId) -> impl Future<Output = Result<Created, BackendError>> + Send;
+    /// Creates the account of `desired.user_id` if there is none, with
+    /// those of its fields the backend can set in the same call (see
+    /// [`Created::fields`]). It never changes an account that exists: it
+    /// answers `created: false` for one, so it may be tried before reading.
+    fn create(&self, desired: &Desired) -> impl Future<Output = Result<Created, BackendError>> + Send;
+
+    /// Whether a resource that never had an account tries the create
+    /// before reading: when the create is a call of its own that refuses
+    /// an existing account without touching it, and a missing one is then
+    /// not read for nothing.
+    fn creates_before_reading(&self, desired: &Desired) -> bool;
 
     /// Applies `changes` to `account`, in as many calls as the backend
     /// needs, stopping at the first that fails. `created_now`: this sync
@@ -233,10 +247,17 @@ impl AccountBackend for Backend {
         }
     }
 
-    async fn create(&self, user_id: &UserId) -> Result<Created, BackendError> {
+    async fn create(&self, desired: &Desired) -> Result<Created, BackendError> {
         match self {
-            Backend::Synapse(c) => c.create(user_id).await,
-            Backend::Mas(m) => m.create(user_id).await,
+            Backend::Synapse(c) => c.create(desired).await,
+            Backend::Mas(m) => m.create(desired).await,
+        }
+    }
+
+    fn creates_before_reading(&self, desired: &Desired) -> bool {
+        match self {
+            Backend::Synapse(c) => c.creates_before_reading(desired),
+            Backend::Mas(m) => m.creates_before_reading(desired),
         }
     }
 

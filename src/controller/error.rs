@@ -3,7 +3,7 @@ use crate::apply::SyncError;
 use crate::backend::mas::MasError;
 use crate::backend::{BackendError, ErrorClass};
 use crate::plan::Refusal;
-use crate::synapse::{InvalidUserId, SynapseError};
+use crate::synapse::{Endpoint, InvalidUserId, SynapseError};
 
 /// Why a reconcile did not bring its resource in line. Each variant is one
 /// failure site; [`Error::reason`] is the condition reason and Event reason,
@@ -104,6 +104,13 @@ impl Error {
             }
             Error::Refused(Refusal::ThreepidInUse { .. } | Refusal::ExternalIdInUse { .. }) => "Conflict",
             Error::DuplicateUser { .. } | Error::CredentialsSecretNotOwned { .. } => "Conflict",
+            // A wrong registration shared secret (403 "HMAC incorrect"), or a
+            // Synapse with shared-secret registration off.
+            Error::Synapse(SynapseError::Api {
+                endpoint: Endpoint::Register | Endpoint::RegisterNonce,
+                status: 400 | 403,
+                ..
+            }) => "RegistrationRefused",
             Error::Synapse(e) => match e.class() {
                 ErrorClass::Unauthorized => "Unauthorized",
                 ErrorClass::Forbidden => "NotAdmin",

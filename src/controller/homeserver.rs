@@ -9,7 +9,7 @@ use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
-use super::{Context, Error, SKIP_CLEANUP, patch_status, secrets};
+use super::{Context, Error, Need, SKIP_CLEANUP, patch_status, secrets};
 use crate::api::{Homeserver, HomeserverStatus, MatrixUser, Ready, set_condition};
 use crate::backend::ErrorClass;
 use crate::synapse::SynapseError;
@@ -225,7 +225,7 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
 }
 
 async fn check(hs: &Homeserver, ctx: &Context) -> Result<Checked, Error> {
-    let client = ctx.synapse_client(hs).await?;
+    let client = ctx.synapse_client(hs, Need::Registration).await?;
     let admin = client.whoami().await.map_err(checked)?;
     // The server name goes into status and messages: take it only if it
     // looks like one, never quoting what came instead.

@@ -234,14 +234,16 @@ fn status_after(
     }
     match (outcome.progress.pending_creation, &outcome.user_id) {
         (PendingOutcome::Unchanged, _) => {}
-        (PendingOutcome::Unanswered(p), Some(id)) => {
+        (PendingOutcome::Unanswered(p) | PendingOutcome::Unconfirmed(p), Some(id)) => {
             status.pending_creation = Some(PendingCreation {
                 user_id: id.to_string(),
                 requested_at: p.requested_at,
                 last_requested_at: (p.last_requested_at != p.requested_at).then_some(p.last_requested_at),
             });
         }
-        (PendingOutcome::Unanswered(_), None) | (PendingOutcome::Settled, _) => status.pending_creation = None,
+        (PendingOutcome::Unanswered(_) | PendingOutcome::Unconfirmed(_), None) | (PendingOutcome::Settled, _) => {
+            status.pending_creation = None
+        }
     }
     set_condition(&mut status.conditions, ready, generation, now());
     status

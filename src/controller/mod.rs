@@ -91,8 +91,19 @@ pub struct Context {
     secret_values: cache::SecretValues,
 }
 
+/// What a caller of [`Context::synapse_client`] needs of the Homeserver's
+/// credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// The admin token.
+    Admin,
+    /// The admin token and, when the spec names one, the registration
+    /// shared secret.
+    Registration,
+}
+
 struct CachedClient {
-    config: (String, SecretString, usize),
+    config: (String, SecretString, Option<SecretString>, usize),
     client: SynapseClient,
 }
 
@@ -141,13 +152,35 @@ impl Context {
         self.users.iter().flat_map(|store| store.state())
     }
 
-    /// The admin client of a Homeserver, made anew when its URL, token or
-    /// request limit changed.
-    async fn synapse_client(&self, hs: &Homeserver) -> Result<SynapseClient, Error> {
+    /// The admin client of a Homeserver, made anew when its URL, token,
+    /// registration shared secret or request limit changed.
+    ///
+    /// `Need::Registration`: a registration shared secret that cannot be
+    /// read is an error (the Homeserver's check, so that it shows there).
+    /// `Need::Admin`: the client goes without it and creates accounts the
+    /// slower way; so a deletion policy never waits for that Secret (a
+    /// namespace being deleted may have deleted it already).
+    async fn synapse_client(&self, hs: &Homeserver, need: Need) -> Result<SynapseClient, Error> {
         let ns = hs.namespace().unwrap_or_default();
         let token = self.secret_value(&ns, &hs.spec.admin_token_secret_ref).await?;
+        let registration_shared_secret = match &hs.spec.registration_shared_secret_ref {
+            Some(r) => match self.secret_value(&ns, r).await {
+                Ok(secret) => Some(secret),
+                Err(e) if need == Need::Admin => {
+                    debug!(homeserver = %hs.name_any(), error = %e, "creating without the registration shared secret");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
-        let fingerprint = (hs.spec.url.clone(), token.clone(), limit);
+        let fingerprint = (
+            hs.spec.url.clone(),
+            token.clone(),
+            registration_shared_secret.clone(),
+            limit,
+        );
         let key = (ns, hs.name_any());
         let mut cache = self.synapse_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cached) = cache.get(&key)
@@ -158,6 +191,7 @@ impl Context {
         let client = SynapseClient::new(ClientConfig {
             base_url: hs.spec.url.clone(),
             admin_token: token,
+            registration_shared_secret,
             max_concurrent_requests: limit,
             timeout: self.config.request_timeout,
             observer: Some(self.request_observer()),
@@ -244,7 +278,7 @@ impl Context {
 
     /// Where a Homeserver's accounts live, with the clients to reach it.
     async fn backend(&self, hs: &Homeserver) -> Result<Backend, Error> {
-        let synapse = self.synapse_client(hs).await?;
+        let synapse = self.synapse_client(hs, Need::Admin).await?;
         Ok(match self.mas_client(hs).await? {
             Some(mas) => Backend::Mas(MasBackend::new(mas, synapse)),
             None => Backend::Synapse(synapse),

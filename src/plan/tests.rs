@@ -1070,6 +1070,30 @@ fn an_account_made_by_a_pending_creation_is_recorded_as_created_not_adopted() {
 }
 
 #[test]
+fn an_owned_account_whose_creation_time_was_not_told_is_known_by_the_pending_record() {
+    // Created by shared-secret registration: owned, the time not yet read.
+    let a = account();
+    let ts = a.creation_ts.unwrap();
+    let owned = |pending| Authority {
+        owned: true,
+        pending_creation: pending,
+        ..Authority::default()
+    };
+    assert!(owned(Some(PendingCreation::at(ts - 2))).owns(&a));
+    assert!(
+        !owned(Some(PendingCreation::at(ts - 3_600))).owns(&a),
+        "made at another time"
+    );
+    assert!(owned(None).owns(&a), "no record, no time: as before");
+    // A recorded time still decides alone.
+    let recorded = Authority {
+        owned_creation_ts: Some(ts),
+        ..owned(Some(PendingCreation::at(ts - 3_600)))
+    };
+    assert!(recorded.owns(&a));
+}
+
+#[test]
 fn changed_fields_names_fields_never_values() {
     let c = Changes {
         password: Some(PasswordChange {

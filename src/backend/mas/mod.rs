@@ -296,23 +296,34 @@ impl AccountBackend for MasBackend {
         Ok(owners)
     }
 
-    async fn create(&self, user_id: &UserId) -> Result<Created, BackendError> {
+    async fn create(&self, desired: &Desired) -> Result<Created, BackendError> {
         // The account is read again: its emails, links and Synapse profile
         // are not in MAS's answer.
-        Ok(match self.mas.create_user(user_id.localpart()).await? {
+        Ok(match self.mas.create_user(desired.user_id.localpart()).await? {
             CreateOutcome::Created(user) => Created {
                 created: true,
                 account: None,
                 creation_ts: epoch_seconds(&user.attributes.created_at),
                 account_id: Some(user.id),
+                fields: Vec::new(),
+                password: false,
             },
             CreateOutcome::Exists => Created {
                 created: false,
                 account: None,
                 creation_ts: None,
                 account_id: None,
+                fields: Vec::new(),
+                password: false,
             },
         })
+    }
+
+    /// `POST /users` creates only (409 for a taken username), but MAS's
+    /// answer lacks the emails, links and profile: the account is read
+    /// after it anyway, and a read first costs one GET when it is missing.
+    fn creates_before_reading(&self, _: &Desired) -> bool {
+        false
     }
 
     async fn apply(&self, user_id: &UserId, account: &Account, changes: &Changes, created_now: bool) -> Applied {

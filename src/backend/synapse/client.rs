@@ -24,6 +24,10 @@ pub struct ClientConfig {
     /// Base URL of the client and admin API.
     pub base_url: String,
     pub admin_token: SecretString,
+    /// Synapse's `registration_shared_secret`, when it was given: new
+    /// accounts are then created with their password and profile in one
+    /// create-only call (see [`SynapseClient::register`]).
+    pub registration_shared_secret: Option<SecretString>,
     /// At most this many requests in flight at once.
     pub max_concurrent_requests: usize,
     /// Limit on each request, from connect to the last byte.
@@ -38,6 +42,7 @@ impl ClientConfig {
         Self {
             base_url: base_url.into(),
             admin_token,
+            registration_shared_secret: None,
             max_concurrent_requests: 8,
             timeout: Duration::from_secs(30),
             observer: None,
@@ -53,12 +58,24 @@ pub struct PutOutcome {
     pub user: SynapseUser,
 }
 
+/// An account for [`SynapseClient::register`] to create.
+#[derive(Clone, Copy, Debug)]
+pub struct Registration<'a> {
+    pub localpart: &'a str,
+    pub password: &'a SecretString,
+    /// `None`: Synapse's default, the localpart.
+    pub displayname: Option<&'a str>,
+    pub admin: bool,
+    pub user_type: Option<&'a str>,
+}
+
 /// A client of one homeserver's admin API. Cheap to clone; clones share the
 /// connection pool and the limit on concurrent requests.
 #[derive(Clone, Debug)]
 pub struct SynapseClient {
     base: Url,
     token: SecretString,
+    registration_shared_secret: Option<SecretString>,
     http: reqwest::Client,
     permits: Arc<Semaphore>,
     observer: Option<RequestObserver>,
@@ -81,6 +98,7 @@ impl SynapseClient {
         Ok(Self {
             base,
             token: config.admin_token,
+            registration_shared_secret: config.registration_shared_secret,
             http,
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
             observer: config.observer,
@@ -259,6 +277,81 @@ impl SynapseClient {
         })
     }
 
+    /// Whether this client can create accounts with
+    /// [`register`](Self::register).
+    pub fn can_register(&self) -> bool {
+        self.registration_shared_secret.is_some()
+    }
+
+    /// Creates an account with its password, displayname, admin flag and
+    /// user type in one call that creates only: `Ok(false)` when the Matrix
+    /// ID is taken (M_USER_IN_USE), and nothing was changed. The account
+    /// gets no device (`inhibit_login`). This is Synapse's shared-secret
+    /// registration (`/_synapse/admin/v1/register`): a nonce, then the
+    /// request signed with HMAC-SHA1 of the registration shared secret.
+    ///
+    /// A nonce lives 60 s in the memory of the Synapse process that gave
+    /// it; one that went stale (or was given by another worker) is asked
+    /// for once more.
+    pub async fn register(&self, r: &Registration<'_>) -> Result<bool, SynapseError> {
+        let secret = self
+            .registration_shared_secret
+            .as_ref()
+            .ok_or(SynapseError::NoRegistrationSecret)?;
+        #[derive(Deserialize)]
+        struct Nonce {
+            nonce: String,
+        }
+        #[derive(Serialize)]
+        struct Request<'a> {
+            nonce: &'a str,
+            username: &'a str,
+            password: &'a SecretString,
+            admin: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            displayname: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user_type: Option<&'a str>,
+            inhibit_login: bool,
+            mac: &'a SecretString,
+        }
+        let segments = ["_synapse", "admin", "v1", "register"];
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (_, Nonce { nonce }) = self.send(Endpoint::RegisterNonce, Method::GET, &segments, None).await?;
+            let mac = SecretString::new(registration_mac(secret, &nonce, r));
+            let request = Request {
+                nonce: &nonce,
+                username: r.localpart,
+                password: r.password,
+                admin: r.admin,
+                displayname: r.displayname,
+                user_type: r.user_type,
+                inhibit_login: true,
+                mac: &mac,
+            };
+            let body = Body {
+                json: to_json(&request),
+                secrets: vec![r.password, &mac, secret],
+            };
+            match self
+                .send::<IgnoredAny>(Endpoint::Register, Method::POST, &segments, Some(body))
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(SynapseError::Api {
+                    errcode: ErrCode::UserInUse,
+                    ..
+                }) => return Ok(false),
+                Err(SynapseError::Api {
+                    status: 400, message, ..
+                }) if message == "unrecognised nonce" && attempts < 2 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Deactivates an account, erasing it (profile hidden, messages marked
     /// erased) when `erase` is true. Works on an account already deactivated.
     pub async fn deactivate(&self, user_id: &UserId, erase: bool) -> Result<(), SynapseError> {
@@ -340,6 +433,30 @@ pub(crate) fn summary(secrets: &RequestSecrets, content_type: Option<&HeaderValu
     BodySummary { content_type, len }
 }
 
+/// The `mac` of a shared-secret registration: hex HMAC-SHA1, keyed by the
+/// shared secret, of `nonce\0username\0password\0admin|notadmin`, then
+/// `\0user_type` when there is one.
+fn registration_mac(secret: &SecretString, nonce: &str, r: &Registration<'_>) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.expose().as_bytes());
+    let mut signed = ring::hmac::Context::with_key(&key);
+    for (i, part) in [
+        nonce,
+        r.localpart,
+        r.password.expose(),
+        if r.admin { "admin" } else { "notadmin" },
+    ]
+    .into_iter()
+    .chain(r.user_type)
+    .enumerate()
+    {
+        if i > 0 {
+            signed.update(b"\0");
+        }
+        signed.update(part.as_bytes());
+    }
+    signed.sign().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A JSON request body and the secret values in it.
 struct Body<'a> {
     json: Vec<u8>,
@@ -366,4 +483,34 @@ impl<'a> Body<'a> {
 fn to_json(value: &impl Serialize) -> Vec<u8> {
     // Serialising plain data structs to JSON cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registration_mac_is_synapses() {
+        // Python's hmac.new(b"s3cret", digestmod=hashlib.sha1) over the same
+        // parts, as Synapse's UserRegisterServlet computes it.
+        let secret = SecretString::new("s3cret");
+        let password = SecretString::new("pw");
+        let mut r = Registration {
+            localpart: "alice",
+            password: &password,
+            displayname: Some("not signed"),
+            admin: false,
+            user_type: None,
+        };
+        assert_eq!(
+            registration_mac(&secret, "abc", &r),
+            "d7cd8fe38bb2b37bacf757920ef46050075d427d"
+        );
+        r.admin = true;
+        r.user_type = Some("bot");
+        assert_eq!(
+            registration_mac(&secret, "abc", &r),
+            "dfd765b6c92fc9489e0cb8631f40384529ec931a"
+        );
+    }
 }

@@ -122,6 +122,9 @@ pub enum SynapseError {
     // The URL itself stays out: it may carry credentials.
     #[error("the homeserver URL cannot be used: {reason}")]
     InvalidUrl { reason: String },
+    /// Shared-secret registration asked of a client given no secret.
+    #[error("no registration shared secret was given")]
+    NoRegistrationSecret,
     #[error("{endpoint}: cannot reach the homeserver: {source}")]
     Transport {
         endpoint: Endpoint,
@@ -160,7 +163,7 @@ pub enum SynapseError {
 impl SynapseError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            SynapseError::InvalidUrl { .. } => ErrorClass::Invalid,
+            SynapseError::InvalidUrl { .. } | SynapseError::NoRegistrationSecret => ErrorClass::Invalid,
             SynapseError::Transport { .. } => ErrorClass::Transient,
             SynapseError::Redirected { .. } => ErrorClass::NotSynapse,
             // A proxy's error page while Synapse restarts, or a rate limit

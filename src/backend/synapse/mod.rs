@@ -8,7 +8,7 @@ mod types;
 
 pub use crate::backend::RequestObserver;
 pub use account::{body_fields, user_update};
-pub use client::{ClientConfig, PutOutcome, SynapseClient};
+pub use client::{ClientConfig, PutOutcome, Registration, SynapseClient};
 pub(crate) use client::{MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
 pub use error::{BodySummary, DecodeProblem, ErrCode, ErrorClass, SynapseError};
 pub use types::{Endpoint, ExternalId, InvalidUserId, SynapseUser, Threepid, UserId, UserUpdate, validate_localpart};

@@ -18,6 +18,8 @@ pub enum Endpoint {
     ThreepidLookup,
     ExternalIdLookup,
     AuthMetadata,
+    RegisterNonce,
+    Register,
 }
 
 impl Endpoint {
@@ -31,6 +33,8 @@ impl Endpoint {
             Endpoint::ThreepidLookup => "threepid_lookup",
             Endpoint::ExternalIdLookup => "external_id_lookup",
             Endpoint::AuthMetadata => "auth_metadata",
+            Endpoint::RegisterNonce => "register_nonce",
+            Endpoint::Register => "register",
         }
     }
 }
