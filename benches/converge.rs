@@ -13,7 +13,9 @@
 //! a list runs each), `--max-requests M` [CONVERGE_MAX_REQUESTS] (the
 //! Homeserver's `maxConcurrentRequests`; default: the CRD's), `--resync S`
 //! [CONVERGE_RESYNC_SECS] (the resync interval of the resync phase; default
-//! max(20, N/25) s).
+//! max(20, N/25) s), `--creation register,put` [CONVERGE_CREATION] (how
+//! the operator creates accounts: with the Homeserver's
+//! `registrationSharedSecretRef`, or without; each runs in turn).
 //!
 //! Admin API calls are counted by a counting HTTP proxy in front of Synapse
 //! (both the operator and the baseline script go through it), Kubernetes
@@ -36,6 +38,8 @@ use common::fake_kube::{FakeApiServer, Recorded};
 use common::synapse::{SynapseServer, start_synapse};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
+use matrix_user_operator::secret::SecretString;
+use matrix_user_operator::synapse::{ClientConfig, Registration, SynapseClient};
 use serde_json::{Value, json};
 
 const NS: &str = "bench";
@@ -51,6 +55,28 @@ struct Options {
     resync_secs: Option<u64>,
     /// Only the converge and the script: no changes, no resyncs.
     converge_only: bool,
+    /// How the operator creates accounts, each run in turn.
+    creation: Vec<Creation>,
+}
+
+/// How the operator creates accounts: with the Homeserver's
+/// `registrationSharedSecretRef` (shared-secret registration, one call), or
+/// without it (the empty-body create, then a PUT of the fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Creation {
+    Register,
+    Put,
+}
+
+fn creations(text: &str) -> Vec<Creation> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.trim() {
+            "register" => Creation::Register,
+            "put" => Creation::Put,
+            other => panic!("creation: {other:?} is neither register nor put"),
+        })
+        .collect()
 }
 
 fn list<T: std::str::FromStr>(text: &str, what: &str) -> Vec<T> {
@@ -73,6 +99,7 @@ fn options() -> Options {
         max_requests: env("CONVERGE_MAX_REQUESTS").map(|v| list(&v, "max-requests")[0]),
         resync_secs: env("CONVERGE_RESYNC_SECS").map(|v| list(&v, "resync")[0]),
         converge_only: env("CONVERGE_ONLY").is_some_and(|v| v != "0"),
+        creation: creations(&env("CONVERGE_CREATION").unwrap_or("register,put".into())),
     };
     let mut ten_k = env("CONVERGE_10K").is_some_and(|v| v != "0");
     let mut args = std::env::args().skip(1);
@@ -86,6 +113,7 @@ fn options() -> Options {
             "--resync" => o.resync_secs = Some(list(&value(), "resync")[0]),
             "--10k" => ten_k = true,
             "--converge-only" => o.converge_only = true,
+            "--creation" => o.creation = creations(&value()),
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             other => panic!("unknown argument {other:?} (see the top of benches/converge.rs)"),
@@ -253,13 +281,20 @@ struct AdminCounts {
     user_writes: usize,
     other_gets: usize,
     other_writes: usize,
+    /// Shared-secret registration nonces (GETs, kept in Synapse's memory only).
+    nonces: usize,
     errors: usize,
 }
 
 fn admin_counts(hits: &[Hit]) -> AdminCounts {
     let mut c = AdminCounts::default();
     for h in hits {
-        let on_user = h.path.starts_with("/_synapse/admin/v2/users/") && !h.path.contains("harness-admin");
+        let on_user = (h.path.starts_with("/_synapse/admin/v2/users/") && !h.path.contains("harness-admin"))
+            || h.path == "/_synapse/admin/v1/register";
+        if h.path == "/_synapse/admin/v1/register" && h.method == http::Method::GET {
+            c.nonces += 1;
+            continue;
+        }
         match (h.method == http::Method::GET, on_user) {
             (true, true) => c.user_gets += 1,
             (false, true) => c.user_writes += 1,
@@ -500,22 +535,59 @@ fn users(s: &SynapseServer, prefix: &str, n: usize) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The baseline: what a hand-written script does per new account, GET then
-/// one PUT with displayname and password, `concurrency` in flight. With
-/// `safe`, the operator's own calls instead, without Kubernetes: GET, the
-/// empty-body create (which touches no account that appeared meanwhile),
-/// then the PUT with the fields — the floor of its design.
-async fn script(proxy: &Proxy, token: &str, accounts: &[(String, String)], concurrency: usize, safe: bool) -> Duration {
+/// What a baseline script does per new account, `concurrency` in flight.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// What a hand-written script does: GET, then one PUT with displayname
+    /// and password (an upsert: it would write to an account that appeared
+    /// after the GET).
+    Plain,
+    /// The operator's calls without a registration secret, without
+    /// Kubernetes: GET, the empty-body create (which touches no account that
+    /// appeared meanwhile), then the PUT with the fields.
+    SafePut,
+    /// The operator's call with one: the shared-secret registration (nonce,
+    /// then the create-only registration with the fields), by the library's
+    /// own client.
+    Register,
+}
+
+async fn script(
+    s: &SynapseServer,
+    proxy: &Proxy,
+    accounts: &[(String, String)],
+    concurrency: usize,
+    kind: Script,
+) -> Duration {
+    let token = s.admin_token.as_str();
     let client = http_client();
+    let mut config = ClientConfig::new(&proxy.url, SecretString::new(token));
+    config.registration_shared_secret = Some(SecretString::new(&s.registration_shared_secret));
+    config.max_concurrent_requests = concurrency;
+    let registering = SynapseClient::new(config).unwrap();
     let started = Instant::now();
-    futures::stream::iter(accounts.iter().enumerate().map(|(i, (_, id))| {
+    futures::stream::iter(accounts.iter().enumerate().map(|(i, (lp, id))| {
         let client = client.clone();
+        let registering = &registering;
         let url = format!("{}/_synapse/admin/v2/users/{id}", proxy.url);
         async move {
+            if kind == Script::Register {
+                let password = SecretString::new(format!("password-{i}-of-the-script"));
+                let displayname = format!("User {i}");
+                let registration = Registration {
+                    localpart: lp,
+                    password: &password,
+                    displayname: Some(&displayname),
+                    admin: false,
+                    user_type: None,
+                };
+                assert!(registering.register(&registration).await.unwrap(), "{id} exists already");
+                return;
+            }
             let got = client.get(&url).bearer_auth(token).send().await.unwrap();
             assert_eq!(got.status().as_u16(), 404, "{id} exists already");
             let body = json!({"displayname": format!("User {i}"), "password": format!("password-{i}-of-the-script")});
-            if safe {
+            if kind == Script::SafePut {
                 let create = client.put(&url).bearer_auth(token).json(&json!({})).send().await.unwrap();
                 assert_eq!(create.status().as_u16(), 201, "{id}");
                 let body = json!({"displayname": format!("User {i}"), "password": format!("password-{i}-of-the-script"), "logout_devices": false});
@@ -554,25 +626,33 @@ struct Row {
     bcrypt: u32,
     n: usize,
     concurrency: u16,
+    creation: Creation,
     script: Duration,
+    /// The operator's own admin calls for its creation, without Kubernetes.
+    floor: Duration,
     operator: Duration,
 }
 
-/// One run: N new users, then changes, then resyncs; prints as it goes.
-async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concurrency: u16, o: &Options) -> Row {
-    let tag = format!("b{bcrypt}-n{n}-c{concurrency}-p{}", std::process::id());
-    let max_requests = o.max_requests;
-    let in_flight = max_requests.map_or(concurrency as usize, |m| (m as usize).min(concurrency as usize));
-    println!();
-    println!(
-        "== bcrypt_rounds {bcrypt}, N = {n}, --concurrency {concurrency}, maxConcurrentRequests {}",
-        max_requests.map_or("default (8)".to_string(), |m| m.to_string())
-    );
+/// The baselines of one (bcrypt, N, concurrency), each on accounts of its
+/// own: the script, and the operator's own calls for each way of creating
+/// that runs.
+struct Baselines {
+    script: Duration,
+    safe_put: Duration,
+    register: Duration,
+}
 
-    // The baseline script, on accounts of its own.
+async fn baselines(
+    s: &SynapseServer,
+    proxy: &Proxy,
+    tag: &str,
+    n: usize,
+    in_flight: usize,
+    creation: &[Creation],
+) -> Baselines {
     proxy.clear();
     let script_accounts = users(s, &format!("script-{tag}"), n);
-    let script_time = script(proxy, &s.admin_token, &script_accounts, in_flight, false).await;
+    let script_time = script(s, proxy, &script_accounts, in_flight, Script::Plain).await;
     let script_counts = admin_counts(&proxy.hits_since(Instant::now() - Duration::from_secs(86_400)));
     println!(
         "script:   {n} accounts in {:.2} s ({:.1}/s), {} in flight; {:.2} admin GETs and {:.2} writes per account",
@@ -582,12 +662,70 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
         script_counts.user_gets as f64 / n as f64,
         script_counts.user_writes as f64 / n as f64
     );
-    let safe_accounts = users(s, &format!("safe-{tag}"), n);
-    let safe_time = script(proxy, &s.admin_token, &safe_accounts, in_flight, true).await;
+    let floors = [
+        (
+            Script::SafePut,
+            "safe",
+            "GET, empty-body create, PUT of the fields: the operator's admin calls without a registration secret, without Kubernetes",
+        ),
+        (
+            Script::Register,
+            "register",
+            "nonce, shared-secret registration with the fields: the operator's admin calls with a registration secret, without Kubernetes",
+        ),
+    ];
+    let mut times = Vec::new();
+    for (kind, prefix, what) in floors {
+        let wanted = match kind {
+            Script::Register => Creation::Register,
+            _ => Creation::Put,
+        };
+        if !creation.contains(&wanted) {
+            times.push(Duration::ZERO);
+            continue;
+        }
+        let accounts = users(s, &format!("{prefix}-{tag}"), n);
+        let took = script(s, proxy, &accounts, in_flight, kind).await;
+        println!(
+            "{prefix} script ({what}): {n} accounts in {:.2} s; ratio to the script {:.2}",
+            took.as_secs_f64(),
+            took.as_secs_f64() / script_time.as_secs_f64()
+        );
+        times.push(took);
+    }
+    Baselines {
+        script: script_time,
+        safe_put: times[0],
+        register: times[1],
+    }
+}
+
+/// One run of the operator: N new users, then changes, then resyncs;
+/// prints as it goes.
+#[allow(clippy::too_many_arguments)]
+async fn run_once(
+    s: &SynapseServer,
+    proxy: &Proxy,
+    bcrypt: u32,
+    n: usize,
+    concurrency: u16,
+    creation: Creation,
+    base: &Baselines,
+    o: &Options,
+) -> Row {
+    let tag = format!("b{bcrypt}-n{n}-c{concurrency}-{creation:?}-p{}", std::process::id()).to_lowercase();
+    let max_requests = o.max_requests;
+    let (script_time, floor) = match creation {
+        Creation::Register => (base.script, base.register),
+        Creation::Put => (base.script, base.safe_put),
+    };
+    println!();
     println!(
-        "safe script (GET, empty-body create, PUT of the fields: the operator's admin calls without Kubernetes): {n} accounts in {:.2} s; ratio safe/script {:.2}",
-        safe_time.as_secs_f64(),
-        safe_time.as_secs_f64() / script_time.as_secs_f64()
+        "-- the operator, creating {}",
+        match creation {
+            Creation::Register => "with registrationSharedSecretRef (shared-secret registration)",
+            Creation::Put => "without registrationSharedSecretRef (empty-body create, then a PUT)",
+        }
     );
 
     // The operator, against a fake API server of its own.
@@ -597,6 +735,13 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
     let mut spec = json!({"url": proxy.url, "adminTokenSecretRef": {"name": "admin", "key": "token"}});
     if let Some(m) = max_requests {
         spec["maxConcurrentRequests"] = json!(m);
+    }
+    if creation == Creation::Register {
+        spec["registrationSharedSecretRef"] = json!({"name": "registration", "key": "secret"});
+        fake.put(
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registration", "namespace": NS},
+            "stringData": {"secret": s.registration_shared_secret}}),
+        );
     }
     fake.put(
         json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
@@ -649,17 +794,18 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
     let admin = admin_counts(&proxy.hits_since(started));
     let kube = kube_counts(&fake.requests());
     println!(
-        "operator: {n} accounts in {:.2} s ({:.1}/s); ratio operator/script {:.2}, operator/safe script {:.2}",
+        "operator: {n} accounts in {:.2} s ({:.1}/s); ratio operator/script {:.2}, operator/its own calls without Kubernetes {:.2}",
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64(),
         took.as_secs_f64() / script_time.as_secs_f64(),
-        took.as_secs_f64() / safe_time.as_secs_f64()
+        took.as_secs_f64() / floor.as_secs_f64()
     );
     println!(
-        "  admin API per new account (counted by the proxy): {:.2} GETs, {:.2} writes (user endpoints); \
-         other admin calls {} GETs, {} writes; answers >= 400 except 404: {}",
+        "  admin API per new account (counted by the proxy): {:.2} GETs, {:.2} writes (user endpoints and \
+         registrations; nonces {:.2}); other admin calls {} GETs, {} writes; answers >= 400 except 404: {}",
         admin.user_gets as f64 / n as f64,
         admin.user_writes as f64 / n as f64,
+        admin.nonces as f64 / n as f64,
         admin.other_gets,
         admin.other_writes,
         admin.errors
@@ -684,7 +830,9 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
             bcrypt,
             n,
             concurrency,
+            creation,
             script: script_time,
+            floor,
             operator: took,
         };
     }
@@ -891,7 +1039,9 @@ async fn run_once(s: &SynapseServer, proxy: &Proxy, bcrypt: u32, n: usize, concu
         bcrypt,
         n,
         concurrency,
+        creation,
         script: script_time,
+        floor,
         operator: took,
     }
 }
@@ -915,22 +1065,40 @@ fn main() {
         let proxy = start_proxy(&s.base_url);
         for &n in &o.sizes {
             for &c in &o.concurrency {
-                rows.push(runtime.block_on(run_once(&s, &proxy, bcrypt, n, c, &o)));
+                let in_flight = o.max_requests.map_or(c as usize, |m| (m as usize).min(c as usize));
+                println!();
+                println!(
+                    "== bcrypt_rounds {bcrypt}, N = {n}, --concurrency {c}, maxConcurrentRequests {}",
+                    o.max_requests.map_or("default (8)".to_string(), |m| m.to_string())
+                );
+                let tag = format!("b{bcrypt}-n{n}-c{c}-p{}", std::process::id());
+                let base = runtime.block_on(baselines(&s, &proxy, &tag, n, in_flight, &o.creation));
+                for &creation in &o.creation {
+                    rows.push(runtime.block_on(run_once(&s, &proxy, bcrypt, n, c, creation, &base, &o)));
+                }
             }
         }
     }
     println!();
-    println!("| bcrypt | N | concurrency | script | operator | operator/script |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| bcrypt | N | concurrency | creation | script | its calls w/o Kubernetes | operator | operator/script | operator/its calls |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.2} s | {:.2} s | {:.2}× |",
+            "| {} | {} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {:.2}× | {:.2}× |",
             r.bcrypt,
             r.n,
             r.concurrency,
+            match r.creation {
+                Creation::Register => "registration",
+                Creation::Put => "create + PUT",
+            },
             r.script.as_secs_f64(),
+            r.floor.as_secs_f64(),
             r.operator.as_secs_f64(),
-            r.operator.as_secs_f64() / r.script.as_secs_f64()
+            r.operator.as_secs_f64() / r.script.as_secs_f64(),
+            r.operator.as_secs_f64() / r.floor.as_secs_f64()
         );
     }
 }
