@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use common::fake_kube::FakeApiServer;
 use kube::runtime::reflector::store::Writer;
 use matrix_user_operator::api::{Homeserver, MatrixUser};
+use matrix_user_operator::backend::mas::{MasClient, MasConfig};
 use matrix_user_operator::controller::{Config, Context, HOMESERVER_FINALIZER, reconcile_homeserver};
 use matrix_user_operator::metrics::Metrics;
 use matrix_user_operator::secret::SecretString;
@@ -268,6 +269,94 @@ async fn a_registration_error_echoing_the_request_leaks_neither_password_nor_mac
         assert!(!text.contains("shared-secret-that-must-not-leak"), "{text}");
         assert!(text.contains("cannot register"), "{text}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// MAS answers that echo the request
+// ---------------------------------------------------------------------------
+
+const MAS_CLIENT_SECRET: &str = "mas-client-secret-that-must-not-leak";
+const MAS_TOKEN: &str = "mas-access-token-that-must-not-leak";
+
+/// A MAS that grants a token, then answers every admin call with an error
+/// whose title echoes the request (head and body); with `token_echo`, its
+/// token endpoint refuses with an OAuth error echoing the request instead.
+fn echoing_mas(token_echo: bool) -> LocalServer {
+    LocalServer::start(move |r: &Request| {
+        let json = [("Content-Type", "application/json")];
+        if r.head.starts_with("POST /oauth2/token") {
+            if token_echo {
+                let body = json!({"error": r.echo(), "error_description": r.echo()});
+                return response(401, &json, &body.to_string());
+            }
+            let body = json!({"access_token": MAS_TOKEN, "token_type": "Bearer", "expires_in": 300});
+            return response(200, &json, &body.to_string());
+        }
+        let body = json!({"errors": [{"title": format!("bad request {}", r.echo())}]});
+        response(400, &json, &body.to_string())
+    })
+}
+
+fn assert_mas_leaks_nothing(text: &str, password: &str) {
+    // The Basic credentials of the token request, as the echo carries them.
+    let basic = {
+        let raw = format!("mxu:{MAS_CLIENT_SECRET}");
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in raw.as_bytes().chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+            for i in 0..4 {
+                out.push(if i <= chunk.len() {
+                    A[(n >> (18 - 6 * i) & 63) as usize] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        out
+    };
+    for secret in forms_of(password)
+        .into_iter()
+        .chain(forms_of(MAS_CLIENT_SECRET))
+        .chain(forms_of(MAS_TOKEN))
+        .chain([basic])
+    {
+        assert!(!text.contains(&secret), "{secret:?} leaked into {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_mas_error_echoing_the_request_leaks_neither_password_nor_token_nor_client_secret() {
+    for password in [PASSWORD, QUOTED_PASSWORD] {
+        let mas = echoing_mas(false);
+        let client = MasClient::new(MasConfig::new(&mas.url, "mxu", SecretString::new(MAS_CLIENT_SECRET)))
+            .expect("a MAS client");
+        let e = client
+            .set_password("01JUSER", &SecretString::new(password))
+            .await
+            .expect_err("a 400");
+        let posted = mas.received().last().cloned().unwrap();
+        assert!(posted.contains(MAS_TOKEN), "the call carried the token");
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("bad request"), "{text}");
+        assert_mas_leaks_nothing(&text, password);
+    }
+}
+
+#[tokio::test]
+async fn a_mas_token_error_echoing_the_request_leaks_no_client_secret() {
+    let mas = echoing_mas(true);
+    let client =
+        MasClient::new(MasConfig::new(&mas.url, "mxu", SecretString::new(MAS_CLIENT_SECRET))).expect("a MAS client");
+    let e = client.version().await.expect_err("no token");
+    assert!(
+        mas.received()[0].to_lowercase().contains("authorization: basic"),
+        "the token request carried the client's credentials"
+    );
+    assert_mas_leaks_nothing(&format!("{e} {e:?}"), PASSWORD);
 }
 
 // ---------------------------------------------------------------------------
