@@ -284,6 +284,15 @@ pub struct PendingCreation {
     pub last_requested_at: Option<i64>,
 }
 
+impl MatrixUser {
+    /// The localpart this resource names: `spec.localpart` or else its
+    /// name, borrowed.
+    pub fn effective_localpart(&self) -> &str {
+        self.spec
+            .effective_localpart(self.metadata.name.as_deref().unwrap_or_default())
+    }
+}
+
 impl MatrixUserSpec {
     /// The localpart this resource names: `spec.localpart` or else the
     /// resource's name.

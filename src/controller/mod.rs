@@ -147,9 +147,11 @@ impl Context {
         self
     }
 
-    /// Every cached MatrixUser, of every watched scope.
-    fn cached_users(&self) -> impl Iterator<Item = Arc<MatrixUser>> + '_ {
-        self.users.iter().flat_map(|store| store.state())
+    /// The cached MatrixUsers, of every watched scope, that `keep` selects.
+    /// `keep` sees every cached object on every call: it must be cheap
+    /// (no allocation), or the passes of N users cost N² of it.
+    fn cached_users_where(&self, keep: impl Fn(&MatrixUser) -> bool + Copy) -> Vec<Arc<MatrixUser>> {
+        self.users.iter().flat_map(|store| store.state_filter(keep)).collect()
     }
 
     /// The admin client of a Homeserver, made anew when its URL, token,
@@ -663,33 +665,40 @@ fn log_outcome<K: Resource, E: std::error::Error>(
     }
 }
 
-/// References to the cached objects that `keep` selects.
+/// References to the cached objects that `keep` selects. `keep` sees every
+/// cached object on every call (every watch event of a Secret, say): it
+/// must not allocate, or 10,000 users cost 10,000² allocations.
 fn refs_where<K>(store: &Store<K>, keep: impl Fn(&K) -> bool) -> Vec<ObjectRef<K>>
 where
     K: Resource<DynamicType = ()> + Clone,
 {
     store
-        .state()
+        .state_filter(keep)
         .iter()
-        .filter(|o| keep(o))
         .map(|o| ObjectRef::from_obj(o.as_ref()))
         .collect()
+}
+
+/// The namespace and name of an object, borrowed.
+fn ns_name<K: Resource>(o: &K) -> (Option<&str>, &str) {
+    (
+        o.meta().namespace.as_deref(),
+        o.meta().name.as_deref().unwrap_or_default(),
+    )
 }
 
 /// The other MatrixUsers of the cache with `user`'s localpart, in any
 /// namespace: one of them may be held off with a Conflict by `user`.
 fn rivals_of(store: &Store<MatrixUser>, user: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
-    let name = user.name_any();
-    let localpart = user.spec.effective_localpart(&name);
+    let localpart = user.effective_localpart();
     refs_where(store, |u| {
-        let other = u.name_any();
-        (u.namespace() != user.namespace() || other != name) && u.spec.effective_localpart(&other) == localpart
+        ns_name(u) != ns_name(user) && u.effective_localpart() == localpart
     })
 }
 
 fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
-    let (ns, name) = (hs.namespace(), hs.name_any());
-    refs_where(store, |u| u.namespace() == ns && u.spec.homeserver_ref.name == name)
+    let (ns, name) = ns_name(hs);
+    refs_where(store, |u| ns_name(u).0 == ns && u.spec.homeserver_ref.name == name)
 }
 
 /// MatrixUsers that read a Secret: their password Secret, the Secret they
@@ -700,11 +709,10 @@ fn users_of_secret(
     homeservers: &Store<Homeserver>,
     secret: &PartialObjectMeta<Secret>,
 ) -> Vec<ObjectRef<MatrixUser>> {
-    let (ns, name) = (secret.namespace(), secret.name_any());
+    let (ns, name) = ns_name(secret);
     let token_of: Vec<String> = homeservers
-        .state()
+        .state_filter(|h| ns_name(h).0 == ns && h.spec.uses_secret(name))
         .iter()
-        .filter(|h| h.namespace() == ns && h.spec.uses_secret(&name))
         .map(|h| h.name_any())
         .collect();
     let owners: Vec<&str> = secret
@@ -720,9 +728,9 @@ fn users_of_secret(
             .as_ref()
             .and_then(|p| p.secret_ref.as_ref())
             .is_some_and(|r| r.name == name);
-        let owner = u.uid().is_some_and(|uid| owners.contains(&uid.as_str()));
+        let owner = u.meta().uid.as_deref().is_some_and(|uid| owners.contains(&uid));
         let token = token_of.contains(&u.spec.homeserver_ref.name);
-        u.namespace() == ns && (by_name || owner || token)
+        ns_name(u).0 == ns && (by_name || owner || token)
     })
 }
 
@@ -737,8 +745,8 @@ fn deleting_homeserver_of(store: &Store<Homeserver>, user: &MatrixUser) -> Optio
 }
 
 fn homeservers_of_secret(store: &Store<Homeserver>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<Homeserver>> {
-    let (ns, name) = (secret.namespace(), secret.name_any());
-    refs_where(store, |h| h.namespace() == ns && h.spec.uses_secret(&name))
+    let (ns, name) = ns_name(secret);
+    refs_where(store, |h| ns_name(h).0 == ns && h.spec.uses_secret(name))
 }
 
 #[cfg(test)]

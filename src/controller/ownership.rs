@@ -51,17 +51,18 @@ fn is_creating(other: &MatrixUser, user_id: &UserId) -> bool {
 /// keeps it; when neither does, the senior one of the same namespace and
 /// Homeserver does. The other gets a Conflict and writes nothing.
 pub fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId, owned: bool) -> Result<(), Error> {
-    let name = user.name_any();
-    let localpart = user.spec.effective_localpart(&name);
+    let localpart = user.effective_localpart();
     let mine = seniority(user);
-    let winner = ctx.cached_users().find(|other| {
+    // Only resources of the same localpart, or recording this very ID, can
+    // hold it: a cheap filter over the whole cache, then the rules.
+    let candidates = ctx.cached_users_where(|o| o.effective_localpart() == localpart || records(o, user_id));
+    let winner = candidates.into_iter().find(|other| {
         if same_resource(other, user) {
             return false;
         }
-        let other_name = other.name_any();
-        let same_name = other.namespace() == user.namespace()
+        let same_name = other.metadata.namespace == user.metadata.namespace
             && other.spec.homeserver_ref == user.spec.homeserver_ref
-            && other.spec.effective_localpart(&other_name) == localpart;
+            && other.effective_localpart() == localpart;
         let senior = seniority(other) < mine;
         match (records(other, user_id), owned) {
             (true, false) => true,
