@@ -9,7 +9,7 @@
 //!
 //! Flags (or the environment variable in brackets): `--bcrypt 4,12`
 //! [CONVERGE_BCRYPT], `--n 100,1000` [CONVERGE_N], `--10k` [CONVERGE_10K=1],
-//! `--concurrency 4` [CONVERGE_CONCURRENCY] (the operator's `--concurrency`;
+//! `--concurrency 8` [CONVERGE_CONCURRENCY] (the operator's `--concurrency`;
 //! a list runs each), `--max-requests M` [CONVERGE_MAX_REQUESTS] (the
 //! Homeserver's `maxConcurrentRequests`; default: the CRD's), `--resync S`
 //! [CONVERGE_RESYNC_SECS] (the resync interval of the resync phase; default
@@ -95,7 +95,7 @@ fn options() -> Options {
     let mut o = Options {
         bcrypt: list(&env("CONVERGE_BCRYPT").unwrap_or("4,12".into()), "bcrypt"),
         sizes: list(&env("CONVERGE_N").unwrap_or("100,1000".into()), "n"),
-        concurrency: list(&env("CONVERGE_CONCURRENCY").unwrap_or("4".into()), "concurrency"),
+        concurrency: list(&env("CONVERGE_CONCURRENCY").unwrap_or("8".into()), "concurrency"),
         max_requests: env("CONVERGE_MAX_REQUESTS").map(|v| list(&v, "max-requests")[0]),
         resync_secs: env("CONVERGE_RESYNC_SECS").map(|v| list(&v, "resync")[0]),
         converge_only: env("CONVERGE_ONLY").is_some_and(|v| v != "0"),

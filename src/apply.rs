@@ -73,7 +73,8 @@ pub enum PendingOutcome {
 /// A write the executor is about to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// The create (of the account alone).
+    /// The create (of the account, with whatever the backend sets in the
+    /// same create-only call).
     Create,
     /// Any other write to an existing account.
     Update,

@@ -62,7 +62,7 @@ impl Default for Config {
             resync_interval: Duration::from_secs(600),
             request_timeout: Duration::from_secs(30),
             namespaces: Vec::new(),
-            concurrency: 4,
+            concurrency: 8,
         }
     }
 }
