@@ -299,25 +299,7 @@ fn echoing_mas(token_echo: bool) -> LocalServer {
 
 fn assert_mas_leaks_nothing(text: &str, password: &str) {
     // The Basic credentials of the token request, as the echo carries them.
-    let basic = {
-        let raw = format!("mxu:{MAS_CLIENT_SECRET}");
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in raw.as_bytes().chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
-            for i in 0..4 {
-                out.push(if i <= chunk.len() {
-                    A[(n >> (18 - 6 * i) & 63) as usize] as char
-                } else {
-                    '='
-                });
-            }
-        }
-        out
-    };
+    let basic = common::mas::util::base64_encode(format!("mxu:{MAS_CLIENT_SECRET}").as_bytes());
     for secret in forms_of(password)
         .into_iter()
         .chain(forms_of(MAS_CLIENT_SECRET))

@@ -130,6 +130,20 @@ pub struct Created {
     pub password: bool,
 }
 
+impl Created {
+    /// The account existed already, and the create left it as it was.
+    pub fn existing() -> Self {
+        Created {
+            created: false,
+            account: None,
+            creation_ts: None,
+            account_id: None,
+            fields: Vec::new(),
+            password: false,
+        }
+    }
+}
+
 /// What applying changes did, whether or not all of it went through.
 #[derive(Debug, Default)]
 pub struct Applied {

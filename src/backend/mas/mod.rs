@@ -308,14 +308,7 @@ impl AccountBackend for MasBackend {
                 fields: Vec::new(),
                 password: false,
             },
-            CreateOutcome::Exists => Created {
-                created: false,
-                account: None,
-                creation_ts: None,
-                account_id: None,
-                fields: Vec::new(),
-                password: false,
-            },
+            CreateOutcome::Exists => Created::existing(),
         })
     }
 

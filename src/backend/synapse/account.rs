@@ -70,14 +70,7 @@ impl SynapseClient {
             user_type,
         };
         if !self.register(&registration).await? {
-            return Ok(Created {
-                created: false,
-                account: None,
-                creation_ts: None,
-                account_id: None,
-                fields: Vec::new(),
-                password: false,
-            });
+            return Ok(Created::existing());
         }
         let mut fields: Vec<&'static str> = displayname.map(|_| "displayname").into_iter().collect();
         fields.extend(admin.then_some("admin"));

@@ -34,7 +34,7 @@
 
 mod client;
 mod server;
-mod util;
+pub mod util;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
