@@ -64,6 +64,10 @@ pub enum Error {
         "spec.mas is set, but Synapse does not delegate authentication to MAS (/_matrix/client/v1/auth_metadata answers 404): remove spec.mas or enable MAS in Synapse"
     )]
     NotDelegatingToMas,
+    /// A bug: the reconcile panicked. Contained to this one object and
+    /// retried with backoff; the panic's message is in the log.
+    #[error("the reconcile failed on an internal error (a panic); it is retried with backoff")]
+    Panicked,
 }
 
 impl From<BackendError> for Error {
@@ -137,6 +141,7 @@ impl Error {
             Error::NotSynapse { .. } => "NotSynapse",
             Error::Kube(_) | Error::Stale => "KubernetesError",
             Error::HomeserverInUse { .. } => "Deleting",
+            Error::Panicked => "InternalError",
         }
     }
 
@@ -165,7 +170,9 @@ impl Error {
         match self {
             Error::Synapse(e) => e.is_transient(),
             Error::Mas(e) => e.is_transient(),
-            Error::NotSettling(_) | Error::Kube(_) | Error::Stale | Error::HomeserverInUse { .. } => true,
+            Error::NotSettling(_) | Error::Kube(_) | Error::Stale | Error::HomeserverInUse { .. } | Error::Panicked => {
+                true
+            }
             _ => false,
         }
     }

@@ -621,7 +621,11 @@ where
             move |secret| users_of_secret(&by_secret, &homeservers_for_secrets, &secret),
         )
         .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile_user, matrixuser::error_policy, ctx.clone())
+        .run(
+            |user, ctx| contained(reconcile_user(user.clone(), ctx), "MatrixUser", user),
+            matrixuser::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move { log_outcome("MatrixUser", result) });
 
     let homeservers_stream = watch::objects_only(
@@ -641,13 +645,42 @@ where
             deleting_homeserver_of(&by_user, &u)
         })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile_homeserver, homeserver::error_policy, ctx.clone())
+        .run(
+            |hs, ctx| contained(reconcile_homeserver(hs.clone(), ctx), "Homeserver", hs),
+            homeserver::error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move { log_outcome("Homeserver", result) });
 
     async move {
         futures::join!(users, homeservers);
     }
     .boxed()
+}
+
+/// Runs one reconcile so that a panic in it fails that reconcile alone
+/// (retried with backoff, like a transient error) instead of unwinding
+/// through the controller: a panic there stops the process, and with it
+/// every tenant's reconciles, again at each restart if the same server
+/// answer caused it.
+async fn contained<K: Resource<DynamicType = ()>>(
+    reconcile: impl std::future::Future<Output = Result<Action, Error>>,
+    kind: &'static str,
+    obj: Arc<K>,
+) -> Result<Action, Error> {
+    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            // The panic hook has printed the message and location already.
+            tracing::error!(
+                kind,
+                namespace = obj.meta().namespace.as_deref().unwrap_or_default(),
+                name = obj.meta().name.as_deref().unwrap_or_default(),
+                "the reconcile panicked; retrying with backoff"
+            );
+            Err(Error::Panicked)
+        }
+    }
 }
 
 /// Reconcile failures are logged where they happen, with their context;
@@ -788,6 +821,24 @@ mod tests {
             .collect();
         n.sort();
         n
+    }
+
+    #[tokio::test]
+    async fn a_panicking_reconcile_fails_alone_and_is_retried() {
+        let obj: Arc<MatrixUser> = Arc::new(
+            serde_json::from_value(user("a", "alice", "u1", json!({"homeserverRef": {"name": "hs"}}))).unwrap(),
+        );
+        let overflow = |secs: u64| async move {
+            let _ = std::time::Instant::now() + Duration::from_secs(secs);
+            Ok(Action::await_change())
+        };
+        let outcome = tokio::spawn(contained(overflow(u64::MAX), "MatrixUser", obj.clone())).await;
+        let error = outcome.expect("the panic stays inside the reconcile").unwrap_err();
+        assert!(matches!(error, Error::Panicked), "{error}");
+        assert!(error.is_transient());
+        assert_eq!(error.reason(), "InternalError");
+        let fine = contained(overflow(1), "MatrixUser", obj).await;
+        assert!(fine.is_ok());
     }
 
     #[test]
