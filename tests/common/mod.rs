@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod helm;
 pub mod mas;
 pub mod mas_scenarios;
+pub mod proxy;
 pub mod synapse;
 pub mod venv;
 
