@@ -814,3 +814,59 @@ async fn a_resync_of_in_sync_users_asks_the_api_server_nothing() {
     assert!(asked.is_empty(), "in-sync resyncs asked the API server: {asked:#?}");
     assert!(all_in_sync(&fake, &users));
 }
+
+/// Issue 15, point 4: two Synapse versions behind one load balancer (a
+/// rolling upgrade) made every Homeserver check write a new
+/// `status.serverVersion`; that write triggered the next check at once,
+/// skipping backoff, and re-reconciled every MatrixUser of the Homeserver
+/// each time (an admin GET each), for as long as the upgrade lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_version_that_flaps_sets_off_no_checks_or_reconciles() {
+    let _serial = serial().await;
+    let s = synapse();
+    let proxy = common::proxy::Proxy::start(&s.base_url, |seen| {
+        if seen.path.starts_with("/_synapse/admin/v1/server_version") {
+            let version = if seen.earlier % 2 == 0 { "1.163.2" } else { "1.164.0rc1" };
+            common::proxy::Misbehave::Respond {
+                status: 200,
+                content_type: "application/json",
+                body: format!(r#"{{"server_version": "{version}"}}"#).into_bytes(),
+            }
+        } else {
+            common::proxy::Misbehave::Forward
+        }
+    })
+    .await;
+    let (_, fake) = FakeApiServer::start();
+    let mut hs = fresh_homeserver(NS, json!({}));
+    hs["spec"]["url"] = json!(proxy.url);
+    fake.put(hs);
+    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let users: Vec<Value> = (0..3)
+        .map(|i| {
+            let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": s.unique_localpart("flap")});
+            applied_user(NS, &format!("flap-{i}"), spec)
+        })
+        .collect();
+    for u in &users {
+        fake.put(u.clone());
+    }
+    let stop = run_operator(&fake, config_for(&[NS]));
+    wait_until(Duration::from_secs(60), "the MatrixUsers InSync", || async {
+        all_in_sync(&fake, &users)
+    })
+    .await;
+    // What the start set off has settled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let checks = proxy.count("/_synapse/admin/v1/server_version");
+    let user_reads = proxy.count("/_synapse/admin/v2/users/");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let more_checks = proxy.count("/_synapse/admin/v1/server_version") - checks;
+    let more_user_reads = proxy.count("/_synapse/admin/v2/users/") - user_reads;
+    drop(stop);
+    assert_eq!(more_checks, 0, "Homeserver checks set off by the status they wrote");
+    assert_eq!(
+        more_user_reads, 0,
+        "MatrixUser reconciles set off by the Homeserver's status"
+    );
+}

@@ -348,18 +348,39 @@ fn sha256(password: &SecretString) -> [u8; 32] {
     out
 }
 
-/// What a MatrixUser reconcile acts on: the spec (its generation), the
-/// finalizers, the deletion mark and the annotations (`skip-cleanup`). Not
-/// the status, which the operator writes itself.
-fn acted_on(user: &MatrixUser) -> Option<u64> {
+/// What a reconcile acts on: the spec (its generation), the finalizers,
+/// the deletion mark and the annotations (`skip-cleanup`). Not the status,
+/// which the operator writes itself: a status write must not set off the
+/// next reconcile (one whose status changes at every pass, such as a
+/// Homeserver behind two Synapse versions, would loop without backoff).
+fn acted_on<K: Resource>(obj: &K) -> Option<u64> {
     use std::hash::{Hash, Hasher};
-    let meta = user.meta();
+    let meta = obj.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     meta.generation.hash(&mut h);
     meta.finalizers.hash(&mut h);
     meta.deletion_timestamp.is_some().hash(&mut h);
     meta.annotations.hash(&mut h);
     Some(h.finish())
+}
+
+/// What the MatrixUsers of a Homeserver read of it (see
+/// [`homeserver::ready_status`] and the spec): a change of anything else —
+/// its server version, a condition's message or time — sets off no
+/// reconcile of its MatrixUsers, which costs an admin GET each.
+fn read_by_users(hs: &Homeserver) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    acted_on(hs).hash(&mut h);
+    if let Some(status) = &hs.status {
+        status.observed_generation.hash(&mut h);
+        status.server_name.hash(&mut h);
+        status.admin_user_id.hash(&mut h);
+        for c in &status.conditions {
+            (&c.type_, &c.status, &c.reason).hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 /// The shortest and the longest wait before a failed reconcile is retried.
@@ -597,7 +618,7 @@ where
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
         .watches_stream(
-            watch::touched_into(homeservers_api.clone(), homeserver_cache, "Homeserver"),
+            watch::touched_into_when(homeservers_api.clone(), homeserver_cache, "Homeserver", read_by_users),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
         )
         // When a MatrixUser changes or goes, the others naming the same
@@ -635,6 +656,9 @@ where
         "Homeserver",
     );
     let (by_secret, by_user) = (hs_store.clone(), hs_store.clone());
+    // Its own status writes set off no check: the next one comes at the
+    // resync, or after the backoff of an error.
+    let homeservers_stream = homeservers_stream.predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
     let homeservers = Controller::for_stream(homeservers_stream, hs_store)
         .with_config(controller_config)
         .watches_stream(watch::touched(secrets_api, "Secret"), move |secret| {
@@ -898,6 +922,33 @@ mod tests {
         for changed in changes {
             assert_ne!(acted_on(&base), acted_on(&changed), "{:?}", changed.metadata);
         }
+    }
+
+    #[test]
+    fn matrixusers_look_again_only_when_what_they_read_of_their_homeserver_changed() {
+        let hs = |version: &str, reason: &str, message: &str| -> Homeserver {
+            serde_json::from_value(
+                json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+                "metadata": {"name": "hs", "namespace": "chat", "generation": 1},
+                "spec": {"url": "http://x", "adminTokenSecretRef": {"name": "admin", "key": "token"}},
+                "status": {"serverName": "example.org", "serverVersion": version, "observedGeneration": 1,
+                    "conditions": [{"type": "Ready", "status": "True", "reason": reason, "message": message,
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
+            )
+            .unwrap()
+        };
+        let base = read_by_users(&hs("1.163.2", "Connected", "connected to example.org (1.163.2)"));
+        assert_eq!(
+            base,
+            read_by_users(&hs("1.164.0", "Connected", "connected to example.org (1.164.0)"))
+        );
+        assert_ne!(base, read_by_users(&hs("1.163.2", "Unreachable", "connected")));
+        let mut renamed = hs("1.163.2", "Connected", "");
+        renamed.status.as_mut().unwrap().server_name = Some("other.org".into());
+        assert_ne!(base, read_by_users(&renamed));
+        let mut respecced = hs("1.163.2", "Connected", "");
+        respecced.metadata.generation = Some(2);
+        assert_ne!(base, read_by_users(&respecced));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! Here each watch backs off on its own, briefly, and hands the controller
 //! only objects, so one stream's errors never delay another's events.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -110,6 +111,57 @@ where
     )
 }
 
+/// [`touched_into`], handing on an object only when `fingerprint` of it
+/// changed since the last copy handed on (or it went, or the watch listed
+/// again): the cache still sees every change.
+pub fn touched_into_when<K>(
+    api: Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    what: &'static str,
+    fingerprint: fn(&K) -> u64,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    objects_only(
+        changed_only(events(api, watcher::Config::default()).reflect(writer), fingerprint),
+        what,
+    )
+}
+
+/// The objects of watch events whose `fingerprint` changed since the last
+/// one handed on; deletions and (re)listings always pass.
+fn changed_only<K, E>(
+    events: impl Stream<Item = Result<watcher::Event<K>, E>> + Send + 'static,
+    fingerprint: fn(&K) -> u64,
+) -> impl Stream<Item = Result<K, E>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+    E: Send + 'static,
+{
+    let mut seen: HashMap<(Option<String>, Option<String>), u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let key = |o: &K| (o.meta().namespace.clone(), o.meta().name.clone());
+        future::ready(match event {
+            Err(e) => Some(Err(e)),
+            Ok(watcher::Event::Apply(o)) => {
+                let print = fingerprint(&o);
+                (seen.insert(key(&o), print) != Some(print)).then_some(Ok(o))
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                seen.insert(key(&o), fingerprint(&o));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(&key(&o));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+        })
+    })
+}
+
 /// Keeps the objects of a stream and logs its errors instead of passing
 /// them on, so the controller never pauses for them.
 pub fn objects_only<K, E: std::fmt::Display>(
@@ -133,6 +185,49 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_changes_of_the_fingerprint_deletions_and_listings_pass() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        let map = |name: &str, value: &str| -> ConfigMap {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ns"},
+                "data": {"watched": value, "ignored": "x"}
+            }))
+            .unwrap()
+        };
+        let watched = |c: &ConfigMap| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            c.data.as_ref().and_then(|d| d.get("watched")).hash(&mut h);
+            h.finish()
+        };
+        let mut ignored_changed = map("a", "1");
+        ignored_changed
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("ignored".into(), "y".into());
+        let events = vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(map("a", "1")),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(ignored_changed),
+            watcher::Event::Apply(map("a", "2")),
+            watcher::Event::Apply(map("b", "1")),
+            watcher::Event::Apply(map("b", "1")),
+            watcher::Event::Delete(map("a", "2")),
+            watcher::Event::Apply(map("a", "2")),
+        ];
+        let passed: Vec<String> = changed_only(futures::stream::iter(events.into_iter().map(Ok::<_, ()>)), watched)
+            .map(|o| {
+                let o = o.unwrap();
+                format!("{}={}", o.metadata.name.unwrap(), o.data.unwrap()["watched"])
+            })
+            .collect()
+            .await;
+        assert_eq!(passed, ["a=1", "a=2", "b=1", "a=2", "a=2"]);
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_and_resets() {

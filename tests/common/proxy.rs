@@ -65,15 +65,20 @@ impl Proxy {
         let recording = seen.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (rule, upstream, http, recording) = (rule.clone(), upstream.clone(), http.clone(), recording.clone());
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (rule, upstream, http, recording) =
+                    (rule.clone(), upstream.clone(), http.clone(), recording.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let (rule, upstream, http, recording) =
                             (rule.clone(), upstream.clone(), http.clone(), recording.clone());
                         async move { Ok::<_, Infallible>(handle(req, &rule, &upstream, &http, &recording).await) }
                     });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -106,10 +111,7 @@ async fn handle(
     let seen = {
         let mut all = recording.lock().unwrap();
         let bare = path.split('?').next().unwrap_or_default();
-        let earlier = all
-            .iter()
-            .filter(|s| s.path.split('?').next() == Some(bare))
-            .count();
+        let earlier = all.iter().filter(|s| s.path.split('?').next() == Some(bare)).count();
         let seen = Seen {
             method: req.method().to_string(),
             path: path.clone(),
