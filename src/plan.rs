@@ -232,6 +232,13 @@ pub enum Refusal {
     AdoptionNotAllowed { user_id: String },
     #[error("{user_id} is a server admin; adopting it needs the Homeserver's policy.allowAdminUsers")]
     AdoptingAdmin { user_id: String },
+    /// A write to a server admin's account, owned or not: ownership is
+    /// recorded in status, which whoever may patch `matrixusers/status`
+    /// can forge, and an admin's password or emails are the server's keys.
+    #[error(
+        "{user_id} is a server admin; changing it needs the Homeserver's policy.allowAdminUsers (nothing was written)"
+    )]
+    ChangingAdmin { user_id: String },
     // The owner stays out of the message: it would tell anyone who may create
     // a MatrixUser which account holds an address.
     #[error("the {medium} address {address} is bound to another account")]
@@ -397,6 +404,11 @@ pub fn plan(
         });
     };
     let (changes, reactivates_without_password) = diff(desired, account);
+    if account.admin && !authority.admin_allowed && !changes.is_empty() {
+        return Err(Refusal::ChangingAdmin {
+            user_id: desired.user_id.to_string(),
+        });
+    }
     let action = (!changes.is_empty()).then_some(Action::Update(changes));
     Ok(Plan {
         adopt,
@@ -521,6 +533,9 @@ pub enum Untouched {
     AlreadyDone,
     /// The account is not the one this resource created or adopted.
     NotOwned,
+    /// The account is a server admin and the Homeserver does not allow
+    /// admin users: deactivating it is a write like any other.
+    ServerAdmin,
 }
 
 /// The call that carries out `policy` on the account, or why none is needed.
@@ -536,6 +551,9 @@ pub fn plan_deletion(
     let account = account.ok_or(Untouched::AccountGone)?;
     if !authority.owns(account) && !authority.created_by_pending(account) {
         return Err(Untouched::NotOwned);
+    }
+    if account.admin && !authority.admin_allowed {
+        return Err(Untouched::ServerAdmin);
     }
     match policy {
         DeletionPolicy::Deactivate if account.deactivated => Err(Untouched::AlreadyDone),

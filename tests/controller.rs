@@ -1007,3 +1007,87 @@ async fn what_is_kept_per_object_goes_with_the_object() {
     ctx.sweep();
     assert_eq!(ctx.cache_sizes(), CacheSizes::default());
 }
+
+/// Issue 15, point 8: ownership is read from status, which whoever may
+/// patch `matrixusers/status` can write. A forged record for a server
+/// admin's account let a MatrixUser rewrite that admin's password (the
+/// admin check ran only at adoption) and deactivate it on deletion.
+#[tokio::test]
+async fn a_forged_ownership_record_of_a_server_admin_changes_nothing() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-forged-admin");
+    s.register_user(&lp, "the-admins-password", true).await;
+    let (_, created) = account(&s.user_id(&lp)).await;
+    let (client, fake) = cluster(json!({}));
+    fake.put(secret("forged-pw", "password", "the-attackers-password"));
+    // Exactly what the operator would have written for an account it made.
+    let forged = json!({"userId": s.user_id(&lp), "accountCreationTs": created["creation_ts"]});
+    let obj = matrix_user(
+        "forger",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": "Owned",
+               "password": {"secretRef": {"name": "forged-pw", "key": "password"}}}),
+        forged,
+    );
+    let (ready, reason, message) = ready_of(&reconcile_once(&fake, client.clone(), &obj).await);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "AdminNotAllowed"),
+        "{message}"
+    );
+    assert!(
+        s.login(&lp, "the-admins-password").await.is_ok(),
+        "the password is the admin's"
+    );
+    assert!(s.login(&lp, "the-attackers-password").await.is_err());
+    assert_ne!(account(&s.user_id(&lp)).await.1["displayname"], "Owned");
+
+    // Deleting it leaves the admin's account active.
+    let mut deleting = stored(&fake, &obj);
+    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    fake.put(serde_json::to_value(&deleting).unwrap());
+    reconcile_user(Arc::new(deleting.clone()), context(client, &[&deleting]))
+        .await
+        .expect("cleanup lets go");
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed"
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], false);
+    assert!(fake.event_reasons().contains(&"Retained".to_string()));
+}
+
+/// Issue 15, point 10: the sync refused the admin token's own account, the
+/// deletion policy did not: a MatrixUser recording it (forged, or from
+/// before) deactivated the operator's own admin on deletion.
+#[tokio::test]
+async fn deleting_a_matrixuser_never_deactivates_the_admin_tokens_own_account() {
+    let s = synapse();
+    let (client, fake) = cluster(json!({"allowAdminUsers": true}));
+    let localpart = s
+        .admin_user_id
+        .trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let (_, admin) = account(&s.admin_user_id).await;
+    let mut obj = matrix_user(
+        "admin",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": localpart}),
+        json!({"userId": s.admin_user_id, "accountCreationTs": admin["creation_ts"]}),
+    );
+    obj["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
+        .await
+        .expect("cleanup lets go");
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed"
+    );
+    assert_eq!(account(&s.admin_user_id).await.1["deactivated"], false);
+    assert_eq!(fake.event_reasons(), vec!["Retained"]);
+}

@@ -102,7 +102,9 @@ impl Error {
             Error::HomeserverNotReady { .. } => "HomeserverNotReady",
             Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. } => "SecretNotFound",
             Error::InvalidSpec(_) | Error::InvalidUserId(_) => "InvalidSpec",
-            Error::Refused(Refusal::AdminNotAllowed | Refusal::AdoptingAdmin { .. }) => "AdminNotAllowed",
+            Error::Refused(
+                Refusal::AdminNotAllowed | Refusal::AdoptingAdmin { .. } | Refusal::ChangingAdmin { .. },
+            ) => "AdminNotAllowed",
             Error::Refused(Refusal::AdoptionNotRequested { .. } | Refusal::AdoptionNotAllowed { .. }) => {
                 "AdoptionRefused"
             }

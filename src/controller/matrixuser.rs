@@ -698,6 +698,13 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     };
     let name = user.name_any();
     let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
+    if hs.admin_user_id.as_deref() == Some(user_id.as_str()) {
+        let note = format!(
+            "{user_id} is the account of the Homeserver's admin token, which the operator does not manage: it was left as it is"
+        );
+        ctx.publish(user.as_ref(), EventType::Warning, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
     let other = match ownership::live_other_owner(ctx, user, &user_id, status.account_creation_ts).await {
         Ok(other) => other,
         Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
@@ -711,6 +718,7 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
         owned: status.user_id.as_deref() == Some(user_id.as_str()),
         owned_creation_ts: status.account_creation_ts,
         pending_creation: pending_creation_of(&status, &user_id),
+        admin_allowed: hs.policy.allow_admin_users,
         ..Authority::default()
     };
     match delete_account(&hs.backend, &user_id, policy, authority).await {
@@ -730,8 +738,18 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
                     "Retained",
                     "deletionPolicy is Retain: the account is left as it is".to_string(),
                 ),
+                Err(Untouched::ServerAdmin) => (
+                    "Retained",
+                    format!(
+                        "{user_id} is a server admin and the Homeserver's policy.allowAdminUsers is false: it was left as it is"
+                    ),
+                ),
             };
-            ctx.publish(user.as_ref(), EventType::Normal, reason, note).await;
+            let type_ = match outcome {
+                Err(Untouched::ServerAdmin) => EventType::Warning,
+                _ => EventType::Normal,
+            };
+            ctx.publish(user.as_ref(), type_, reason, note).await;
             Ok(Action::await_change())
         }
         Err(e) => Err(record_cleanup_failure(ctx, user, e.into()).await),

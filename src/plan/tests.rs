@@ -370,10 +370,17 @@ fn field_cases() -> Vec<(&'static str, Setup, UserUpdate)> {
 
 #[test]
 fn every_field_absent_equal_and_different() {
+    // Demoting an admin is a write to a server admin's account, which
+    // needs the admin policy (see no_write_reaches_a_server_admin_…).
+    let admin_allowed = Authority {
+        admin_allowed: true,
+        ..owned()
+    };
     for (case, setup, expected) in field_cases() {
         let (mut d, mut a) = (desired(), account());
         setup(&mut d, &mut a);
-        assert_eq!(update(&d, &a), expected, "{case}");
+        let planned = plan(&d, Some(&a), admin_allowed, &Owners::default()).unwrap().action;
+        assert_eq!(body(planned).unwrap_or_default(), expected, "{case}");
     }
 }
 
@@ -737,8 +744,43 @@ fn adopting_an_admin_needs_the_admin_policy() {
             .unwrap()
             .adopt
     );
-    // An owned account made admin by someone else is not refused.
+    // An owned account made admin by someone else is not refused while
+    // nothing is to be written to it.
     assert!(plan(&desired(), Some(&admin), owned(), &Owners::default()).is_ok());
+}
+
+#[test]
+fn no_write_reaches_a_server_admin_without_the_admin_policy() {
+    let mut admin = account();
+    admin.admin = true;
+    let mut d = desired();
+    d.displayname = Some("Changed".into());
+    d.password = Some(password("pw", false, false));
+    // Owned, as a status record says: the record may be forged.
+    assert_eq!(
+        plan(&d, Some(&admin), owned(), &Owners::default()),
+        Err(Refusal::ChangingAdmin {
+            user_id: "@alice:example.org".into()
+        })
+    );
+    let allowed = Authority {
+        admin_allowed: true,
+        ..owned()
+    };
+    assert!(
+        plan(&d, Some(&admin), allowed, &Owners::default())
+            .unwrap()
+            .sends_password()
+    );
+    // Deleting is a write too.
+    assert_eq!(
+        plan_deletion(DeletionPolicy::Deactivate, owned(), Some(&admin)),
+        Err(Untouched::ServerAdmin)
+    );
+    assert_eq!(
+        plan_deletion(DeletionPolicy::Erase, allowed, Some(&admin)),
+        Ok(DeletionAction::Deactivate { erase: true })
+    );
 }
 
 #[test]
