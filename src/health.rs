@@ -40,12 +40,37 @@ impl Readiness {
     }
 }
 
+/// Connections served at once: kubelet's probes and a scraper or two need
+/// a handful; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+
+/// The longest a connection may take, from accepting it to the last byte
+/// of the answer: a client that sends nothing, or reads nothing, is cut off.
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves the endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Metrics) {
+    serve_within(listener, readiness, metrics, MAX_CONNECTIONS, CONNECTION_TIMEOUT).await
+}
+
+/// [`serve`], with at most `max_connections` served at once, each for at
+/// most `timeout`: idle or slow clients (the port may be reachable from
+/// other pods) can neither pile up tasks nor hold the probes off for long.
+async fn serve_within(
+    listener: TcpListener,
+    readiness: Readiness,
+    metrics: Metrics,
+    max_connections: usize,
+    timeout: std::time::Duration,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving /healthz and /readyz");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (mut stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -57,11 +82,11 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Metrics
         };
         let readiness = readiness.clone();
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tokio::time::timeout(timeout, async move {
+            let _slot = slot;
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let Ok(n) = stream.read(&mut buf).await else {
+                return;
             };
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("");
@@ -82,7 +107,7 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, metrics: Metrics
                 body.len()
             );
             let _ = stream.write_all(response.as_bytes()).await;
-        });
+        }));
     }
 }
 
@@ -110,6 +135,34 @@ pub async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListene
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn idle_clients_are_cut_off_and_cannot_hold_more_than_their_slots() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeout = std::time::Duration::from_millis(500);
+        tokio::spawn(serve_within(listener, Readiness::default(), Metrics::new(), 2, timeout));
+        // Two clients that connect and send nothing take both slots.
+        let mut idle = Vec::new();
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+        probe.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), probe.read_to_string(&mut answer))
+            .await
+            .expect("the probe is answered once an idle client is cut off")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        // It was: the idle clients were closed by the server.
+        for mut client in idle {
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(std::time::Duration::from_secs(1), client.read_to_end(&mut rest)).await;
+            assert!(matches!(read, Ok(Ok(0))), "an idle client was cut off: {read:?}");
+        }
+    }
 
     #[test]
     fn readyz_follows_readiness() {
