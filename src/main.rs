@@ -149,6 +149,20 @@ fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
+/// The operator's own namespace: where its Lease and the key of its
+/// password digests live. The pod's (`POD_NAMESPACE`, or the service
+/// account's), else the kubeconfig context's when run from a workstation.
+fn operator_namespace(args: &RunArgs, client: &kube::Client) -> String {
+    args.leader_election_namespace
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| client.default_namespace().to_string())
+}
+
 fn lease_config(args: &RunArgs) -> Option<LeaseConfig> {
     let on = match args.leader_election {
         LeaderElection::On => true,
@@ -186,11 +200,15 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let readiness = health::Readiness::default();
     let health_task = listener.map(|l| tokio::spawn(health::serve(l, readiness.clone(), metrics.clone())));
     let lease = lease_config(&args);
+    let digest_key = controller::digest_key::load_or_create(client.clone(), &operator_namespace(&args, &client))
+        .await
+        .map_err(|e| e.to_string())?;
     let config = controller::Config {
         resync_interval: args.resync_interval,
         request_timeout: args.request_timeout,
         namespaces: args.namespaces,
         concurrency: args.concurrency,
+        digest_key,
     };
     info!(
         namespaces = %if config.namespaces.is_empty() { "(all)".to_string() } else { config.namespaces.join(",") },

@@ -1091,3 +1091,66 @@ async fn deleting_a_matrixuser_never_deactivates_the_admin_tokens_own_account() 
     assert_eq!(account(&s.admin_user_id).await.1["deactivated"], false);
     assert_eq!(fake.event_reasons(), vec!["Retained"]);
 }
+
+/// A password digest as releases before the operator's key made them:
+/// salted PBKDF2-HMAC-SHA256, 10,000 rounds.
+fn legacy_digest(password: &str) -> String {
+    let salt = *b"0123456789abcdef";
+    let mut hash = [0u8; 32];
+    ring::pbkdf2::derive(
+        ring::pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(10_000).unwrap(),
+        &salt,
+        password.as_bytes(),
+        &mut hash,
+    );
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("pbkdf2-sha256$10000${}${}", hex(&salt), hex(&hash))
+}
+
+/// Issue 15, point 10: the digest in status was an unkeyed PBKDF2 of the
+/// password, which whoever reads status can brute-force offline. It is
+/// keyed now; a digest of an earlier release that matches is replaced by a
+/// keyed one without sending the password again (no session ends).
+#[tokio::test]
+async fn a_digest_of_an_earlier_release_is_rekeyed_without_sending_the_password() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-rekey");
+    s.register_user(&lp, "kept-password", false).await;
+    let token = s.login(&lp, "kept-password").await.expect("login");
+    let (_, acc) = account(&s.user_id(&lp)).await;
+    let (client, fake) = cluster(json!({}));
+    fake.put(secret("rekey-pw", "password", "kept-password"));
+    let obj = matrix_user(
+        "rekey",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp,
+               "password": {"secretRef": {"name": "rekey-pw", "key": "password"}, "logoutDevicesOnChange": true}}),
+        json!({"userId": s.user_id(&lp), "accountCreationTs": acc["creation_ts"],
+               "passwordDigest": legacy_digest("kept-password")}),
+    );
+    let stored = reconcile_once(&fake, client, &obj).await;
+    assert_eq!(ready_of(&stored).1, "InSync");
+    let digest = stored.status.unwrap().password_digest.unwrap();
+    assert!(digest.starts_with("hmac-sha256$"), "{digest}");
+    assert_eq!(s.whoami_status(&token).await, 200, "the password was not sent again");
+}
+
+/// The key lives in a Secret of the operator's namespace: made once, the
+/// same for every start and replica after.
+#[tokio::test]
+async fn the_digest_key_is_made_once_and_read_by_every_start() {
+    use matrix_user_operator::controller::digest_key;
+    let (client, fake) = FakeApiServer::start();
+    let first = digest_key::load_or_create(client.clone(), "operator").await.unwrap();
+    let again = digest_key::load_or_create(client.clone(), "operator").await.unwrap();
+    assert_eq!(first.expose(), again.expose());
+    let stored = fake
+        .get(&format!(
+            "/api/v1/namespaces/operator/secrets/{}",
+            digest_key::SECRET_NAME
+        ))
+        .expect("the key's Secret");
+    assert_eq!(stored["type"], "Opaque");
+    let elsewhere = digest_key::load_or_create(client, "other").await.unwrap();
+    assert_ne!(first.expose(), elsewhere.expose());
+}

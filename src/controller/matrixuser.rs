@@ -21,7 +21,7 @@ use crate::api::{
 use crate::apply::{Halt, PendingOutcome, Progress, Write, WriteGuard, delete_account, sync_account};
 use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
-use crate::secret::{SecretString, password_digest};
+use crate::secret::{SecretString, is_keyed, password_digest};
 use crate::synapse::UserId;
 
 /// Put on every MatrixUser so its deletion policy runs before it goes.
@@ -101,6 +101,9 @@ struct Outcome {
     owned: bool,
     progress: Progress,
     password_digest: Option<String>,
+    /// The digest in status, of an earlier release, matched: replace it
+    /// with a keyed one.
+    digest_rekeyed: bool,
     generated_secret: Option<String>,
 }
 
@@ -229,7 +232,7 @@ fn status_after(
             status.mas_user_id = Some(mas_id.clone());
         }
     }
-    if outcome.progress.password_applied {
+    if outcome.progress.password_applied || outcome.digest_rekeyed {
         status.password_digest = outcome.password_digest.clone();
     }
     match (outcome.progress.pending_creation, &outcome.user_id) {
@@ -499,6 +502,12 @@ async fn sync(
                 .password_digest
                 .as_deref()
                 .is_some_and(|d| ctx.digest_matches(user, d, &value));
+            if applied && old.password_digest.as_deref().is_some_and(|d| !is_keyed(d)) {
+                let digest = password_digest(&value, &ctx.config.digest_key);
+                ctx.remember_digest(user, digest.clone(), &value);
+                out.password_digest = Some(digest);
+                out.digest_rekeyed = true;
+            }
             Some(DesiredPassword {
                 value,
                 applied,
@@ -520,7 +529,7 @@ async fn sync(
     if out.progress.password_applied
         && let Some(p) = &desired.password
     {
-        let digest = password_digest(&p.value);
+        let digest = password_digest(&p.value, &ctx.config.digest_key);
         ctx.remember_digest(user, digest.clone(), &p.value);
         out.password_digest = Some(digest);
     }

@@ -2,6 +2,7 @@
 //! MatrixUsers, Secrets watched by metadata only.
 
 mod cache;
+pub mod digest_key;
 mod error;
 mod homeserver;
 mod matrixuser;
@@ -35,7 +36,7 @@ use crate::api::{Homeserver, MatrixUser};
 use crate::backend::Backend;
 use crate::backend::mas::{MasBackend, MasClient, MasConfig};
 use crate::metrics::Metrics;
-use crate::secret::SecretString;
+use crate::secret::{DigestKey, SecretString};
 use crate::synapse::{ClientConfig, RequestObserver, SynapseClient};
 
 /// The field manager of every write, and the Events' reporting controller.
@@ -54,6 +55,10 @@ pub struct Config {
     pub namespaces: Vec<String>,
     /// Reconciles in flight at once, per kind.
     pub concurrency: u16,
+    /// The key of the password digests in status: the same for every
+    /// replica and across restarts (see [`digest_key::load_or_create`]), or
+    /// every password would be sent again after a restart.
+    pub digest_key: DigestKey,
 }
 
 impl Default for Config {
@@ -63,6 +68,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             namespaces: Vec::new(),
             concurrency: 8,
+            digest_key: DigestKey::generate(),
         }
     }
 }
@@ -218,7 +224,7 @@ impl Context {
         if known(&self.digests.lock().unwrap_or_else(|p| p.into_inner())) {
             return true;
         }
-        let matches = crate::secret::digest_matches(digest, password);
+        let matches = crate::secret::digest_matches(digest, password, &self.config.digest_key);
         if matches {
             self.remember_digest(user, digest.to_string(), password);
         }
