@@ -387,6 +387,44 @@ async fn deleted_with_policy(policy: &str) -> (String, Value, Vec<String>) {
     (lp, acc, fake.event_reasons())
 }
 
+/// A localpart with `=` (Synapse's SSO mapping makes such) goes into the
+/// field selectors that look for other owners before the deletion policy
+/// runs: escaped, the API server answers them and the deletion finishes.
+#[tokio::test]
+async fn deletion_of_a_localpart_with_equals_runs_the_policy_and_finishes() {
+    let s = synapse();
+    let lp = format!("{}=sso", s.unique_localpart("ctl-del-eq"));
+    let (client, fake) = cluster(json!({}));
+    let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "deletionPolicy": "Deactivate"});
+    let obj = matrix_user("eq", spec, Value::Null);
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let ctx = context(client, &[&user]);
+    reconcile_user(Arc::new(user), ctx.clone()).await.expect("created");
+    assert_eq!(ready_of(&stored(&fake, &obj)).1, "InSync");
+    assert_eq!(account(&s.user_id(&lp)).await.0, 200);
+    let mut deleting = serde_json::to_value(stored(&fake, &obj)).unwrap();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    fake.put(deleting.clone());
+    fake.clear_requests();
+    reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx)
+        .await
+        .expect("cleanup");
+    let selectors: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.query.contains("fieldSelector"))
+        .map(|r| r.query.clone())
+        .collect();
+    assert!(!selectors.is_empty(), "other owners are looked up");
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed, object gone"
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], true);
+    assert_eq!(fake.event_reasons(), vec!["Deactivated"]);
+}
+
 #[tokio::test]
 async fn deletion_deactivates_by_default() {
     let (_, acc, events) = deleted_with_policy("Deactivate").await;

@@ -585,3 +585,68 @@ async fn the_operator_binary_runs_against_it_and_it_outlives_a_killed_one() {
     assert_eq!(names, vec!["after"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Field selectors parse as the API server parses them (apimachinery's
+/// `fields.ParseSelector`): an unescaped `=` or `,` in a value, or an
+/// unknown escape, is a 400 with its message; `\=`, `\,` and `\\` are data.
+#[tokio::test]
+async fn field_selectors_refuse_unescaped_values_and_unescape_escaped_ones() {
+    let (client, fake) = FakeApiServer::start();
+    let mut odd = user("odd");
+    odd["spec"]["localpart"] = json!("a=b");
+    fake.put(odd);
+    let mut plain = user("plain");
+    plain["spec"]["localpart"] = json!("a");
+    fake.put(plain);
+    let api = users(&client, NS);
+    let list = |selector: &str| {
+        let api = api.clone();
+        let params = ListParams::default().fields(selector);
+        async move { api.list(&params).await }
+    };
+    for (selector, message) in [
+        (
+            "spec.localpart=a=b",
+            "invalid field selector: unescaped character in value: 61",
+        ),
+        (
+            "spec.localpart==a=b",
+            "invalid field selector: unescaped character in value: 61",
+        ),
+        (
+            r"spec.localpart=a\b",
+            r"invalid field selector: invalid escape sequence: \b",
+        ),
+        (
+            r"spec.localpart=a\",
+            r"invalid field selector: invalid escape sequence: \",
+        ),
+        (
+            "spec.localpart=a,b",
+            "invalid selector: 'spec.localpart=a,b'; can't understand 'b'",
+        ),
+    ] {
+        let (code, reason, got) = api_error(list(selector).await);
+        assert_eq!(
+            (code, reason.as_str(), got.as_str()),
+            (400, "BadRequest", message),
+            "{selector}"
+        );
+        // A watch parses the same way.
+        let watched = api
+            .watch(&WatchParams::default().fields(selector).timeout(1), "0")
+            .await;
+        assert!(
+            matches!(watched, Err(kube::Error::Api(ref s)) if s.code == 400),
+            "{selector}: a watch is refused too"
+        );
+    }
+    let names = |list: kube::core::ObjectList<DynamicObject>| -> Vec<String> {
+        list.items.into_iter().map(|o| o.metadata.name.unwrap()).collect()
+    };
+    assert_eq!(names(list(r"spec.localpart=a\=b").await.unwrap()), ["odd"]);
+    assert_eq!(names(list(r"spec.localpart!=a\=b").await.unwrap()), ["plain"]);
+    assert_eq!(names(list("spec.localpart=a").await.unwrap()), ["plain"]);
+    assert!(names(list(r"metadata.name=a\=b,spec.localpart=a\=b").await.unwrap()).is_empty());
+    assert!(names(list(r"spec.localpart=a\,b\\").await.unwrap()).is_empty());
+}
