@@ -527,6 +527,68 @@ async fn generated_password_goes_into_an_owned_secret_and_logs_in() {
     assert!(fake.writes().is_empty(), "{:?}", fake.writes());
 }
 
+/// A MatrixUser name may be 253 characters long, a label value 63: the
+/// generated Secret of a long name carries no label of it, and is made.
+#[tokio::test]
+async fn generated_password_secret_of_a_200_character_name_is_made() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gen-long");
+    let (client, fake) = cluster(json!({}));
+    let name = format!("long-{}", "n".repeat(195));
+    assert_eq!(name.len(), 200);
+    let mut obj = matrix_user(
+        &name,
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
+        Value::Null,
+    );
+    obj["metadata"]["uid"] = json!("uid-long");
+    let user = reconcile_once(&fake, client, &obj).await;
+    assert_eq!(ready_of(&user).1, "InSync", "{:?}", ready_of(&user));
+    let secret = fake
+        .get(&format!("/api/v1/namespaces/{NS}/secrets/{name}-credentials"))
+        .expect("Secret created");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-long");
+    assert_eq!(
+        secret["metadata"]["labels"],
+        json!({"app.kubernetes.io/managed-by": "matrix-user-operator"})
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.0, 200);
+}
+
+/// A request the API server refuses as invalid gets the same answer when
+/// tried again: the MatrixUser stalls with the API server's message instead
+/// of retrying without end. Here the Secret's name (`<name>-credentials`)
+/// would be longer than the 253 characters a name may have.
+#[tokio::test]
+async fn a_secret_the_api_server_refuses_stalls_the_matrixuser() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gen-refused");
+    let (client, fake) = cluster(json!({}));
+    let name = "r".repeat(250);
+    let mut obj = matrix_user(
+        &name,
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
+        Value::Null,
+    );
+    obj["metadata"]["uid"] = json!("uid-refused");
+    let user = reconcile_once(&fake, client, &obj).await;
+    let (ready, reason, message) = ready_of(&user);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "KubernetesRefused"),
+        "{message}"
+    );
+    assert!(message.contains("must be no more than 253 characters"), "{message}");
+    assert!(message.contains("(422 Invalid)"), "{message}");
+    let conditions = &user.status.as_ref().unwrap().conditions;
+    let stalled = conditions.iter().find(|c| c.type_ == "Stalled").expect("Stalled");
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "KubernetesRefused")
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404, "no account without its password");
+}
+
 #[tokio::test]
 async fn generated_password_never_overwrites_a_secret_it_does_not_own() {
     let s = synapse();

@@ -678,6 +678,70 @@ impl Store {
         }
     }
 
+    /// The 422 the API server's metadata validation answers for an object
+    /// whose name is longer than a DNS subdomain may be, or whose label
+    /// values are no label values (apimachinery's `ValidateObjectMeta`,
+    /// `IsValidLabelValue`), with its messages and causes.
+    fn invalid_metadata(resource: &Resource, obj: &Value) -> Option<Reply> {
+        let meta = &obj["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default();
+        let mut causes: Vec<(String, String, String)> = Vec::new();
+        if name.len() > 253 {
+            causes.push((
+                "metadata.name".into(),
+                name.into(),
+                "must be no more than 253 characters".into(),
+            ));
+        }
+        for value in meta["labels"].as_object().into_iter().flat_map(|m| m.values()) {
+            let value = value.as_str().unwrap_or_default();
+            if value.len() > 63 {
+                causes.push((
+                    "metadata.labels".into(),
+                    value.into(),
+                    "must be no more than 63 characters".into(),
+                ));
+            }
+            let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+            let valid = value.is_empty()
+                || (value.chars().all(inner) && edges(value.chars().next()) && edges(value.chars().last()));
+            if !valid {
+                causes.push((
+                    "metadata.labels".into(),
+                    value.into(),
+                    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', \
+                     and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', \
+                     regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+                        .into(),
+                ));
+            }
+        }
+        if causes.is_empty() {
+            return None;
+        }
+        let errors: Vec<String> = causes
+            .iter()
+            .map(|(field, value, why)| format!("{field}: Invalid value: {value:?}: {why}"))
+            .collect();
+        let errors = match errors.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        let group_kind = match resource.group() {
+            "" => resource.kind(),
+            group => format!("{}.{group}", resource.kind()),
+        };
+        let mut reply = status(422, "Invalid", &format!("{group_kind} {name:?} is invalid: {errors}"));
+        reply["details"] = json!({
+            "name": name, "group": resource.group(), "kind": resource.kind(),
+            "causes": causes.iter().map(|(field, value, why)| json!({
+                "reason": "FieldValueInvalid", "message": format!("Invalid value: {value:?}: {why}"), "field": field,
+            })).collect::<Vec<Value>>(),
+        });
+        Some(Reply::Json(StatusCode::UNPROCESSABLE_ENTITY, reply))
+    }
+
     fn create(&mut self, request: &Request, resource: Resource, namespace: Option<String>) -> Reply {
         let mut obj = request.body.clone();
         if obj["metadata"]["name"].is_null() {
@@ -696,6 +760,9 @@ impl Store {
         }
         if let Some(refused) = self.refuse_create(&resource, namespace.as_deref(), &name) {
             return refused;
+        }
+        if let Some(invalid) = Self::invalid_metadata(&resource, &obj) {
+            return invalid;
         }
         let key = resource.key(namespace.as_deref(), &name);
         if self.objects.contains_key(&key) {
@@ -866,6 +933,9 @@ impl Store {
             if generation_content(&obj) != generation_content(&current) {
                 obj["metadata"]["generation"] = json!(current["metadata"]["generation"].as_i64().unwrap_or(0) + 1);
             }
+        }
+        if let Some(invalid) = Self::invalid_metadata(&resource, &obj) {
+            return invalid;
         }
         if !apply {
             owners.update(manager, &current, &obj, &lists);
