@@ -387,6 +387,44 @@ async fn deleted_with_policy(policy: &str) -> (String, Value, Vec<String>) {
     (lp, acc, fake.event_reasons())
 }
 
+/// A localpart with `=` (Synapse's SSO mapping makes such) goes into the
+/// field selectors that look for other owners before the deletion policy
+/// runs: escaped, the API server answers them and the deletion finishes.
+#[tokio::test]
+async fn deletion_of_a_localpart_with_equals_runs_the_policy_and_finishes() {
+    let s = synapse();
+    let lp = format!("{}=sso", s.unique_localpart("ctl-del-eq"));
+    let (client, fake) = cluster(json!({}));
+    let spec = json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "deletionPolicy": "Deactivate"});
+    let obj = matrix_user("eq", spec, Value::Null);
+    fake.put(obj.clone());
+    let user: MatrixUser = serde_json::from_value(obj.clone()).unwrap();
+    let ctx = context(client, &[&user]);
+    reconcile_user(Arc::new(user), ctx.clone()).await.expect("created");
+    assert_eq!(ready_of(&stored(&fake, &obj)).1, "InSync");
+    assert_eq!(account(&s.user_id(&lp)).await.0, 200);
+    let mut deleting = serde_json::to_value(stored(&fake, &obj)).unwrap();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+    fake.put(deleting.clone());
+    fake.clear_requests();
+    reconcile_user(Arc::new(serde_json::from_value(deleting).unwrap()), ctx)
+        .await
+        .expect("cleanup");
+    let selectors: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.query.contains("fieldSelector"))
+        .map(|r| r.query.clone())
+        .collect();
+    assert!(!selectors.is_empty(), "other owners are looked up");
+    assert!(
+        fake.get(&common::fake_kube::path_of(&obj)).is_none(),
+        "finalizer removed, object gone"
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.1["deactivated"], true);
+    assert_eq!(fake.event_reasons(), vec!["Deactivated"]);
+}
+
 #[tokio::test]
 async fn deletion_deactivates_by_default() {
     let (_, acc, events) = deleted_with_policy("Deactivate").await;
@@ -487,6 +525,68 @@ async fn generated_password_goes_into_an_owned_secret_and_logs_in() {
     fake.clear_requests();
     reconcile_user(Arc::new(stored(&fake, &obj)), ctx).await.unwrap();
     assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+}
+
+/// A MatrixUser name may be 253 characters long, a label value 63: the
+/// generated Secret of a long name carries no label of it, and is made.
+#[tokio::test]
+async fn generated_password_secret_of_a_200_character_name_is_made() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gen-long");
+    let (client, fake) = cluster(json!({}));
+    let name = format!("long-{}", "n".repeat(195));
+    assert_eq!(name.len(), 200);
+    let mut obj = matrix_user(
+        &name,
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
+        Value::Null,
+    );
+    obj["metadata"]["uid"] = json!("uid-long");
+    let user = reconcile_once(&fake, client, &obj).await;
+    assert_eq!(ready_of(&user).1, "InSync", "{:?}", ready_of(&user));
+    let secret = fake
+        .get(&format!("/api/v1/namespaces/{NS}/secrets/{name}-credentials"))
+        .expect("Secret created");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-long");
+    assert_eq!(
+        secret["metadata"]["labels"],
+        json!({"app.kubernetes.io/managed-by": "matrix-user-operator"})
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.0, 200);
+}
+
+/// A request the API server refuses as invalid gets the same answer when
+/// tried again: the MatrixUser stalls with the API server's message instead
+/// of retrying without end. Here the Secret's name (`<name>-credentials`)
+/// would be longer than the 253 characters a name may have.
+#[tokio::test]
+async fn a_secret_the_api_server_refuses_stalls_the_matrixuser() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-gen-refused");
+    let (client, fake) = cluster(json!({}));
+    let name = "r".repeat(250);
+    let mut obj = matrix_user(
+        &name,
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp, "password": {"generate": true}}),
+        Value::Null,
+    );
+    obj["metadata"]["uid"] = json!("uid-refused");
+    let user = reconcile_once(&fake, client, &obj).await;
+    let (ready, reason, message) = ready_of(&user);
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "KubernetesRefused"),
+        "{message}"
+    );
+    assert!(message.contains("must be no more than 253 characters"), "{message}");
+    assert!(message.contains("(422 Invalid)"), "{message}");
+    let conditions = &user.status.as_ref().unwrap().conditions;
+    let stalled = conditions.iter().find(|c| c.type_ == "Stalled").expect("Stalled");
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", "KubernetesRefused")
+    );
+    assert_eq!(account(&s.user_id(&lp)).await.0, 404, "no account without its password");
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::deploy_checks::{
-    DEPLOY, OPERATOR_NS, USER_NS, args, check_args, check_locked_down_and_probed, check_rbac, deployment, find, kinds,
-    kustomize, parse_docs, record_operator_calls,
+    DEPLOY, OPERATOR_NS, USER_NS, args, check_args, check_locked_down_and_probed, check_rbac, check_secrets_policy,
+    deployment, find, kinds, kustomize, parse_docs, record_operator_calls,
 };
 use matrix_user_operator::api::{Homeserver, MatrixUser};
 use serde_json::Value;
@@ -50,6 +50,13 @@ fn deployment_args_exist_in_run_help() {
 fn deployment_is_locked_down_and_probed() {
     for dir in [".", "overlays/ha", "overlays/single-namespace"] {
         check_locked_down_and_probed(&format!("deploy/{dir}"), &kustomize(dir));
+    }
+}
+
+#[test]
+fn every_variant_ships_the_secrets_policy_for_its_service_account() {
+    for dir in [".", "overlays/ha", "overlays/single-namespace"] {
+        check_secrets_policy(&format!("deploy/{dir}"), &kustomize(dir));
     }
 }
 

@@ -585,3 +585,118 @@ async fn the_operator_binary_runs_against_it_and_it_outlives_a_killed_one() {
     assert_eq!(names, vec!["after"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Field selectors parse as the API server parses them (apimachinery's
+/// `fields.ParseSelector`): an unescaped `=` or `,` in a value, or an
+/// unknown escape, is a 400 with its message; `\=`, `\,` and `\\` are data.
+#[tokio::test]
+async fn field_selectors_refuse_unescaped_values_and_unescape_escaped_ones() {
+    let (client, fake) = FakeApiServer::start();
+    let mut odd = user("odd");
+    odd["spec"]["localpart"] = json!("a=b");
+    fake.put(odd);
+    let mut plain = user("plain");
+    plain["spec"]["localpart"] = json!("a");
+    fake.put(plain);
+    let api = users(&client, NS);
+    let list = |selector: &str| {
+        let api = api.clone();
+        let params = ListParams::default().fields(selector);
+        async move { api.list(&params).await }
+    };
+    for (selector, message) in [
+        (
+            "spec.localpart=a=b",
+            "invalid field selector: unescaped character in value: 61",
+        ),
+        (
+            "spec.localpart==a=b",
+            "invalid field selector: unescaped character in value: 61",
+        ),
+        (
+            r"spec.localpart=a\b",
+            r"invalid field selector: invalid escape sequence: \b",
+        ),
+        (
+            r"spec.localpart=a\",
+            r"invalid field selector: invalid escape sequence: \",
+        ),
+        (
+            "spec.localpart=a,b",
+            "invalid selector: 'spec.localpart=a,b'; can't understand 'b'",
+        ),
+    ] {
+        let (code, reason, got) = api_error(list(selector).await);
+        assert_eq!(
+            (code, reason.as_str(), got.as_str()),
+            (400, "BadRequest", message),
+            "{selector}"
+        );
+        // A watch parses the same way.
+        let watched = api
+            .watch(&WatchParams::default().fields(selector).timeout(1), "0")
+            .await;
+        assert!(
+            matches!(watched, Err(kube::Error::Api(ref s)) if s.code == 400),
+            "{selector}: a watch is refused too"
+        );
+    }
+    let names = |list: kube::core::ObjectList<DynamicObject>| -> Vec<String> {
+        list.items.into_iter().map(|o| o.metadata.name.unwrap()).collect()
+    };
+    assert_eq!(names(list(r"spec.localpart=a\=b").await.unwrap()), ["odd"]);
+    assert_eq!(names(list(r"spec.localpart!=a\=b").await.unwrap()), ["plain"]);
+    assert_eq!(names(list("spec.localpart=a").await.unwrap()), ["plain"]);
+    assert!(names(list(r"metadata.name=a\=b,spec.localpart=a\=b").await.unwrap()).is_empty());
+    assert!(names(list(r"spec.localpart=a\,b\\").await.unwrap()).is_empty());
+}
+
+/// Metadata is validated as the API server validates it: a label value over
+/// 63 characters or off the label grammar, or a name over 253, is a 422
+/// naming the field, the value and the limit; on create and on update.
+#[tokio::test]
+async fn label_values_and_names_over_their_limits_are_invalid() {
+    let (client, _fake) = FakeApiServer::start();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = |name: &str, label: &str| -> Secret {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "labels": {"matrix-operator.io/x": label}}}))
+        .unwrap()
+    };
+    let long = "v".repeat(64);
+    let (code, reason, message) = api_error(secrets.create(&PostParams::default(), &secret("a", &long)).await);
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        message,
+        format!(
+            r#"Secret "a" is invalid: metadata.labels: Invalid value: "{long}": must be no more than 63 characters"#
+        )
+    );
+    let (code, _, message) = api_error(secrets.create(&PostParams::default(), &secret("a", "-x")).await);
+    assert_eq!(code, 422);
+    assert!(
+        message.starts_with(r#"Secret "a" is invalid: metadata.labels: Invalid value: "-x": a valid label must be"#),
+        "{message}"
+    );
+    let name = "n".repeat(254);
+    let (code, _, message) = api_error(secrets.create(&PostParams::default(), &secret(&name, "ok")).await);
+    assert_eq!(code, 422);
+    assert_eq!(
+        message,
+        format!(
+            r#"Secret "{name}" is invalid: metadata.name: Invalid value: "{name}": must be no more than 253 characters"#
+        )
+    );
+    // At the limits, and on update.
+    secrets
+        .create(&PostParams::default(), &secret(&"n".repeat(253), &"v".repeat(63)))
+        .await
+        .expect("at the limits");
+    secrets
+        .create(&PostParams::default(), &secret("b", ""))
+        .await
+        .expect("an empty value");
+    let patch = json!({"metadata": {"labels": {"matrix-operator.io/x": long}}});
+    let (code, _, _) = api_error(secrets.patch("b", &PatchParams::default(), &Patch::Merge(&patch)).await);
+    assert_eq!(code, 422);
+}

@@ -9,8 +9,8 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::deploy_checks::{
-    DEPLOY, OPERATOR_NS, USER_NS, args, check_args, check_locked_down_and_probed, check_rbac, deployment, find, kinds,
-    kustomize, of_kind, record_operator_calls,
+    DEPLOY, OPERATOR_NS, USER_NS, args, check_args, check_locked_down_and_probed, check_rbac, check_secrets_policy,
+    deployment, find, kinds, kustomize, of_kind, record_operator_calls,
 };
 use common::helm::{CHART, RELEASE, RELEASE_NS, info, lint, render, render_files, rendered, validate};
 use serde_json::{Value, json};
@@ -140,7 +140,7 @@ fn defaults_install_what_deploy_installs_in_the_release_namespace() {
             find(&base, kind, name).is_some(),
             "{kind}/{name} is not in deploy/ (release {RELEASE})"
         );
-        if !kind.starts_with("Cluster") {
+        if !kind.starts_with("Cluster") && !kind.starts_with("ValidatingAdmissionPolicy") {
             assert_eq!(d["metadata"]["namespace"], RELEASE_NS, "{kind}/{name}");
         }
         assert_eq!(
@@ -331,6 +331,18 @@ fn every_rbac_rule_keeps_its_comment() {
         }
         assert!(rbac.contains("# Read, create on first start, renew / take over / release by update."));
     }
+}
+
+#[test]
+fn every_variant_ships_the_secrets_policy_unless_turned_off() {
+    for (what, values) in variants() {
+        check_secrets_policy(&format!("chart, {what}"), &rendered(values));
+    }
+    let docs = rendered(json!({"fullnameOverride": "mxo"}));
+    check_secrets_policy("chart, fullnameOverride", &docs);
+    let off = rendered(json!({"secretsPolicy": {"enabled": false}}));
+    assert!(of_kind(&off, "ValidatingAdmissionPolicy").is_empty());
+    assert!(of_kind(&off, "ValidatingAdmissionPolicyBinding").is_empty());
 }
 
 #[test]

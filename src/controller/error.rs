@@ -50,7 +50,7 @@ pub enum Error {
     /// messages); it never quotes the answer.
     #[error("spec.url does not answer like a Synapse homeserver ({answer})")]
     NotSynapse { answer: String },
-    #[error("Kubernetes API: {0}")]
+    #[error("Kubernetes API: {}", kube_message(.0))]
     Kube(#[from] kube::Error),
     #[error("the MatrixUser kept changing while it was reconciled; trying again")]
     Stale,
@@ -141,6 +141,7 @@ impl Error {
             Error::ServerNameMismatch { .. } => "ServerNameMismatch",
             Error::NotAdmin { .. } => "NotAdmin",
             Error::NotSynapse { .. } => "NotSynapse",
+            Error::Kube(e) if is_refused(e) => "KubernetesRefused",
             Error::Kube(_) | Error::Stale => "KubernetesError",
             Error::HomeserverInUse { .. } => "Deleting",
             Error::Panicked => "InternalError",
@@ -172,9 +173,8 @@ impl Error {
         match self {
             Error::Synapse(e) => e.is_transient(),
             Error::Mas(e) => e.is_transient(),
-            Error::NotSettling(_) | Error::Kube(_) | Error::Stale | Error::HomeserverInUse { .. } | Error::Panicked => {
-                true
-            }
+            Error::Kube(e) => !is_refused(e),
+            Error::NotSettling(_) | Error::Stale | Error::HomeserverInUse { .. } | Error::Panicked => true,
             _ => false,
         }
     }
@@ -192,9 +192,75 @@ impl Error {
     }
 }
 
+/// Whether the API server refused a request as such: the same request
+/// gets the same answer, so a retry cannot help and the resource waits for
+/// a change (`Stalled`). 400 (a malformed request: a selector, a patch),
+/// 405 (a verb the resource lacks), 413 (too large), 415 (a patch type it
+/// does not take) and 422 (an invalid object: a label value, a name too
+/// long). Everything else stays transient: 409 (a conflict, read again),
+/// 429 and 5xx (load, outages), a lost connection; and also 401 (a token
+/// being renewed), 403 (RBAC, an admission policy or a namespace being
+/// deleted: changed or gone outside the resource, which the operator does
+/// not watch) and 404 (an object or a CRD not there yet, or gone).
+fn is_refused(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if matches!(s.code, 400 | 405 | 413 | 415 | 422))
+}
+
+/// The API server's own message, with its code and reason; any other
+/// error as it tells itself.
+fn kube_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        e => e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api(code: u16, reason: &str, message: &str) -> Error {
+        Error::Kube(kube::Error::Api(
+            kube::core::Status::failure(message, reason).with_code(code).boxed(),
+        ))
+    }
+
+    #[test]
+    fn api_server_refusals_stall_and_everything_else_is_retried() {
+        let label = r#"Secret "x-credentials" is invalid: metadata.labels: Invalid value: "x": must be no more than 63 characters"#;
+        for (code, reason) in [
+            (400, "BadRequest"),
+            (405, "MethodNotAllowed"),
+            (413, "RequestEntityTooLarge"),
+            (415, "UnsupportedMediaType"),
+            (422, "Invalid"),
+        ] {
+            let e = api(code, reason, label);
+            assert!(!e.is_transient(), "{code}");
+            assert_eq!(e.standing(), Standing::Stalled, "{code}");
+            assert_eq!(e.reason(), "KubernetesRefused", "{code}");
+            assert_eq!(e.to_string(), format!("Kubernetes API: {label} ({code} {reason})"));
+        }
+        for (code, reason) in [
+            (401, "Unauthorized"),
+            (403, "Forbidden"),
+            (404, "NotFound"),
+            (409, "Conflict"),
+            (410, "Expired"),
+            (429, "TooManyRequests"),
+            (500, "InternalError"),
+            (503, "ServiceUnavailable"),
+            (504, "Timeout"),
+        ] {
+            let e = api(code, reason, "m");
+            assert!(e.is_transient(), "{code}");
+            assert_eq!(e.standing(), Standing::Reconciling, "{code}");
+            assert_eq!(e.reason(), "KubernetesError", "{code}");
+        }
+        let lost = Error::Kube(kube::Error::Service("connection refused".into()));
+        assert!(lost.is_transient());
+        assert_eq!(lost.reason(), "KubernetesError");
+    }
     use crate::synapse::{BodySummary, Endpoint};
 
     fn page(status: u16) -> SynapseError {

@@ -85,6 +85,24 @@ fn duplicate(user_id: &UserId, other: &MatrixUser) -> Error {
     }
 }
 
+/// The field selector term `field=value`, the value escaped as the API
+/// server's grammar demands (apimachinery's `fields.EscapeValue`): a `\`,
+/// `,` or `=` in a value is data only behind a backslash. A localpart may
+/// hold `=` (Synapse's SSO mapping makes such), and an unescaped one gets a
+/// 400 that would stop deletion and adoption for good.
+fn field_equals(field: &str, value: &str) -> String {
+    let mut term = String::with_capacity(field.len() + 1 + 2 * value.len());
+    term.push_str(field);
+    term.push('=');
+    for c in value.chars() {
+        if matches!(c, '\\' | ',' | '=') {
+            term.push('\\');
+        }
+        term.push(c);
+    }
+    term
+}
+
 /// The MatrixUsers of every watched namespace, read from the API server,
 /// that could hold `user_id`: only resources naming the same localpart can,
 /// so two field-selected lists per scope find them all.
@@ -102,8 +120,8 @@ async fn candidates(ctx: &Context, user_id: &UserId) -> Result<Vec<MatrixUser>, 
     let mut found = Vec::new();
     for api in scopes {
         for selector in [
-            format!("metadata.name={localpart}"),
-            format!("spec.localpart={localpart}"),
+            field_equals("metadata.name", localpart),
+            field_equals("spec.localpart", localpart),
         ] {
             found.extend(api.list(&ListParams::default().fields(&selector)).await?.items);
         }
@@ -147,4 +165,20 @@ pub async fn live_other_owner(
         .iter()
         .find(|other| !same_resource(other, user) && other.meta().deletion_timestamp.is_none() && holds(other))
         .map(|other| format!("{}/{}", other.namespace().unwrap_or_default(), other.name_any())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_equals;
+
+    #[test]
+    fn field_selector_values_escape_backslash_comma_and_equals() {
+        assert_eq!(field_equals("spec.localpart", "alice"), "spec.localpart=alice");
+        assert_eq!(field_equals("spec.localpart", "a=b"), r"spec.localpart=a\=b");
+        assert_eq!(
+            field_equals("spec.localpart", r"a,b\c=="),
+            r"spec.localpart=a\,b\\c\=\="
+        );
+        assert_eq!(field_equals("metadata.name", "x./+-_"), "metadata.name=x./+-_");
+    }
 }

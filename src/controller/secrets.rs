@@ -101,6 +101,9 @@ async fn set_finalizers(
     Ok(())
 }
 
+/// The label on every Secret the operator creates.
+pub const GENERATED_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", super::MANAGER);
+
 /// The name of the Secret `password.generate` keeps.
 pub fn credentials_secret_name(user: &MatrixUser) -> String {
     format!("{}-credentials", user.name_any())
@@ -158,10 +161,14 @@ pub async fn generated_password(
         secret.metadata.name = Some(name.clone());
         secret.metadata.namespace = Some(ns.clone());
         secret.metadata.owner_references = Some(vec![owner]);
-        secret.metadata.labels = Some(BTreeMap::from([
-            ("app.kubernetes.io/managed-by".to_string(), super::MANAGER.to_string()),
-            ("matrix-operator.io/matrixuser".to_string(), user.name_any()),
-        ]));
+        // The operator's mark, which deploy/'s ValidatingAdmissionPolicy
+        // asks of every Secret the operator creates. No label carries the
+        // MatrixUser's name: a label value holds 63 characters, a name 253
+        // (the owner reference names it).
+        secret.metadata.labels = Some(BTreeMap::from([(
+            GENERATED_LABEL.0.to_string(),
+            GENERATED_LABEL.1.to_string(),
+        )]));
         match api
             .create(
                 &PostParams {

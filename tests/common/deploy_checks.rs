@@ -513,3 +513,57 @@ pub async fn record_operator_calls(watch: &[&str]) -> Vec<Recorded> {
     controller::run(client, config, Metrics::new(), shutdown, || {}).await;
     fake.requests()
 }
+
+/// The ValidatingAdmissionPolicy on the operator's Secret writes, as
+/// deploy/secrets-policy/ holds it.
+pub fn reference_secrets_policy() -> Value {
+    let text = std::fs::read_to_string(format!("{DEPLOY}/secrets-policy/secrets-policy.yaml")).unwrap();
+    parse_docs(&text)
+        .into_iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .expect("deploy/secrets-policy/secrets-policy.yaml holds the policy")
+}
+
+/// `docs` hold the Secrets policy and its binding: cluster-wide, the
+/// binding denying by the policy, matching requests of the ServiceAccount
+/// the Deployment runs as (in the namespace it runs in), and with the
+/// validations of deploy/secrets-policy/.
+pub fn check_secrets_policy(what: &str, docs: &[Value]) {
+    let policies = of_kind(docs, "ValidatingAdmissionPolicy");
+    let bindings = of_kind(docs, "ValidatingAdmissionPolicyBinding");
+    assert_eq!(
+        (policies.len(), bindings.len()),
+        (1, 1),
+        "{what}: one policy, one binding"
+    );
+    let (policy, binding) = (policies[0], bindings[0]);
+    for d in [policy, binding] {
+        assert!(d["metadata"]["namespace"].is_null(), "{what}: cluster-wide: {d}");
+    }
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"], "{what}");
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]), "{what}");
+    assert!(
+        binding["spec"].get("matchResources").is_none(),
+        "{what}: every namespace"
+    );
+    let spec = &policy["spec"];
+    assert_eq!(spec["failurePolicy"], "Fail", "{what}");
+    let rules = &spec["matchConstraints"]["resourceRules"];
+    assert_eq!(rules[0]["resources"], json!(["secrets"]), "{what}");
+    assert_eq!(rules[0]["operations"], json!(["CREATE", "UPDATE", "DELETE"]), "{what}");
+    let dep = deployment(docs);
+    let sa = dep["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap();
+    let ns = dep["metadata"]["namespace"].as_str().unwrap();
+    let conditions = spec["matchConditions"].as_array().unwrap();
+    assert_eq!(conditions.len(), 1, "{what}");
+    assert_eq!(
+        conditions[0]["expression"],
+        format!("request.userInfo.username == 'system:serviceaccount:{ns}:{sa}'"),
+        "{what}: the policy matches the Deployment's ServiceAccount"
+    );
+    assert_eq!(
+        spec["validations"],
+        reference_secrets_policy()["spec"]["validations"],
+        "{what}: the validations of deploy/secrets-policy/"
+    );
+}

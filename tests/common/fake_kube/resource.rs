@@ -24,7 +24,7 @@ impl Resource {
         }
     }
 
-    fn group(&self) -> &str {
+    pub fn group(&self) -> &str {
         self.prefix
             .strip_prefix("/apis/")
             .map_or("", |gv| gv.split('/').next().unwrap_or(""))

@@ -97,7 +97,8 @@ struct Change {
     previous: Option<Value>,
 }
 
-/// `labelSelector` and `fieldSelector` terms: `a=b`, `a==b`, `a!=b`, `a`.
+/// `labelSelector` and `fieldSelector` terms: `a=b`, `a==b`, `a!=b`, `a`
+/// (labels only).
 #[derive(Default)]
 struct Selector {
     labels: Vec<Term>,
@@ -111,7 +112,7 @@ enum Term {
 }
 
 impl Term {
-    fn parse_all(text: &str) -> Vec<Term> {
+    fn parse_labels(text: &str) -> Vec<Term> {
         text.split(',')
             .filter(|t| !t.is_empty())
             .map(|t| {
@@ -126,6 +127,29 @@ impl Term {
             .collect()
     }
 
+    /// A `fieldSelector` as apimachinery's `fields.ParseSelector` reads it:
+    /// terms split at commas not escaped by a backslash; each term split at
+    /// its first `!=`, `==` or `=`; the value unescaped (`\\`, `\,`, `\=`),
+    /// where any other backslash, and any unescaped `,` or `=`, is an error
+    /// (the API server's message, answered with 400 BadRequest).
+    fn parse_fields(text: &str) -> Result<Vec<Term>, String> {
+        let mut terms = Vec::new();
+        for part in split_unescaped_commas(text) {
+            if part.is_empty() {
+                continue;
+            }
+            let Some((field, operator, value)) = split_term(part) else {
+                return Err(format!("invalid selector: '{text}'; can't understand '{part}'"));
+            };
+            let value = unescape_field_value(value)?;
+            terms.push(match operator {
+                "!=" => Term::NotEquals(field.into(), value),
+                _ => Term::Equals(field.into(), value),
+            });
+        }
+        Ok(terms)
+    }
+
     fn matches(&self, value: impl Fn(&str) -> Option<String>) -> bool {
         match self {
             Term::Equals(k, v) => value(k).as_ref() == Some(v),
@@ -135,12 +159,76 @@ impl Term {
     }
 }
 
-impl Selector {
-    fn of(request: &Request) -> Self {
-        Selector {
-            labels: Term::parse_all(&request.param("labelSelector").unwrap_or_default()),
-            fields: Term::parse_all(&request.param("fieldSelector").unwrap_or_default()),
+/// The terms of a field selector: a comma behind a backslash is data.
+fn split_unescaped_commas(text: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            ',' => {
+                terms.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
         }
+    }
+    terms.push(&text[start..]);
+    terms
+}
+
+/// `field`, operator, raw value: split at the first operator (a field has
+/// no escapes).
+fn split_term(term: &str) -> Option<(&str, &'static str, &str)> {
+    term.char_indices().find_map(|(i, _)| {
+        ["!=", "==", "="]
+            .into_iter()
+            .find(|op| term[i..].starts_with(op))
+            .map(|op| (&term[..i], op, &term[i + op.len()..]))
+    })
+}
+
+/// apimachinery's `fields.UnescapeValue`, with its error messages (a rune
+/// prints as its number there: `=` is 61).
+fn unescape_field_value(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut escaped = false;
+    for c in value.chars() {
+        if escaped {
+            if !matches!(c, '\\' | ',' | '=') {
+                return Err(format!("invalid field selector: invalid escape sequence: \\{c}"));
+            }
+            out.push(c);
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            ',' | '=' => {
+                return Err(format!(
+                    "invalid field selector: unescaped character in value: {}",
+                    c as u32
+                ));
+            }
+            c => out.push(c),
+        }
+    }
+    if escaped {
+        return Err("invalid field selector: invalid escape sequence: \\".into());
+    }
+    Ok(out)
+}
+
+impl Selector {
+    /// The request's selectors, or the 400 the API server answers to a
+    /// field selector it cannot parse.
+    fn of(request: &Request) -> Result<Self, Reply> {
+        Ok(Selector {
+            labels: Term::parse_labels(&request.param("labelSelector").unwrap_or_default()),
+            fields: Term::parse_fields(&request.param("fieldSelector").unwrap_or_default())
+                .map_err(|message| failure(StatusCode::BAD_REQUEST, "BadRequest", message))?,
+        })
     }
 
     fn matches(&self, obj: &Value) -> bool {
@@ -460,7 +548,10 @@ impl Store {
     }
 
     fn list(&self, request: &Request, resource: &Resource, namespace: Option<String>) -> Reply {
-        let selector = Selector::of(request);
+        let selector = match Selector::of(request) {
+            Ok(selector) => selector,
+            Err(refused) => return refused,
+        };
         let items: Vec<Value> = self
             .matching(resource, namespace.as_deref(), &selector)
             .map(|o| {
@@ -484,6 +575,10 @@ impl Store {
     }
 
     fn watch(&mut self, request: &Request, resource: Resource, namespace: Option<String>) -> Reply {
+        let selector = match Selector::of(request) {
+            Ok(selector) => selector,
+            Err(refused) => return refused,
+        };
         let (sender, receiver) = unbounded_channel();
         let timeout = Duration::from_secs(
             request
@@ -494,7 +589,7 @@ impl Store {
         let watcher = Watcher {
             resource,
             namespace,
-            selector: Selector::of(request),
+            selector,
             metadata_only: request.metadata_only,
             sender,
         };
@@ -583,6 +678,70 @@ impl Store {
         }
     }
 
+    /// The 422 the API server's metadata validation answers for an object
+    /// whose name is longer than a DNS subdomain may be, or whose label
+    /// values are no label values (apimachinery's `ValidateObjectMeta`,
+    /// `IsValidLabelValue`), with its messages and causes.
+    fn invalid_metadata(resource: &Resource, obj: &Value) -> Option<Reply> {
+        let meta = &obj["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default();
+        let mut causes: Vec<(String, String, String)> = Vec::new();
+        if name.len() > 253 {
+            causes.push((
+                "metadata.name".into(),
+                name.into(),
+                "must be no more than 253 characters".into(),
+            ));
+        }
+        for value in meta["labels"].as_object().into_iter().flat_map(|m| m.values()) {
+            let value = value.as_str().unwrap_or_default();
+            if value.len() > 63 {
+                causes.push((
+                    "metadata.labels".into(),
+                    value.into(),
+                    "must be no more than 63 characters".into(),
+                ));
+            }
+            let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+            let valid = value.is_empty()
+                || (value.chars().all(inner) && edges(value.chars().next()) && edges(value.chars().last()));
+            if !valid {
+                causes.push((
+                    "metadata.labels".into(),
+                    value.into(),
+                    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', \
+                     and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', \
+                     regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+                        .into(),
+                ));
+            }
+        }
+        if causes.is_empty() {
+            return None;
+        }
+        let errors: Vec<String> = causes
+            .iter()
+            .map(|(field, value, why)| format!("{field}: Invalid value: {value:?}: {why}"))
+            .collect();
+        let errors = match errors.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        let group_kind = match resource.group() {
+            "" => resource.kind(),
+            group => format!("{}.{group}", resource.kind()),
+        };
+        let mut reply = status(422, "Invalid", &format!("{group_kind} {name:?} is invalid: {errors}"));
+        reply["details"] = json!({
+            "name": name, "group": resource.group(), "kind": resource.kind(),
+            "causes": causes.iter().map(|(field, value, why)| json!({
+                "reason": "FieldValueInvalid", "message": format!("Invalid value: {value:?}: {why}"), "field": field,
+            })).collect::<Vec<Value>>(),
+        });
+        Some(Reply::Json(StatusCode::UNPROCESSABLE_ENTITY, reply))
+    }
+
     fn create(&mut self, request: &Request, resource: Resource, namespace: Option<String>) -> Reply {
         let mut obj = request.body.clone();
         if obj["metadata"]["name"].is_null() {
@@ -601,6 +760,9 @@ impl Store {
         }
         if let Some(refused) = self.refuse_create(&resource, namespace.as_deref(), &name) {
             return refused;
+        }
+        if let Some(invalid) = Self::invalid_metadata(&resource, &obj) {
+            return invalid;
         }
         let key = resource.key(namespace.as_deref(), &name);
         if self.objects.contains_key(&key) {
@@ -771,6 +933,9 @@ impl Store {
             if generation_content(&obj) != generation_content(&current) {
                 obj["metadata"]["generation"] = json!(current["metadata"]["generation"].as_i64().unwrap_or(0) + 1);
             }
+        }
+        if let Some(invalid) = Self::invalid_metadata(&resource, &obj) {
+            return invalid;
         }
         if !apply {
             owners.update(manager, &current, &obj, &lists);
