@@ -186,8 +186,15 @@ fn it_admits_the_digest_key_in_the_operators_namespace_only() {
             .map(|v| v["message"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(refused_in("matrix-user-operator", &key("matrix-user-operator")), Vec::<String>::new());
-    assert_eq!(refused_in("kube-system", &key("kube-system")).len(), 1, "another namespace");
+    assert_eq!(
+        refused_in("matrix-user-operator", &key("matrix-user-operator")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        refused_in("kube-system", &key("kube-system")).len(),
+        1,
+        "another namespace"
+    );
     let mut other_name = key("matrix-user-operator");
     other_name["metadata"]["name"] = json!("anything-else");
     assert_eq!(refused_in("matrix-user-operator", &other_name).len(), 1, "another name");

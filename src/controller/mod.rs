@@ -68,9 +68,17 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             namespaces: Vec::new(),
             concurrency: 8,
-            digest_key: DigestKey::generate(),
+            digest_key: process_digest_key(),
         }
     }
+}
+
+/// One key for every default [`Config`] of this process, so that two
+/// contexts made in one process (tests, tools) agree on digests; the
+/// operator itself reads its key from its Secret.
+fn process_digest_key() -> DigestKey {
+    static KEY: std::sync::OnceLock<DigestKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(DigestKey::generate).clone()
 }
 
 /// What every reconcile shares.
