@@ -324,10 +324,12 @@ fn confirm_creation(account: &Account, authority: &mut Authority, progress: &mut
 /// and returns `Ok`.
 async fn wait_if_rate_limited(e: BackendError, waited: &mut Duration) -> Result<(), BackendError> {
     match e.retry_after() {
-        Some(wait) if *waited + wait <= MAX_INLINE_WAIT => {
+        // Saturating: the wait is a server's number (bounded by the
+        // backends, but this must not panic whatever it is).
+        Some(wait) if waited.saturating_add(wait) <= MAX_INLINE_WAIT => {
             debug!(?wait, "rate limited; waiting");
             tokio::time::sleep(wait).await;
-            *waited += wait;
+            *waited = waited.saturating_add(wait);
             Ok(())
         }
         _ => Err(e),

@@ -128,9 +128,14 @@ impl PendingCreation {
     /// Whether an account created at `creation_ts` (Synapse's clock) can be
     /// one asked for: created no earlier than the first request and no later
     /// than the last one's lifetime, give or take the clock skew.
+    ///
+    /// The times come from status, which anyone allowed to write it can
+    /// set to anything: the window saturates at the ends of `i64`.
     pub fn covers(self, creation_ts: i64) -> bool {
-        let earliest = self.requested_at - CLOCK_SKEW_SECS;
-        let latest = self.last_requested_at + PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS;
+        let earliest = self.requested_at.saturating_sub(CLOCK_SKEW_SECS);
+        let latest = self
+            .last_requested_at
+            .saturating_add(PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS);
         (earliest..=latest).contains(&creation_ts)
     }
 }

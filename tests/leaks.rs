@@ -469,3 +469,100 @@ async fn a_proxy_error_page_while_synapse_restarts_is_retried() {
     assert_clean_message(&message);
     assert!(retried, "a 5xx is retried with backoff");
 }
+
+// ---------------------------------------------------------------------------
+// Echoes in other encodings
+// ---------------------------------------------------------------------------
+
+/// A password with every character the encodings below change.
+const ODD_PASSWORD: &str = "pass+word/that=must&not leak<\"é>";
+
+/// A way a server may re-encode what it echoes.
+type Encoding = fn(&str) -> String;
+
+/// The ways a server may re-encode what it echoes, each with its name.
+fn encodings() -> Vec<(&'static str, Encoding)> {
+    vec![
+        ("upper-cased", |s| s.to_uppercase()),
+        ("form-encoded", |s| {
+            url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+        }),
+        ("percent-encoded, %20 for a space", |s| {
+            url::form_urlencoded::byte_serialize(s.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        }),
+        ("\\u-escaped", |s| {
+            s.encode_utf16().map(|u| format!("\\u{u:04x}")).collect()
+        }),
+        ("HTML-escaped", |s| {
+            s.chars()
+                .map(|c| match c {
+                    '&' => "&amp;".to_string(),
+                    '<' => "&lt;".to_string(),
+                    '>' => "&gt;".to_string(),
+                    '"' => "&quot;".to_string(),
+                    c if c.is_ascii_alphanumeric() => c.to_string(),
+                    c => format!("&#x{:X};", c as u32),
+                })
+                .collect()
+        }),
+    ]
+}
+
+/// Whether `text` shows the first 8 characters of `secret` in any of the
+/// encodings (ignoring case): a prefix cut at the end of a message leaks too.
+fn shows(text: &str, secret: &str) -> Option<String> {
+    let prefix: String = secret.chars().take(8).collect();
+    let text = text.to_lowercase();
+    std::iter::once(prefix.clone())
+        .chain(encodings().into_iter().map(|(_, encode)| encode(&prefix)))
+        .find(|form| text.contains(&form.to_lowercase()))
+}
+
+#[tokio::test]
+async fn an_echo_in_any_encoding_leaks_neither_password_nor_token() {
+    for (name, encode) in encodings() {
+        let server = LocalServer::start(move |r: &Request| {
+            // The echo, encoded, as Synapse's error text: the body first.
+            let body = json!({"errcode": "M_BAD_JSON", "error": format!("cannot parse {}", encode(&r.echo()))});
+            response(400, &[("Content-Type", "application/json")], &body.to_string())
+        });
+        let e = client_of(&server.url)
+            .put_user(&alice(), &with_password(ODD_PASSWORD))
+            .await
+            .expect_err("a 400");
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("cannot parse"), "{name}: {text}");
+        for secret in [TOKEN, ODD_PASSWORD] {
+            assert_eq!(shows(&text, secret), None, "{name}: {secret:?} leaked into {text}");
+        }
+        assert!(text.contains("***"), "{name}: the secrets' places are marked: {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_mas_echo_of_the_basic_credential_without_its_scheme_is_redacted() {
+    // The token endpoint refuses, quoting the credential alone, then each
+    // encoding of it.
+    for (name, encode) in std::iter::once(("as it is", (|s: &str| s.to_string()) as Encoding)).chain(encodings()) {
+        let mas = LocalServer::start(move |r: &Request| {
+            let credential = r
+                .head
+                .lines()
+                .find_map(|l| l.strip_prefix("authorization: Basic "))
+                .unwrap_or("MISSING");
+            let body = json!({"error": format!("bad {}", encode(credential))});
+            response(401, &[("Content-Type", "application/json")], &body.to_string())
+        });
+        let client = MasClient::new(MasConfig::new(&mas.url, "mxu", SecretString::new(MAS_CLIENT_SECRET)))
+            .expect("a MAS client");
+        let e = client.version().await.expect_err("no token");
+        let basic = common::mas::util::base64_encode(format!("mxu:{MAS_CLIENT_SECRET}").as_bytes());
+        assert!(mas.received()[0].contains(&basic), "the request carried the credential");
+        let text = format!("{e} {e:?}");
+        assert!(text.contains("bad ") && !text.contains("MISSING"), "{name}: {text}");
+        assert_eq!(shows(&text, &basic), None, "{name}: the credential leaked into {text}");
+        assert_mas_leaks_nothing(&text, PASSWORD);
+    }
+}

@@ -54,6 +54,56 @@ pub(crate) fn http_client(base_url: &str, timeout: Duration) -> Result<(url::Url
     Ok((base, http))
 }
 
+/// The most of an answer's body either backend reads: no answer of the
+/// admin APIs it calls comes near it (a user with its threepids and links,
+/// a page of 100 MAS resources), and a URL that streams more is cut off
+/// here instead of filling the operator's memory.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The most of a version string a server sends that goes into status.
+pub const MAX_VERSION_BYTES: usize = 100;
+
+/// The longest wait a server may ask for (Synapse's `retry_after_ms`): the
+/// controller's longest backoff. A longer one is cut to this; a server
+/// that is still busy then asks again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Why a body was not read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// It is longer than [`MAX_BODY_BYTES`] (its Content-Length said so, or
+    /// it went on past the limit).
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+/// The body of `response`, at most [`MAX_BODY_BYTES`] of it: refused at
+/// once when its Content-Length says more, else read chunk by chunk and
+/// given up as soon as it goes past the limit.
+pub(crate) async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
+    if response.content_length().is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A wait a server asked for in milliseconds, of any JSON number: at most
+/// [`MAX_RETRY_AFTER`], none for a negative one.
+pub(crate) fn retry_after_of(ms: &serde_json::Value) -> Option<Duration> {
+    let ms = ms.as_f64()?;
+    let max = MAX_RETRY_AFTER.as_millis() as f64;
+    // Clamped first: from_millis of a cast is exact, and a cast of a huge
+    // or negative float (or the from_secs_f64 of one) never happens.
+    Some(Duration::from_millis(ms.clamp(0.0, max) as u64))
+}
+
 /// What a failed call means for whoever made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorClass {

@@ -1148,3 +1148,41 @@ fn changed_fields_names_fields_never_values() {
     assert_eq!(changed_fields(&c), vec!["password", "threepids"]);
     assert!(!format!("{:?}", changed_fields(&c)).contains("hunter2"));
 }
+
+/// Status is written by whoever may patch it: a forged pending creation at
+/// the ends of i64 (or an account's creation time there) must neither
+/// overflow the window — a panic in a debug build — nor wrap it around.
+#[test]
+fn a_pending_creation_at_the_ends_of_time_neither_overflows_nor_wraps() {
+    for (first, last) in [
+        (i64::MAX, i64::MAX),
+        (i64::MIN, i64::MIN),
+        (i64::MIN, i64::MAX),
+        (i64::MAX - 1, i64::MAX - 1),
+    ] {
+        let p = PendingCreation {
+            requested_at: first,
+            last_requested_at: last,
+        };
+        for ts in [i64::MIN, -1, 0, 1_700_000_000, i64::MAX] {
+            let covered = p.covers(ts);
+            // Saturated, the window is [first - skew, last + lifetime + skew]
+            // cut at the ends of i64.
+            let want = i128::from(ts) >= i128::from(first) - i128::from(CLOCK_SKEW_SECS)
+                && i128::from(ts) <= i128::from(last) + i128::from(PENDING_CREATION_LIFETIME_SECS + CLOCK_SKEW_SECS);
+            assert_eq!(covered, want, "{p:?} covers {ts}");
+        }
+    }
+    // An account created at the end of time, under an ordinary record.
+    let a = Account {
+        creation_ts: Some(i64::MAX),
+        ..account()
+    };
+    let authority = Authority {
+        owned: true,
+        pending_creation: Some(PendingCreation::at(i64::MAX)),
+        ..Authority::default()
+    };
+    assert!(authority.owns(&a));
+    assert!(authority.created_by_pending(&a));
+}

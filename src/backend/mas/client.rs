@@ -14,15 +14,32 @@ use tokio::sync::{Mutex, Semaphore};
 use url::Url;
 
 use super::error::{MasEndpoint, MasError};
-use crate::backend::RequestObserver;
 use crate::backend::scrub::RequestSecrets;
+use crate::backend::{BodyError, MAX_VERSION_BYTES, RequestObserver};
 use crate::secret::SecretString;
 use crate::synapse::{DecodeProblem, MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
 
 /// A token is renewed this long before MAS says it expires.
 const RENEW_BEFORE_EXPIRY: Duration = Duration::from_secs(30);
+/// A token is kept at most this long, whatever `expires_in` says (MAS
+/// gives 5 minutes): a revoked client then loses access within the hour,
+/// and no `expires_in` can overflow the clock.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Users, emails and links are listed this many a page (MAS's default: 10).
 const PAGE_SIZE: usize = 100;
+/// A listing is paged through at most this far: 50 pages of 100. What the
+/// operator lists is small — one user's emails and upstream links (a
+/// handful), the holders of one email or link (one, at most a few), the
+/// upstream providers (MAS's configuration, tens) — except one user's
+/// active sessions, one a login, which a bot logging in without logging
+/// out gathers by the hundreds. 5,000 leaves room for that and still ends a
+/// listing from a MAS (or proxy) that never stops.
+const MAX_LIST_PAGES: usize = 50;
+/// And at most this many bytes of answers in all, which bounds what a
+/// listing holds in memory (a real page of 100 sessions is ≈50 KB).
+const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+// The errors of `list` say these numbers.
+const _: () = assert!(PAGE_SIZE == 100 && MAX_LIST_PAGES == 50 && MAX_LIST_BYTES == 8 * 1024 * 1024);
 
 /// How to reach one MAS.
 #[derive(Clone, Debug)]
@@ -198,7 +215,17 @@ impl MasClient {
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
-        let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        let bytes = match crate::backend::read_body(response).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::Transport(e)) => return Err(transport(e)),
+            Err(BodyError::TooLarge) => {
+                observe(Some(status));
+                return Err(MasError::TooLarge {
+                    endpoint,
+                    status: status.as_u16(),
+                });
+            }
+        };
         observe(Some(status));
         if status.is_redirection() {
             return Err(MasError::Redirected {
@@ -242,12 +269,7 @@ impl MasClient {
             return Ok(token.clone());
         }
         let endpoint = MasEndpoint::Token;
-        let form = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-        // client_secret_basic: both parts form-encoded, then Base64 (RFC 6749, 2.3.1).
-        let credentials = SecretString::new(format!(
-            "Basic {}",
-            base64_encode(format!("{}:{}", form(&self.client_id), form(self.client_secret.expose())).as_bytes())
-        ));
+        let credentials = self.basic_credentials();
         let request = self
             .http
             .post(self.url(&["oauth2", "token"], &[]))
@@ -259,10 +281,24 @@ impl MasClient {
             .exchange(endpoint, request, &[&self.client_secret, &credentials])
             .await?;
         let answer: TokenAnswer = decode(endpoint, status, &body)?;
-        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(300));
-        let until = requested + lifetime.saturating_sub(RENEW_BEFORE_EXPIRY.min(lifetime / 2));
-        *cached = Some((answer.access_token.clone(), until));
+        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(300)).min(MAX_TOKEN_LIFETIME);
+        let kept = lifetime.saturating_sub(RENEW_BEFORE_EXPIRY.min(lifetime / 2));
+        // Bounded above, so this cannot overflow; if it could, the token
+        // would be used once and not kept.
+        *cached = requested
+            .checked_add(kept)
+            .map(|until| (answer.access_token.clone(), until));
         Ok(answer.access_token)
+    }
+
+    /// The `Authorization` value of a token request: client_secret_basic,
+    /// both parts form-encoded, then Base64 (RFC 6749, 2.3.1).
+    fn basic_credentials(&self) -> SecretString {
+        let form = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        SecretString::new(format!(
+            "Basic {}",
+            base64_encode(format!("{}:{}", form(&self.client_id), form(self.client_secret.expose())).as_bytes())
+        ))
     }
 
     /// An admin API call with the token, renewed once if MAS says 401.
@@ -327,20 +363,42 @@ impl MasClient {
     ) -> Result<Vec<Resource<A>>, MasError> {
         let size = PAGE_SIZE.to_string();
         let mut out: Vec<Resource<A>> = Vec::new();
-        loop {
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0;
+        for _ in 0..MAX_LIST_PAGES {
             let mut query = filters.to_vec();
             query.push(("page[first]", &size));
             let after = out.last().map(|r| r.id.clone());
             if let Some(after) = &after {
                 query.push(("page[after]", after));
             }
-            let page: Page<A> = self.get(endpoint, segments, &query).await?;
+            let (status, body) = self.admin(endpoint, Method::GET, segments, &query, None).await?;
+            bytes += body.len();
+            if bytes > MAX_LIST_BYTES {
+                return Err(MasError::EndlessListing {
+                    endpoint,
+                    problem: "the listing's pages exceed 8 MiB in all, the most the operator reads of one",
+                });
+            }
+            let page: Page<A> = decode(endpoint, status, &body)?;
             let full = page.data.len() == PAGE_SIZE;
+            // A MAS (or proxy) ignoring page[after] answers the same page
+            // again: the listing would never end.
+            if !page.data.iter().all(|r| seen.insert(r.id.clone())) {
+                return Err(MasError::EndlessListing {
+                    endpoint,
+                    problem: "the next page repeats the last one: the listing's cursor (page[after]) does not move",
+                });
+            }
             out.extend(page.data);
             if !full {
                 return Ok(out);
             }
         }
+        Err(MasError::EndlessListing {
+            endpoint,
+            problem: "the listing goes on past 50 pages of 100, the most the operator pages through",
+        })
     }
 
     /// MAS's version (`GET /api/admin/v1/version`); also proves the client
@@ -351,7 +409,12 @@ impl MasClient {
             version: String,
         }
         let v: Version = self.get(MasEndpoint::Version, &["version"], &[]).await?;
-        Ok(v.version)
+        // It goes into status: scrubbed of every secret this client knows
+        // (a MAS URL that is not MAS had them all), printable and short.
+        let token = self.token.lock().await.as_ref().map(|(token, _)| token.clone());
+        let basic = self.basic_credentials();
+        let secrets = RequestSecrets::new([&self.client_secret, &basic].into_iter().chain(&token));
+        Ok(secrets.scrub_ascii(&v.version, MAX_VERSION_BYTES))
     }
 
     /// The user of this username, or `None`.

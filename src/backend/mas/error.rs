@@ -94,6 +94,19 @@ pub enum MasError {
         status: u16,
         body: BodySummary,
     },
+    /// An answer longer than the operator reads.
+    #[error(
+        "{endpoint}: HTTP {status}: the server's answer exceeds {limit} MiB, the most the operator reads",
+        limit = crate::backend::MAX_BODY_BYTES / (1024 * 1024)
+    )]
+    TooLarge { endpoint: MasEndpoint, status: u16 },
+    /// A listing whose pages do not end: its cursor does not move, or it
+    /// goes on past what the operator pages through.
+    #[error("{endpoint}: {problem}")]
+    EndlessListing {
+        endpoint: MasEndpoint,
+        problem: &'static str,
+    },
     #[error("{endpoint}: HTTP {status}, {problem}: {body}")]
     Undecodable {
         endpoint: MasEndpoint,
@@ -111,7 +124,10 @@ impl MasError {
     pub fn class(&self) -> ErrorClass {
         match self {
             MasError::InvalidUrl { .. } => ErrorClass::Invalid,
-            MasError::Transport { .. } | MasError::NotProvisioned { .. } => ErrorClass::Transient,
+            MasError::Transport { .. }
+            | MasError::NotProvisioned { .. }
+            | MasError::TooLarge { .. }
+            | MasError::EndlessListing { .. } => ErrorClass::Transient,
             MasError::Redirected { .. } => ErrorClass::NotSynapse,
             MasError::UnexpectedResponse { status, .. } if *status >= 500 => ErrorClass::Transient,
             MasError::UnexpectedResponse { status: 429, .. } => ErrorClass::RateLimited(None),

@@ -9,14 +9,16 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use super::{BodySummary, DecodeProblem, Endpoint, ErrCode, SynapseError, SynapseUser, UserId, UserUpdate};
-use crate::backend::RequestObserver;
 use crate::backend::scrub::RequestSecrets;
+use crate::backend::{BodyError, MAX_VERSION_BYTES, RequestObserver};
 use crate::secret::SecretString;
 
 /// How much of Synapse's `error` text an error keeps.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 200;
 /// Matrix error codes and media types are short; anything longer is not one.
 pub(crate) const MAX_CODE_BYTES: usize = 64;
+/// The longest Matrix user ID (the spec's limit).
+const MAX_USER_ID_BYTES: usize = 255;
 
 /// How to reach one homeserver.
 #[derive(Clone, Debug)]
@@ -87,8 +89,10 @@ struct MatrixError {
     errcode: Option<String>,
     #[serde(default)]
     error: Option<String>,
+    /// Any JSON number, bounded when read: a wait of any length must
+    /// neither stop the error from being read nor stall the account.
     #[serde(default)]
-    retry_after_ms: Option<u64>,
+    retry_after_ms: Option<serde_json::Value>,
 }
 
 impl SynapseClient {
@@ -150,7 +154,17 @@ impl SynapseClient {
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
-        let bytes = response.bytes().await.map_err(transport)?;
+        let bytes = match crate::backend::read_body(response).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::Transport(e)) => return Err(transport(e)),
+            Err(BodyError::TooLarge) => {
+                observe(Some(status));
+                return Err(SynapseError::TooLarge {
+                    endpoint,
+                    status: status.as_u16(),
+                });
+            }
+        };
         observe(Some(status));
         if status.is_redirection() {
             return Err(SynapseError::Redirected {
@@ -180,7 +194,7 @@ impl SynapseClient {
                 status: status.as_u16(),
                 errcode: ErrCode::parse(&secrets.scrub(&errcode, MAX_CODE_BYTES)),
                 message: secrets.scrub(error.as_deref().unwrap_or_default(), MAX_MESSAGE_BYTES),
-                retry_after: retry_after_ms.map(Duration::from_millis),
+                retry_after: retry_after_ms.as_ref().and_then(crate::backend::retry_after_of),
             },
             _ => SynapseError::UnexpectedResponse {
                 endpoint,
@@ -196,7 +210,7 @@ impl SynapseClient {
         struct Whoami {
             user_id: String,
         }
-        let (_, w): (_, Whoami) = self
+        let (status, w): (_, Whoami) = self
             .send(
                 Endpoint::Whoami,
                 Method::GET,
@@ -204,7 +218,30 @@ impl SynapseClient {
                 None,
             )
             .await?;
+        // It goes into status and is compared with accounts: taken only as
+        // a Matrix user ID (at most 255 bytes of printable ASCII), never
+        // cleaned into another.
+        let fit = w.user_id.len() <= MAX_USER_ID_BYTES
+            && w.user_id.starts_with('@')
+            && self.secrets().scrub_ascii(&w.user_id, MAX_USER_ID_BYTES) == w.user_id;
+        if !fit {
+            return Err(SynapseError::Undecodable {
+                endpoint: Endpoint::Whoami,
+                status: status.as_u16(),
+                problem: DecodeProblem::UnfitValue,
+                body: BodySummary {
+                    content_type: None,
+                    len: w.user_id.len(),
+                },
+            });
+        }
         Ok(w.user_id)
+    }
+
+    /// Every secret this client knows, to scrub what a server sends of
+    /// them: any answer may echo any request.
+    fn secrets(&self) -> RequestSecrets {
+        RequestSecrets::new(std::iter::once(&self.token).chain(&self.registration_shared_secret))
     }
 
     pub async fn server_version(&self) -> Result<String, SynapseError> {
@@ -220,7 +257,8 @@ impl SynapseClient {
                 None,
             )
             .await?;
-        Ok(v.server_version)
+        // It goes into status.
+        Ok(self.secrets().scrub_ascii(&v.server_version, MAX_VERSION_BYTES))
     }
 
     /// The issuer of the authorization server Synapse delegates to (MAS),
@@ -236,7 +274,7 @@ impl SynapseClient {
             .await
         {
             // The issuer goes into a condition message: printable and short.
-            Ok((_, m)) => Ok(Some(RequestSecrets::new([]).scrub(&m.issuer, MAX_MESSAGE_BYTES))),
+            Ok((_, m)) => Ok(Some(self.secrets().scrub(&m.issuer, MAX_MESSAGE_BYTES))),
             Err(SynapseError::Api { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }

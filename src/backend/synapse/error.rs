@@ -93,6 +93,9 @@ impl fmt::Display for BodySummary {
 pub enum DecodeProblem {
     NotJson,
     OtherShape,
+    /// A value the operator would keep (the admin's user ID) that is not
+    /// one: too long, not printable ASCII, or holding a secret.
+    UnfitValue,
 }
 
 impl DecodeProblem {
@@ -109,6 +112,7 @@ impl fmt::Display for DecodeProblem {
         f.write_str(match self {
             DecodeProblem::NotJson => "not JSON",
             DecodeProblem::OtherShape => "JSON of another shape",
+            DecodeProblem::UnfitValue => "a value that is not one (too long, unprintable or echoing a secret)",
         })
     }
 }
@@ -150,6 +154,13 @@ pub enum SynapseError {
         status: u16,
         body: BodySummary,
     },
+    /// An answer longer than the operator reads (a URL streaming without
+    /// end, say).
+    #[error(
+        "{endpoint}: HTTP {status}: the server's answer exceeds {limit} MiB, the most the operator reads",
+        limit = crate::backend::MAX_BODY_BYTES / (1024 * 1024)
+    )]
+    TooLarge { endpoint: Endpoint, status: u16 },
     /// A 2xx answer that does not decode as the endpoint's answer.
     #[error("{endpoint}: HTTP {status}, {problem}: {body}")]
     Undecodable {
@@ -164,7 +175,9 @@ impl SynapseError {
     pub fn class(&self) -> ErrorClass {
         match self {
             SynapseError::InvalidUrl { .. } | SynapseError::NoRegistrationSecret => ErrorClass::Invalid,
-            SynapseError::Transport { .. } => ErrorClass::Transient,
+            // Synapse's answers are far shorter: a proxy's or a server's
+            // fault, perhaps passing.
+            SynapseError::Transport { .. } | SynapseError::TooLarge { .. } => ErrorClass::Transient,
             SynapseError::Redirected { .. } => ErrorClass::NotSynapse,
             // A proxy's error page while Synapse restarts, or a rate limit
             // of whatever sits in front of it, passes.
