@@ -3,6 +3,7 @@
 
 mod cache;
 mod error;
+mod fairness;
 mod homeserver;
 mod matrixuser;
 mod ownership;
@@ -54,6 +55,10 @@ pub struct Config {
     pub namespaces: Vec<String>,
     /// Reconciles in flight at once, per kind.
     pub concurrency: u16,
+    /// Limit on a MatrixUser pass's work with the homeserver, all its
+    /// requests together (see `fairness` for the other half of what keeps
+    /// a slow homeserver from stalling the others).
+    pub reconcile_timeout: Duration,
 }
 
 impl Default for Config {
@@ -63,6 +68,7 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             namespaces: Vec::new(),
             concurrency: 8,
+            reconcile_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct Context {
     /// Empty: every read goes to the API server.
     watched: Vec<WatchedScope>,
     secret_values: cache::SecretValues,
+    /// Each Homeserver's share of the MatrixUser controller's slots.
+    slots: fairness::Slots,
 }
 
 /// What a caller of [`Context::synapse_client`] needs of the Homeserver's
@@ -124,6 +132,7 @@ impl Context {
     /// its cache of MatrixUsers.
     pub fn with_scopes(client: Client, config: Config, users: Vec<Store<MatrixUser>>, metrics: Metrics) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter::from(MANAGER));
+        let slots = fairness::Slots::new(config.concurrency);
         Self {
             client,
             config,
@@ -136,6 +145,7 @@ impl Context {
             failures: Mutex::default(),
             watched: Vec::new(),
             secret_values: cache::SecretValues::default(),
+            slots,
         }
     }
 
