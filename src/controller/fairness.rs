@@ -9,9 +9,10 @@
 //!
 //! - `concurrency / n`, `n` being the Homeservers with reconciles in flight
 //!   (the asking one included), at least one;
-//! - and never every slot (with two or more), so that a change to another
-//!   Homeserver's MatrixUser starts at once even while one Homeserver alone
-//!   had work.
+//! - and the last free slot only if it has nothing in flight: so a change
+//!   to another Homeserver's MatrixUser starts at once even while one or
+//!   two Homeservers fill their shares (unless `concurrency` Homeservers
+//!   have work).
 //!
 //! A reconcile over its Homeserver's share does not wait inside its slot:
 //! it is put back in the queue for a moment (see [`Slots::take`]) and lets
@@ -100,11 +101,7 @@ impl Slots {
     /// The most reconciles one Homeserver may have in flight while `busy`
     /// Homeservers of its pool (itself included) have some.
     pub fn share(&self, busy: usize) -> usize {
-        let c = self.capacity;
-        if c == 1 {
-            return 1;
-        }
-        (c / busy.max(1)).clamp(1, c - 1)
+        (self.capacity / busy.max(1)).max(1)
     }
 
     /// A slot for a reconcile of `homeserver`'s MatrixUser, or, when the
@@ -113,13 +110,16 @@ impl Slots {
     /// back to the runtime).
     pub fn take(&self, homeserver: HomeserverKey) -> Result<Slot, Duration> {
         let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
-        let others = uses
-            .iter()
-            .filter(|(k, u)| k.pool == homeserver.pool && **k != homeserver && u.in_flight > 0)
+        let pool = uses.iter().filter(|(k, _)| k.pool == homeserver.pool);
+        let others = pool
+            .clone()
+            .filter(|(k, u)| **k != homeserver && u.in_flight > 0)
             .count();
+        let in_flight: usize = pool.map(|(_, u)| u.in_flight).sum();
         let share = self.share(others + 1);
         let u = uses.entry(homeserver.clone()).or_default();
-        if u.in_flight < share {
+        let last_slot = in_flight + 1 >= self.capacity;
+        if u.in_flight < share && !(last_slot && u.in_flight > 0) {
             u.in_flight += 1;
             u.deferred = 0;
             return Ok(Slot {
@@ -167,13 +167,16 @@ mod tests {
     #[test]
     fn shares() {
         let slots = Slots::new(8);
-        assert_eq!(slots.share(1), 7, "one slot is kept for another Homeserver");
+        assert_eq!(slots.share(1), 8);
         assert_eq!(slots.share(2), 4);
         assert_eq!(slots.share(3), 2);
         assert_eq!(slots.share(9), 1, "at least one");
-        assert_eq!(Slots::new(1).share(1), 1, "one slot: nothing to share");
-        assert_eq!(Slots::new(2).share(1), 1);
+        assert_eq!(Slots::new(1).share(1), 1);
         assert_eq!(Slots::new(0).share(1), 1);
+        // One slot: nothing to share, nothing to keep.
+        let one = Slots::new(1);
+        let (held, _) = fill(&one, &hs("", "a"));
+        assert_eq!(held.len(), 1);
     }
 
     #[test]
@@ -181,21 +184,39 @@ mod tests {
         let slots = Slots::new(4);
         let (slow, fast) = (hs("", "slow"), hs("", "fast"));
         let (mut slow_held, _) = fill(&slots, &slow);
-        assert_eq!(slow_held.len(), 3, "alone: every slot but one");
-        // Another Homeserver's reconcile starts at once.
+        assert_eq!(slow_held.len(), 3, "alone: every slot but the last");
+        // Another Homeserver's reconcile starts at once, in the last slot.
         let fast_slot = slots.take(fast.clone()).expect("the slot kept free");
         // Two Homeservers busy: the slow one gets no more until it is under
-        // half, while the other may take up to half.
+        // half.
         assert!(slots.take(slow.clone()).is_err());
         slow_held.pop();
         assert!(slots.take(slow.clone()).is_err(), "2 of 4 in flight: its share");
-        let second_fast = slots.take(fast.clone()).expect("the other half");
+        assert!(
+            slots.take(fast.clone()).is_err(),
+            "under its share, but the last free slot waits for a Homeserver with none"
+        );
+        slow_held.pop();
+        let second_fast = slots.take(fast.clone()).expect("its half");
         assert!(slots.take(fast.clone()).is_err());
+        assert!(slots.take(slow.clone()).is_err(), "the last free slot");
         drop((fast_slot, second_fast));
         assert_eq!(slots.in_flight(&fast), 0);
-        // Alone again: back to every slot but one.
+        // Alone again: back to every slot but the last.
         let (more, _) = fill(&slots, &slow);
         assert_eq!(slow_held.len() + more.len(), 3);
+    }
+
+    #[test]
+    fn two_busy_homeservers_leave_a_slot_to_a_third() {
+        let slots = Slots::new(8);
+        let (a, b, c) = (hs("", "a"), hs("", "b"), hs("", "c"));
+        let _a: Vec<Slot> = (0..4).map(|_| slots.take(a.clone()).unwrap()).collect();
+        let (b_held, _) = fill(&slots, &b);
+        assert_eq!(b_held.len(), 3, "its share is 4, but not the last slot");
+        let _c = slots.take(c.clone()).expect("the last slot, at once");
+        assert_eq!(slots.share(3), 2);
+        assert!(slots.take(a.clone()).is_err() && slots.take(b.clone()).is_err());
     }
 
     #[test]
