@@ -40,6 +40,13 @@ struct RunArgs {
     /// Limit on each admin API request, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// Limit on one MatrixUser pass's work with the homeserver, all its
+    /// requests together, e.g. 2m (default: 4 × --request-timeout). A pass
+    /// that hits it fails with the transient reason TooSlow and is retried
+    /// with backoff; each Homeserver also gets only its share of
+    /// --concurrency, so a slow one does not stall the others.
+    #[arg(long, value_parser = parse_duration)]
+    reconcile_timeout: Option<Duration>,
     /// Address for /healthz, /readyz and /metrics; `0` disables it.
     #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
     health_addr: ListenAddr,
@@ -143,6 +150,11 @@ async fn shutdown_signal() {
     info!("shutting down");
 }
 
+/// The default `--reconcile-timeout`, in request timeouts: a pass makes a
+/// few calls (read, create, update), and one of a homeserver that answers
+/// within the request timeout still finishes.
+const RECONCILE_TIMEOUTS_PER_REQUEST: u32 = 4;
+
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 fn in_cluster() -> bool {
@@ -209,10 +221,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
         namespaces: args.namespaces,
         concurrency: args.concurrency,
         digest_key,
+        reconcile_timeout: args
+            .reconcile_timeout
+            .unwrap_or(args.request_timeout.saturating_mul(RECONCILE_TIMEOUTS_PER_REQUEST)),
     };
     info!(
         namespaces = %if config.namespaces.is_empty() { "(all)".to_string() } else { config.namespaces.join(",") },
         resync = ?config.resync_interval,
+        reconcile_timeout = ?config.reconcile_timeout,
         leader_election = lease.is_some(),
         "starting"
     );

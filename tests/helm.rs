@@ -432,7 +432,7 @@ fn pod_values_reach_the_pod() {
         "podAnnotations": {"example.org/owner": "platform"},
         "podLabels": {"team": "platform"},
         "priorityClassName": "system-cluster-critical",
-        "resyncInterval": "5m", "concurrency": 2, "requestTimeout": "10s",
+        "resyncInterval": "5m", "concurrency": 2, "requestTimeout": "10s", "reconcileTimeout": "3m",
         "log": {"format": "text", "level": "debug"},
     }));
     let p = pod(&docs);
@@ -453,13 +453,16 @@ fn pod_values_reach_the_pod() {
         "--resync-interval=5m",
         "--concurrency=2",
         "--request-timeout=10s",
+        "--reconcile-timeout=3m",
         "--log-format=text",
         "--log-level=debug",
     ] {
         assert!(a.contains(&expected.to_string()), "{expected} in {a:?}");
     }
-    // Left out: none of these keys.
+    // Left out: none of these keys, and the operator's own default
+    // deadline (4 x --request-timeout).
     let plain = rendered(json!({}));
+    assert!(!args(&plain).iter().any(|a| a.starts_with("--reconcile-timeout")));
     for key in ["nodeSelector", "tolerations", "affinity", "priorityClassName"] {
         assert!(pod(&plain).get(key).is_none(), "{key}");
     }
@@ -502,6 +505,7 @@ fn schema_refuses_bad_values_naming_the_field() {
         (json!({"image": {"repository": ""}}), "/image/repository", "minLength"),
         (json!({"resyncInterval": "10 minutes"}), "/resyncInterval", "pattern"),
         (json!({"requestTimeout": 30}), "/requestTimeout", "want string"),
+        (json!({"reconcileTimeout": "2 minutes"}), "/reconcileTimeout", "pattern"),
         (
             json!({"networkPolicy": {"enabled": "no"}}),
             "/networkPolicy/enabled",

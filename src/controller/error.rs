@@ -68,6 +68,21 @@ pub enum Error {
     /// retried with backoff; the panic's message is in the log.
     #[error("the reconcile failed on an internal error (a panic); it is retried with backoff")]
     Panicked,
+    /// A pass's work with the homeserver hit `--reconcile-timeout`.
+    #[error(
+        "the homeserver answered too slowly: the pass did not finish within its deadline of {} (--reconcile-timeout); retrying with backoff",
+        seconds(*.deadline)
+    )]
+    TooSlow { deadline: std::time::Duration },
+}
+
+/// `90s`, `2m`, `1.5s`: a duration as the flags take it.
+fn seconds(d: std::time::Duration) -> String {
+    match (d.as_secs(), d.subsec_millis()) {
+        (s, 0) if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        (s, 0) => format!("{s}s"),
+        (s, ms) => format!("{s}.{ms:03}s"),
+    }
 }
 
 impl From<BackendError> for Error {
@@ -145,6 +160,7 @@ impl Error {
             Error::Kube(_) | Error::Stale => "KubernetesError",
             Error::HomeserverInUse { .. } => "Deleting",
             Error::Panicked => "InternalError",
+            Error::TooSlow { .. } => "TooSlow",
         }
     }
 
@@ -174,7 +190,11 @@ impl Error {
             Error::Synapse(e) => e.is_transient(),
             Error::Mas(e) => e.is_transient(),
             Error::Kube(e) => !is_refused(e),
-            Error::NotSettling(_) | Error::Stale | Error::HomeserverInUse { .. } | Error::Panicked => true,
+            Error::NotSettling(_)
+            | Error::Stale
+            | Error::HomeserverInUse { .. }
+            | Error::Panicked
+            | Error::TooSlow { .. } => true,
             _ => false,
         }
     }
@@ -292,6 +312,25 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "spec.url does not answer like a Synapse homeserver (get_user: HTTP 404 without a Matrix error: text/html, 512 bytes)"
+        );
+    }
+
+    #[test]
+    fn a_pass_over_its_deadline_is_transient_and_names_the_deadline() {
+        let e = Error::TooSlow {
+            deadline: std::time::Duration::from_secs(120),
+        };
+        assert_eq!(e.reason(), "TooSlow");
+        assert!(e.is_transient());
+        assert_eq!(e.standing(), Standing::Reconciling);
+        assert_eq!(
+            e.to_string(),
+            "the homeserver answered too slowly: the pass did not finish within its deadline of 2m (--reconcile-timeout); retrying with backoff"
+        );
+        let odd = |ms| seconds(std::time::Duration::from_millis(ms));
+        assert_eq!(
+            (odd(90_000), odd(1_500), odd(3_000)),
+            ("90s".into(), "1.500s".into(), "3s".into())
         );
     }
 

@@ -10,8 +10,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
+use super::fairness::HomeserverKey;
 use super::homeserver::ready_status;
 use super::{Context, Error, ownership, patch_status_at, secrets};
 use crate::api::{
@@ -36,6 +37,19 @@ const MAX_PASSWORD_LEN: usize = 512;
 
 #[instrument(skip_all, fields(user = %user.name_any(), namespace = user.namespace().unwrap_or_default()))]
 pub async fn reconcile_user(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Over its Homeserver's share of the slots, a MatrixUser waits its turn
+    // in the queue rather than in a slot another Homeserver could use.
+    let homeserver = HomeserverKey::of(&user, !ctx.config.namespaces.is_empty());
+    let _slot = match ctx.slots.take(homeserver) {
+        Ok(slot) => slot,
+        Err(wait) => {
+            debug!(
+                ?wait,
+                "the Homeserver has its share of the reconcile slots in flight; later"
+            );
+            return Ok(Action::requeue(wait));
+        }
+    };
     let started = std::time::Instant::now();
     let result = reconcile_user_inner(user, &ctx).await;
     let outcome = if result.is_ok() { "success" } else { "error" };
@@ -524,7 +538,18 @@ async fn sync(
         owned_creation_ts: old.account_creation_ts,
         pending_creation: pending_creation_of(old, &user_id),
     };
-    let result = sync_account(&hs.backend, &desired, authority, guard, &mut out.progress).await;
+    // The deadline bounds the homeserver's work only: what the pass did
+    // before it was cut (a create answered, a pending creation recorded)
+    // is in `out` and still recorded.
+    let deadline = ctx.config.reconcile_timeout;
+    let synced = sync_account(&hs.backend, &desired, authority, guard, &mut out.progress);
+    let result = match tokio::time::timeout(deadline, synced).await {
+        Ok(result) => result.map(|_| ()).map_err(Error::from),
+        Err(_) => {
+            cut_short(&mut out.progress);
+            Err(Error::TooSlow { deadline })
+        }
+    };
     out.owned |= out.progress.created || out.progress.adopted;
     if out.progress.password_applied
         && let Some(p) = &desired.password
@@ -533,7 +558,19 @@ async fn sync(
         ctx.remember_digest(user, digest.clone(), &p.value);
         out.password_digest = Some(digest);
     }
-    result.map(|_| ()).map_err(Error::from)
+    result
+}
+
+/// What a pass cut off by its deadline keeps of the pending creation: a
+/// create whose answer never came (or was cut off) was sent under the
+/// record last written to status, which covers every create of the pass.
+fn cut_short(progress: &mut Progress) {
+    if matches!(
+        progress.pending_creation,
+        PendingOutcome::Unanswered(_) | PendingOutcome::Unconfirmed(_)
+    ) {
+        progress.pending_creation = PendingOutcome::Unchanged;
+    }
 }
 
 /// The pending creation recorded in `status` for `user_id`, if any.
@@ -730,7 +767,12 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
         admin_allowed: hs.policy.allow_admin_users,
         ..Authority::default()
     };
-    match delete_account(&hs.backend, &user_id, policy, authority).await {
+    let deadline = ctx.config.reconcile_timeout;
+    let deleted = match tokio::time::timeout(deadline, delete_account(&hs.backend, &user_id, policy, authority)).await {
+        Ok(deleted) => deleted.map_err(Error::from),
+        Err(_) => Err(Error::TooSlow { deadline }),
+    };
+    match deleted {
         Ok(outcome) => {
             let (reason, note) = match outcome {
                 Ok(DeletionAction::Deactivate { erase: true }) => {
@@ -761,7 +803,7 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
             ctx.publish(user.as_ref(), type_, reason, note).await;
             Ok(Action::await_change())
         }
-        Err(e) => Err(record_cleanup_failure(ctx, user, e.into()).await),
+        Err(e) => Err(record_cleanup_failure(ctx, user, e).await),
     }
 }
 
@@ -903,6 +945,12 @@ mod tests {
             (synapse_error(429, "M_LIMIT_EXCEEDED"), KStatus::InProgress),
             (Error::NotSettling("x".into()), KStatus::InProgress),
             (Error::Stale, KStatus::InProgress),
+            (
+                Error::TooSlow {
+                    deadline: Duration::from_secs(120),
+                },
+                KStatus::InProgress,
+            ),
         ];
         for (e, expected) in cases {
             let obj = written(&e.condition(e.to_string()), 3);
@@ -966,5 +1014,49 @@ mod tests {
         assert_eq!(after.pending_creation, None);
         assert_eq!(after.user_id.as_deref(), Some(user_id.as_str()));
         assert_eq!(after.account_creation_ts, Some(21));
+    }
+
+    #[test]
+    fn a_pass_cut_off_by_its_deadline_keeps_the_last_pending_record_and_what_it_created() {
+        let user_id = UserId::new("a", "example.org").unwrap();
+        // Round one's create went unanswered under a record of t=10; round
+        // two wrote the record again (last asked at t=20) and was cut off
+        // in its create.
+        let written = MatrixUserStatus {
+            pending_creation: Some(PendingCreation {
+                user_id: user_id.to_string(),
+                requested_at: 10,
+                last_requested_at: Some(20),
+            }),
+            ..MatrixUserStatus::default()
+        };
+        let mut outcome = Outcome {
+            user_id: Some(user_id.clone()),
+            ..Outcome::default()
+        };
+        outcome.progress.pending_creation = PendingOutcome::Unanswered(plan::PendingCreation::at(10));
+        cut_short(&mut outcome.progress);
+        let ready = Error::TooSlow {
+            deadline: Duration::from_secs(3),
+        }
+        .condition("slow".into());
+        assert_eq!(
+            status_after(&written, &outcome, &ready, Some(1)).pending_creation,
+            written.pending_creation
+        );
+        // A create answered before the cut: the account is the resource's,
+        // and nothing is pending any more.
+        let mut outcome = Outcome {
+            user_id: Some(user_id.clone()),
+            owned: true,
+            ..Outcome::default()
+        };
+        outcome.progress.created = true;
+        outcome.progress.creation_ts = Some(15);
+        outcome.progress.pending_creation = PendingOutcome::Settled;
+        cut_short(&mut outcome.progress);
+        let after = status_after(&written, &outcome, &ready, Some(1));
+        assert_eq!(after.user_id.as_deref(), Some(user_id.as_str()));
+        assert_eq!((after.account_creation_ts, after.pending_creation), (Some(15), None));
     }
 }

@@ -4,6 +4,7 @@
 mod cache;
 pub mod digest_key;
 mod error;
+mod fairness;
 mod homeserver;
 mod matrixuser;
 mod ownership;
@@ -59,6 +60,10 @@ pub struct Config {
     /// replica and across restarts (see [`digest_key::load_or_create`]), or
     /// every password would be sent again after a restart.
     pub digest_key: DigestKey,
+    /// Limit on a MatrixUser pass's work with the homeserver, all its
+    /// requests together (see `fairness` for the other half of what keeps
+    /// a slow homeserver from stalling the others).
+    pub reconcile_timeout: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +74,7 @@ impl Default for Config {
             namespaces: Vec::new(),
             concurrency: 8,
             digest_key: process_digest_key(),
+            reconcile_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -103,6 +109,8 @@ pub struct Context {
     /// Empty: every read goes to the API server.
     watched: Vec<WatchedScope>,
     secret_values: cache::SecretValues,
+    /// Each Homeserver's share of the MatrixUser controller's slots.
+    slots: fairness::Slots,
 }
 
 /// What a caller of [`Context::synapse_client`] needs of the Homeserver's
@@ -138,6 +146,7 @@ impl Context {
     /// its cache of MatrixUsers.
     pub fn with_scopes(client: Client, config: Config, users: Vec<Store<MatrixUser>>, metrics: Metrics) -> Self {
         let recorder = Recorder::new(client.clone(), Reporter::from(MANAGER));
+        let slots = fairness::Slots::new(config.concurrency);
         Self {
             client,
             config,
@@ -150,6 +159,7 @@ impl Context {
             failures: Mutex::default(),
             watched: Vec::new(),
             secret_values: cache::SecretValues::default(),
+            slots,
         }
     }
 
