@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use common::fake_kube::{FakeApiServer, path_of};
 use common::fixtures::{homeserver_in, secret_in};
+use common::mas::mas_standin;
 use common::synapse;
 use kube::runtime::reflector::store::Writer;
 use matrix_user_operator::api::{Homeserver, MatrixUser};
+use matrix_user_operator::backend::mas::{MasClient, MasConfig};
 use matrix_user_operator::controller::{Config, Context, reconcile_homeserver};
 use matrix_user_operator::metrics::Metrics;
+use matrix_user_operator::secret::SecretString;
+use matrix_user_operator::tls::ExtraRoots;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -42,6 +46,11 @@ fn new_ca(name: &str) -> Ca {
 /// `ca`, passing every connection on to the test Synapse. Returns its
 /// https base URL.
 async fn tls_proxy_to_synapse(ca: &Ca) -> String {
+    tls_proxy_to(&synapse().base_url, ca).await
+}
+
+/// [`tls_proxy_to_synapse`], to the http server at `upstream`.
+async fn tls_proxy_to(upstream: &str, ca: &Ca) -> String {
     matrix_user_operator::tls::install_crypto_provider();
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
@@ -54,7 +63,7 @@ async fn tls_proxy_to_synapse(ca: &Ca) -> String {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let upstream = url::Url::parse(&synapse().base_url).unwrap();
+    let upstream = url::Url::parse(upstream).unwrap();
     let upstream = format!(
         "{}:{}",
         upstream.host_str().unwrap(),
@@ -163,6 +172,24 @@ async fn a_private_ca_in_a_secret_is_trusted_for_the_homeserver() {
     let (status, reason, message, retried) = check(&fake, &ctx, &hs).await;
     assert_eq!((status.as_str(), reason.as_str()), ("True", "Connected"), "{message}");
     assert!(!retried);
+}
+
+/// The MAS client trusts the bundle as Synapse's does: its token request
+/// and its admin API call both go through the TLS server.
+#[tokio::test]
+async fn the_mas_client_trusts_the_private_ca_too() {
+    let target = mas_standin().target();
+    let ca = new_ca("MAS CA");
+    let url = tls_proxy_to(&target.mas_url, &ca).await;
+    let mut config = MasConfig::new(&url, &target.client_id, SecretString::new(&target.client_secret));
+    let untrusted = MasClient::new(config.clone()).unwrap().version().await.unwrap_err();
+    assert!(
+        untrusted.to_string().contains("certificate is not trusted"),
+        "{untrusted}"
+    );
+    config.extra_roots = ExtraRoots::from_pem(ca.pem.as_bytes()).unwrap();
+    let version = MasClient::new(config).unwrap().version().await;
+    assert!(version.is_ok(), "{version:?}");
 }
 
 #[tokio::test]
