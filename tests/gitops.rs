@@ -175,6 +175,7 @@ fn testdata_covers_every_reason_and_every_health() {
         "DelegatesToMAS",
         "NotDelegatingToMAS",
         "NotMAS",
+        "InvalidCABundle",
     ];
     let expect: [(&str, &str, Vec<&str>, Vec<&str>); 2] = [
         (
@@ -393,6 +394,11 @@ fn the_operators_own_conditions_get_the_health_of_their_standing() {
         },
         Error::NotSettling("displayname".into()),
         Error::Stale,
+        Error::InvalidCaBundle {
+            name: "synapse-tls".into(),
+            key: "ca.crt".into(),
+            problem: matrix_user_operator::tls::CaBundleError::NoCertificate,
+        },
     ];
     let outcomes = [
         Ready::ok("InSync", "@a:example.org is in line with the spec"),

@@ -75,6 +75,12 @@ pub struct HomeserverSpec {
     /// `adminTokenSecretRef` (a compatibility token with Synapse admin rights).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mas: Option<MasSpec>,
+
+    /// The Secret key holding PEM CA certificates to trust, in addition to
+    /// the system's roots, for `url` and `mas.url` (optional): a private CA,
+    /// such as the `ca.crt` of a cert-manager CA's Secret. At most 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_secret_ref: Option<SecretKeyRef>,
 }
 
 /// How to reach the Matrix Authentication Service a homeserver delegates to.
@@ -102,7 +108,8 @@ fn default_max_concurrent_requests() -> u32 {
 
 impl HomeserverSpec {
     /// Whether the Homeserver reads the Secret `name` (its admin token, its
-    /// registration shared secret, or its MAS client's secret).
+    /// registration shared secret, its MAS client's secret, or its CA
+    /// bundle).
     pub fn uses_secret(&self, name: &str) -> bool {
         self.admin_token_secret_ref.name == name
             || self
@@ -110,6 +117,7 @@ impl HomeserverSpec {
                 .as_ref()
                 .is_some_and(|r| r.name == name)
             || self.mas.as_ref().is_some_and(|m| m.client_secret_ref.name == name)
+            || self.ca_bundle_secret_ref.as_ref().is_some_and(|r| r.name == name)
     }
 }
 

@@ -35,8 +35,13 @@ impl std::fmt::Debug for RequestObserver {
 /// The base URL of a backend and an HTTP client for it, or why the URL
 /// cannot be used: http(s), a base, no credentials in it. The client
 /// follows no redirect: one would carry the token, and after a 307/308 a
-/// body with a password, to wherever it points.
-pub(crate) fn http_client(base_url: &str, timeout: Duration) -> Result<(url::Url, reqwest::Client), String> {
+/// body with a password, to wherever it points. It trusts the system's CA
+/// roots and `extra_roots`.
+pub(crate) fn http_client(
+    base_url: &str,
+    timeout: Duration,
+    extra_roots: &crate::tls::ExtraRoots,
+) -> Result<(url::Url, reqwest::Client), String> {
     let base = url::Url::parse(base_url).map_err(|e| e.to_string())?;
     if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
         return Err("it must be an http:// or https:// URL".into());
@@ -45,7 +50,12 @@ pub(crate) fn http_client(base_url: &str, timeout: Duration) -> Result<(url::Url
         return Err("it must not carry credentials".into());
     }
     crate::tls::install_crypto_provider();
-    let http = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    if !extra_roots.is_empty() {
+        let certificates = extra_roots.certificates().map_err(|e| e.to_string())?;
+        builder = builder.tls_certs_merge(certificates);
+    }
+    let http = builder
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))

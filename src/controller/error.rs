@@ -28,6 +28,13 @@ pub enum Error {
     SecretKeyMissing { name: String, key: String },
     #[error("{0}")]
     InvalidSpec(String),
+    #[error("the CA bundle in key {key:?} of Secret {name:?} cannot be used: {problem}")]
+    InvalidCaBundle {
+        name: String,
+        key: String,
+        #[source]
+        problem: crate::tls::CaBundleError,
+    },
     #[error(transparent)]
     InvalidUserId(#[from] InvalidUserId),
     #[error("{0}")]
@@ -117,6 +124,7 @@ impl Error {
             Error::HomeserverNotReady { .. } => "HomeserverNotReady",
             Error::SecretNotFound { .. } | Error::SecretKeyMissing { .. } => "SecretNotFound",
             Error::InvalidSpec(_) | Error::InvalidUserId(_) => "InvalidSpec",
+            Error::InvalidCaBundle { .. } => "InvalidCABundle",
             Error::Refused(
                 Refusal::AdminNotAllowed | Refusal::AdoptingAdmin { .. } | Refusal::ChangingAdmin { .. },
             ) => "AdminNotAllowed",

@@ -49,6 +49,7 @@ pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Res
 }
 
 async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
+    super::transport::warn_of_plain_http(ctx, hs).await;
     let result = check_and_record(hs, ctx, true).await?;
     match result {
         Ok(()) => {

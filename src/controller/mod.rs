@@ -9,6 +9,7 @@ mod homeserver;
 mod matrixuser;
 mod ownership;
 mod secrets;
+mod transport;
 mod watch;
 
 use std::collections::HashMap;
@@ -125,7 +126,8 @@ enum Need {
 }
 
 struct CachedClient {
-    config: (String, SecretString, Option<SecretString>, usize),
+    /// URL, token, registration shared secret, request limit, CA bundle.
+    config: (String, SecretString, Option<SecretString>, usize, Option<SecretString>),
     client: SynapseClient,
 }
 
@@ -133,7 +135,8 @@ struct CachedClient {
 type KnownDigest = (String, [u8; 32]);
 
 struct CachedMasClient {
-    config: (String, String, SecretString, usize),
+    /// URL, client ID, client secret, request limit, CA bundle.
+    config: (String, String, SecretString, usize, Option<SecretString>),
     client: MasClient,
 }
 
@@ -179,7 +182,7 @@ impl Context {
     }
 
     /// The admin client of a Homeserver, made anew when its URL, token,
-    /// registration shared secret or request limit changed.
+    /// registration shared secret, request limit or CA bundle changed.
     ///
     /// `Need::Registration`: a registration shared secret that cannot be
     /// read is an error (the Homeserver's check, so that it shows there).
@@ -201,11 +204,13 @@ impl Context {
             None => None,
         };
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
+        let ca_bundle = self.ca_bundle(hs).await?;
         let fingerprint = (
             hs.spec.url.clone(),
             token.clone(),
             registration_shared_secret.clone(),
             limit,
+            ca_bundle.clone(),
         );
         let key = (ns, hs.name_any());
         let mut cache = self.synapse_clients.lock().unwrap_or_else(|p| p.into_inner());
@@ -221,6 +226,7 @@ impl Context {
             max_concurrent_requests: limit,
             timeout: self.config.request_timeout,
             observer: Some(self.request_observer()),
+            extra_roots: transport::extra_roots(hs, ca_bundle.as_ref())?,
         })
         .map_err(|e| Error::InvalidSpec(e.to_string()))?;
         cache.insert(
@@ -267,7 +273,8 @@ impl Context {
     }
 
     /// The MAS admin client of a Homeserver with `spec.mas`, made anew when
-    /// its URL, client or request limit changed; `None` without `spec.mas`.
+    /// its URL, client, request limit or CA bundle changed; `None` without
+    /// `spec.mas`.
     /// Clones share the OAuth token, so it lives as long as the config.
     async fn mas_client(&self, hs: &Homeserver) -> Result<Option<MasClient>, Error> {
         let Some(mas) = &hs.spec.mas else {
@@ -276,7 +283,14 @@ impl Context {
         let ns = hs.namespace().unwrap_or_default();
         let secret = self.secret_value(&ns, &mas.client_secret_ref).await?;
         let limit = hs.spec.max_concurrent_requests.max(1) as usize;
-        let fingerprint = (mas.url.clone(), mas.client_id.clone(), secret.clone(), limit);
+        let ca_bundle = self.ca_bundle(hs).await?;
+        let fingerprint = (
+            mas.url.clone(),
+            mas.client_id.clone(),
+            secret.clone(),
+            limit,
+            ca_bundle.clone(),
+        );
         let key = (ns, hs.name_any());
         let mut cache = self.mas_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cached) = cache.get(&key)
@@ -291,6 +305,7 @@ impl Context {
             max_concurrent_requests: limit,
             timeout: self.config.request_timeout,
             observer: Some(self.request_observer()),
+            extra_roots: transport::extra_roots(hs, ca_bundle.as_ref())?,
         })?;
         cache.insert(
             key,
@@ -973,6 +988,25 @@ mod tests {
         let mut respecced = hs("1.163.2", "Connected", "");
         respecced.metadata.generation = Some(2);
         assert_ne!(base, read_by_users(&respecced));
+    }
+
+    #[test]
+    fn a_homeservers_ca_bundle_secret_triggers_it_and_its_users() {
+        let users = store::<MatrixUser>(vec![
+            user("chat", "a", "uid-a", json!({"homeserverRef": {"name": "hs"}})),
+            user("chat", "b", "uid-b", json!({"homeserverRef": {"name": "other"}})),
+        ]);
+        let homeservers = store::<Homeserver>(vec![
+            json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
+            "metadata": {"name": "hs", "namespace": "chat"},
+            "spec": {"url": "https://synapse.chat.svc", "adminTokenSecretRef": {"name": "admin", "key": "token"},
+                     "caBundleSecretRef": {"name": "synapse-ca", "key": "ca.crt"}}}),
+        ]);
+        let ca = secret_meta("chat", "synapse-ca", None);
+        assert_eq!(names(homeservers_of_secret(&homeservers, &ca)), ["chat/hs"]);
+        assert_eq!(names(users_of_secret(&users, &homeservers, &ca)), ["chat/a"]);
+        let elsewhere = secret_meta("other", "synapse-ca", None);
+        assert!(homeservers_of_secret(&homeservers, &elsewhere).is_empty());
     }
 
     #[test]

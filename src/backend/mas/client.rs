@@ -18,6 +18,7 @@ use crate::backend::scrub::RequestSecrets;
 use crate::backend::{BodyError, MAX_VERSION_BYTES, RequestObserver};
 use crate::secret::SecretString;
 use crate::synapse::{DecodeProblem, MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
+use crate::tls::ExtraRoots;
 
 /// A token is renewed this long before MAS says it expires.
 const RENEW_BEFORE_EXPIRY: Duration = Duration::from_secs(30);
@@ -52,6 +53,8 @@ pub struct MasConfig {
     pub timeout: Duration,
     /// Told of every request, as Synapse's client tells its own.
     pub observer: Option<RequestObserver>,
+    /// CA certificates trusted besides the system's (a private CA).
+    pub extra_roots: ExtraRoots,
 }
 
 impl MasConfig {
@@ -63,6 +66,7 @@ impl MasConfig {
             max_concurrent_requests: 8,
             timeout: Duration::from_secs(30),
             observer: None,
+            extra_roots: ExtraRoots::default(),
         }
     }
 }
@@ -165,7 +169,7 @@ pub enum CreateOutcome {
 
 impl MasClient {
     pub fn new(config: MasConfig) -> Result<Self, MasError> {
-        let (base, http) = crate::backend::http_client(&config.base_url, config.timeout)
+        let (base, http) = crate::backend::http_client(&config.base_url, config.timeout, &config.extra_roots)
             .map_err(|reason| MasError::InvalidUrl { reason })?;
         Ok(Self {
             base,

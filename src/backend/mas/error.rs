@@ -66,7 +66,7 @@ impl fmt::Display for MasEndpoint {
 pub enum MasError {
     #[error("the MAS URL cannot be used: {reason}")]
     InvalidUrl { reason: String },
-    #[error("{endpoint}: cannot reach MAS: {source}")]
+    #[error("{endpoint}: cannot reach MAS: {}", crate::tls::describe_transport(source))]
     Transport {
         endpoint: MasEndpoint,
         #[source]

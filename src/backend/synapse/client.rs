@@ -12,6 +12,7 @@ use super::{BodySummary, DecodeProblem, Endpoint, ErrCode, SynapseError, Synapse
 use crate::backend::scrub::RequestSecrets;
 use crate::backend::{BodyError, MAX_VERSION_BYTES, RequestObserver};
 use crate::secret::SecretString;
+use crate::tls::ExtraRoots;
 
 /// How much of Synapse's `error` text an error keeps.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 200;
@@ -37,6 +38,8 @@ pub struct ClientConfig {
     /// Told of every request: endpoint, HTTP status (`None` when no
     /// response came) and duration. For metrics.
     pub observer: Option<RequestObserver>,
+    /// CA certificates trusted besides the system's (a private CA).
+    pub extra_roots: ExtraRoots,
 }
 
 impl ClientConfig {
@@ -48,6 +51,7 @@ impl ClientConfig {
             max_concurrent_requests: 8,
             timeout: Duration::from_secs(30),
             observer: None,
+            extra_roots: ExtraRoots::default(),
         }
     }
 }
@@ -97,7 +101,7 @@ struct MatrixError {
 
 impl SynapseClient {
     pub fn new(config: ClientConfig) -> Result<Self, SynapseError> {
-        let (base, http) = crate::backend::http_client(&config.base_url, config.timeout)
+        let (base, http) = crate::backend::http_client(&config.base_url, config.timeout, &config.extra_roots)
             .map_err(|reason| SynapseError::InvalidUrl { reason })?;
         Ok(Self {
             base,

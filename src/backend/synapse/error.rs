@@ -129,7 +129,10 @@ pub enum SynapseError {
     /// Shared-secret registration asked of a client given no secret.
     #[error("no registration shared secret was given")]
     NoRegistrationSecret,
-    #[error("{endpoint}: cannot reach the homeserver: {source}")]
+    #[error(
+        "{endpoint}: cannot reach the homeserver: {}",
+        crate::tls::describe_transport(source)
+    )]
     Transport {
         endpoint: Endpoint,
         #[source]

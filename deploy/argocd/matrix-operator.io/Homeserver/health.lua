@@ -16,6 +16,7 @@ local WAITING = {
   Unauthorized = true, NotAdmin = true, ServerNameMismatch = true,
   NotSynapse = true, DelegatesToMAS = true, NotDelegatingToMAS = true,
   NotMAS = true, PasswordRejected = true, RegistrationRefused = true,
+  InvalidCABundle = true,
 }
 
 local function condition(status, kind)
