@@ -93,32 +93,26 @@ fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
         .map_err(|e| format!("{e} (expected HOST:PORT, or 0 to disable)"))
 }
 
-/// `90s`, `10m`, `1h`, `2h30m`, or plain seconds.
+/// The longest duration a flag takes: beyond it, time arithmetic on the
+/// value (a resync's phase, a deadline) could overflow, and no interval of
+/// the operator's is meant to be that long.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `30s`, `10m`, `1h30m`, `500ms`, or whole seconds; above zero and at most
+/// a year.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration (use e.g. 30s, 10m, 1h)");
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = 0u64;
-    let mut number = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let n: u64 = number.parse().map_err(|_| bad())?;
-        number.clear();
-        total += n * match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return Err(bad()),
-        };
-    }
-    if !number.is_empty() || total == 0 {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|_| bad())?,
+    };
+    if d.is_zero() {
         return Err(bad());
     }
-    Ok(Duration::from_secs(total))
+    if d > MAX_FLAG_DURATION {
+        return Err(format!("{s:?} is longer than a year, the longest a flag takes"));
+    }
+    Ok(d)
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) {
@@ -309,6 +303,10 @@ mod tests {
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         for bad in ["", "m", "10x", "0s", "10m5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        // Values whose arithmetic overflowed (a panic at start) are refused.
+        for absurd in ["99999999999999999999h", "18446744073709551615", "400d"] {
+            assert!(parse_duration(absurd).is_err(), "{absurd}");
         }
     }
 
