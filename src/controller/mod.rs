@@ -847,6 +847,32 @@ mod tests {
         for changed in changes {
             assert_ne!(acted_on(&base), acted_on(&changed), "{:?}", changed.metadata);
         }
+        // As the watch keeps them: another tool's annotations (kubectl's
+        // last-applied copy, Argo CD's tracking id) are not kept, so their
+        // changes trigger nothing; the operator's own still do.
+        let as_kept = |annotations: &[(&str, &str)]| {
+            let mut u = base.clone();
+            u.metadata.annotations = Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            watch::keep_what_is_read(&mut u.metadata);
+            u
+        };
+        let applied_again = as_kept(&[("kubectl.kubernetes.io/last-applied-configuration", "{\"v\":2}")]);
+        assert_eq!(acted_on(&base), acted_on(&applied_again));
+        let skipped = as_kept(&[(SKIP_CLEANUP, "true"), ("argocd.argoproj.io/tracking-id", "x")]);
+        assert_ne!(acted_on(&base), acted_on(&skipped));
+        assert_eq!(acted_on(&skipped), acted_on(&annotated_only_skip()));
+    }
+
+    fn annotated_only_skip() -> MatrixUser {
+        let mut u: MatrixUser =
+            serde_json::from_value(user("a", "alice", "u1", json!({"homeserverRef": {"name": "hs"}}))).unwrap();
+        u.metadata.annotations = Some([(SKIP_CLEANUP.to_string(), "true".to_string())].into());
+        u
     }
 
     #[test]
