@@ -15,7 +15,13 @@
 //! [CONVERGE_RESYNC_SECS] (the resync interval of the resync phase; default
 //! max(20, N/25) s), `--creation register,put` [CONVERGE_CREATION] (how
 //! the operator creates accounts: with the Homeserver's
-//! `registrationSharedSecretRef`, or without; each runs in turn).
+//! `registrationSharedSecretRef`, or without; each runs in turn),
+//! `--apply server|client` [CONVERGE_APPLY] (how the bench creates the
+//! objects, as a user would: `kubectl apply --server-side`, the default, or
+//! client-side `kubectl apply` with its last-applied-configuration
+//! annotation; either way the fake API server returns managedFields as a
+//! real one does), [CONVERGE_OPERATOR] (another operator binary to run,
+//! e.g. a copy built from an older commit, for a before/after).
 //!
 //! Admin API calls are counted by a counting HTTP proxy in front of Synapse
 //! (both the operator and the baseline script go through it), Kubernetes
@@ -34,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::fake_kube::{FakeApiServer, Recorded};
+use common::fake_kube::{FakeApiServer, KUBECTL, Recorded};
 use common::synapse::{SynapseServer, start_synapse};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
@@ -57,6 +63,36 @@ struct Options {
     converge_only: bool,
     /// How the operator creates accounts, each run in turn.
     creation: Vec<Creation>,
+    /// How the bench creates objects.
+    apply: Apply,
+}
+
+/// How the bench creates the objects a user creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Apply {
+    /// `kubectl apply --server-side` (field manager `kubectl`).
+    Server,
+    /// Client-side `kubectl apply`: the whole object also in the
+    /// `kubectl.kubernetes.io/last-applied-configuration` annotation.
+    Client,
+}
+
+fn apply_of(text: &str) -> Apply {
+    match text.trim() {
+        "server" => Apply::Server,
+        "client" => Apply::Client,
+        other => panic!("apply: {other:?} is neither server nor client"),
+    }
+}
+
+/// Creates `obj` as a user would.
+fn create_as_user(fake: &FakeApiServer, apply: Apply, obj: Value) {
+    match apply {
+        Apply::Server => {
+            fake.apply(KUBECTL, obj);
+        }
+        Apply::Client => fake.apply_client_side(obj),
+    }
 }
 
 /// How the operator creates accounts: with the Homeserver's
@@ -100,6 +136,7 @@ fn options() -> Options {
         resync_secs: env("CONVERGE_RESYNC_SECS").map(|v| list(&v, "resync")[0]),
         converge_only: env("CONVERGE_ONLY").is_some_and(|v| v != "0"),
         creation: creations(&env("CONVERGE_CREATION").unwrap_or("register,put".into())),
+        apply: apply_of(&env("CONVERGE_APPLY").unwrap_or("server".into())),
     };
     let mut ten_k = env("CONVERGE_10K").is_some_and(|v| v != "0");
     let mut args = std::env::args().skip(1);
@@ -114,6 +151,7 @@ fn options() -> Options {
             "--10k" => ten_k = true,
             "--converge-only" => o.converge_only = true,
             "--creation" => o.creation = creations(&value()),
+            "--apply" => o.apply = apply_of(&value()),
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             other => panic!("unknown argument {other:?} (see the top of benches/converge.rs)"),
@@ -411,7 +449,9 @@ impl Operator {
     fn start(fake: &FakeApiServer, concurrency: u16, resync: Duration, log: &std::path::Path) -> Self {
         let dir = log.parent().unwrap();
         let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+        let binary =
+            std::env::var("CONVERGE_OPERATOR").unwrap_or_else(|_| env!("CARGO_BIN_EXE_matrix-user-operator").into());
+        let child = Command::new(binary)
             .args([
                 "run",
                 "--namespace",
@@ -738,16 +778,22 @@ async fn run_once(
     }
     if creation == Creation::Register {
         spec["registrationSharedSecretRef"] = json!({"name": "registration", "key": "secret"});
-        fake.put(
+        create_as_user(
+            &fake,
+            o.apply,
             json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "registration", "namespace": NS},
             "stringData": {"secret": s.registration_shared_secret}}),
         );
     }
-    fake.put(
+    create_as_user(
+        &fake,
+        o.apply,
         json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
         "metadata": {"name": "hs", "namespace": NS}, "spec": spec}),
     );
-    fake.put(
+    create_as_user(
+        &fake,
+        o.apply,
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "admin", "namespace": NS},
         "stringData": {"token": s.admin_token}}),
     );
@@ -767,10 +813,16 @@ async fn run_once(
     let started = Instant::now();
     for (i, (lp, _)) in accounts.iter().enumerate() {
         let name = user_name(i);
-        fake.put(json!({"apiVersion": "v1", "kind": "Secret",
+        create_as_user(
+            &fake,
+            o.apply,
+            json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": format!("{name}-password"), "namespace": NS},
-            "stringData": {"password": format!("password-{i}-of-{lp}")}}));
-        fake.put(
+            "stringData": {"password": format!("password-{i}-of-{lp}")}}),
+        );
+        create_as_user(
+            &fake,
+            o.apply,
             json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
             "metadata": {"name": name, "namespace": NS},
             "spec": {"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": format!("User {i}"),
@@ -814,12 +866,36 @@ async fn run_once(
         "  Kubernetes API per new account (fake API server's log): {}",
         per_account(&kube, n)
     );
+    let writes: BTreeMap<String, usize> = kube
+        .iter()
+        .filter(|(k, _)| {
+            ["create ", "update ", "patch ", "delete "]
+                .iter()
+                .any(|v| k.starts_with(v))
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    println!(
+        "  Kubernetes writes per new account, by kind: {:.2} in all: {} (each a Raft commit and a watch fan-out \
+         on a real API server, which the fake cannot show: it costs nothing here)",
+        writes.values().sum::<usize>() as f64 / n as f64,
+        per_account(&writes, n)
+    );
     println!(
         "  operator process: peak RSS {:.1} MiB (idle {:.1} MiB), RSS now {:.1} MiB, CPU {:.2} s for the converge",
         mib(peak),
         mib(idle_rss),
         mib(rss),
         cpu - idle_cpu
+    );
+    println!(
+        "  per account: {:.1} KiB peak RSS above idle, {:.2} ms operator CPU (objects created {})",
+        peak.saturating_sub(idle_rss) as f64 / n as f64,
+        (cpu - idle_cpu) * 1e3 / n as f64,
+        match o.apply {
+            Apply::Server => "with server-side apply, managedFields as from a real API server",
+            Apply::Client => "with client-side kubectl apply: managedFields and the last-applied annotation",
+        }
     );
 
     if o.converge_only {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::fake_kube::{FakeApiServer, path_of};
+use common::fake_kube::{FakeApiServer, KUBECTL, KUBECTL_CLIENT_SIDE, LAST_APPLIED, path_of};
 use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{
@@ -118,6 +118,112 @@ async fn apply_removes_what_its_manager_stopped_applying_and_keeps_what_others_o
         .await
         .unwrap();
     assert_eq!(fake.get(&path).unwrap()["spec"]["displayName"], "U");
+}
+
+/// The managedFields entry of `manager` (through `subresource`, `""` for
+/// the object itself).
+fn entry<'v>(obj: &'v Value, manager: &str, subresource: &str) -> &'v Value {
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no managedFields: {obj}"))
+        .iter()
+        .find(|e| e["manager"] == manager && e["subresource"].as_str().unwrap_or_default() == subresource)
+        .unwrap_or_else(|| {
+            panic!(
+                "no entry of {manager} {subresource:?}: {}",
+                obj["metadata"]["managedFields"]
+            )
+        })
+}
+
+#[tokio::test]
+async fn objects_carry_managed_fields_per_manager_and_client_side_apply_its_annotation() {
+    let (client, fake) = FakeApiServer::start();
+    let api = users(&client, NS);
+    let mut alice = user("alice");
+    alice["spec"]["displayName"] = json!("Alice");
+    let path = path_of(&alice);
+    // As a user applies it: `kubectl apply --server-side`.
+    fake.apply(KUBECTL, alice);
+    // A finalizer as kube's helper adds it (a JSON patch, no fieldManager),
+    // then a status as the operator writes it.
+    let finalizer = json!([{"op": "add", "path": "/metadata/finalizers", "value": ["matrix-operator.io/cleanup"]}]);
+    api.patch(
+        "alice",
+        &PatchParams::default(),
+        &Patch::Json::<()>(serde_json::from_value(finalizer).unwrap()),
+    )
+    .await
+    .unwrap();
+    let status = status_apply(json!({"userId": "@alice:x", "conditions": [condition("Ready", "InSync")]}));
+    api.patch_status(
+        "alice",
+        &PatchParams::apply("matrix-user-operator").force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .unwrap();
+
+    let stored = fake.get(&path).unwrap();
+    assert_eq!(
+        stored["metadata"]["managedFields"].as_array().unwrap().len(),
+        3,
+        "{stored}"
+    );
+    let by_kubectl = entry(&stored, KUBECTL, "");
+    assert_eq!(by_kubectl["operation"], "Apply");
+    assert_eq!(by_kubectl["apiVersion"], "matrix-operator.io/v1alpha1");
+    assert_eq!(by_kubectl["fieldsType"], "FieldsV1");
+    assert!(
+        by_kubectl["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{by_kubectl}"
+    );
+    assert_eq!(
+        by_kubectl["fieldsV1"],
+        json!({"f:spec": {"f:displayName": {}, "f:homeserverRef": {"f:name": {}}}})
+    );
+    let by_patch = entry(&stored, "unknown", "");
+    assert_eq!(by_patch["operation"], "Update");
+    assert_eq!(
+        by_patch["fieldsV1"],
+        json!({"f:metadata": {"f:finalizers": {".": {}, "v:\"matrix-operator.io/cleanup\"": {}}}})
+    );
+    let by_operator = entry(&stored, "matrix-user-operator", "status");
+    assert_eq!(by_operator["operation"], "Apply");
+    assert_eq!(
+        by_operator["fieldsV1"]["f:status"]["f:conditions"]["k:{\"type\":\"Ready\"}"],
+        json!({".": {}, "f:type": {}, "f:status": {}, "f:reason": {}, "f:message": {}, "f:lastTransitionTime": {}})
+    );
+    assert_eq!(by_operator["fieldsV1"]["f:status"]["f:userId"], json!({}));
+    // Clients get them too: whole objects, and metadata-only ones.
+    let read = api.get("alice").await.unwrap();
+    assert_eq!(read.metadata.managed_fields.map(|m| m.len()), Some(3));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    fake.apply(
+        KUBECTL,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pw", "namespace": NS},
+                               "stringData": {"password": "x"}}),
+    );
+    let meta = secrets.get_metadata("pw").await.unwrap();
+    assert_eq!(meta.metadata.managed_fields.map(|m| m.len()), Some(1));
+
+    // Client-side `kubectl apply`: the whole object in an annotation too.
+    let bob = user("bob");
+    fake.apply_client_side(bob.clone());
+    let stored = fake.get(&path_of(&bob)).unwrap();
+    let applied: Value =
+        serde_json::from_str(stored["metadata"]["annotations"][LAST_APPLIED].as_str().unwrap()).unwrap();
+    assert_eq!(applied, bob);
+    let by_kubectl = entry(&stored, KUBECTL_CLIENT_SIDE, "");
+    assert_eq!(by_kubectl["operation"], "Update");
+    assert_eq!(
+        by_kubectl["fieldsV1"]["f:metadata"]["f:annotations"],
+        json!({".": {}, format!("f:{LAST_APPLIED}"): {}})
+    );
+    assert_eq!(
+        by_kubectl["fieldsV1"]["f:spec"],
+        json!({".": {}, "f:homeserverRef": {".": {}, "f:name": {}}})
+    );
 }
 
 #[tokio::test]

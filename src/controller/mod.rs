@@ -6,6 +6,7 @@ pub mod digest_key;
 mod error;
 mod fairness;
 mod homeserver;
+mod index;
 mod matrixuser;
 mod ownership;
 mod secrets;
@@ -31,6 +32,7 @@ use tracing::{debug, info, warn};
 pub use cache::{CacheSizes, WatchedScope};
 pub use error::Error;
 pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
+pub use index::UserIndex;
 pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
 pub use secrets::ADMIN_TOKEN_FINALIZER;
 
@@ -97,6 +99,9 @@ pub struct Context {
     /// The MatrixUsers of every watched scope, to find two that claim one
     /// Matrix ID wherever they live.
     users: Vec<Store<MatrixUser>>,
+    /// The index of each of `users` (by position), where a watch keeps one:
+    /// a store without one is scanned.
+    user_indexes: Vec<UserIndex>,
     synapse_clients: Mutex<HashMap<(String, String), CachedClient>>,
     mas_clients: Mutex<HashMap<(String, String), CachedMasClient>>,
     /// Per MatrixUser, a status digest known to match a password (by the
@@ -156,6 +161,7 @@ impl Context {
             metrics,
             recorder,
             users,
+            user_indexes: Vec::new(),
             synapse_clients: Mutex::default(),
             mas_clients: Mutex::default(),
             digests: Mutex::default(),
@@ -174,11 +180,36 @@ impl Context {
         self
     }
 
-    /// The cached MatrixUsers, of every watched scope, that `keep` selects.
-    /// `keep` sees every cached object on every call: it must be cheap
-    /// (no allocation), or the passes of N users cost N² of it.
-    fn cached_users_where(&self, keep: impl Fn(&MatrixUser) -> bool + Copy) -> Vec<Arc<MatrixUser>> {
-        self.users.iter().flat_map(|store| store.state_filter(keep)).collect()
+    /// Finds MatrixUsers through the indexes the watches keep of `users`
+    /// (one per store, in order), instead of scanning the stores.
+    pub fn with_user_indexes(mut self, indexes: Vec<UserIndex>) -> Self {
+        self.user_indexes = indexes;
+        self
+    }
+
+    /// The cached MatrixUsers, of every watched scope, that name one of
+    /// `localparts` or record an account of one, and that `keep` selects:
+    /// from the index where the store has one (`keep` then sees only
+    /// those), else by a scan (`keep` sees every cached object: it must be
+    /// cheap).
+    fn cached_users_of_localparts(
+        &self,
+        localparts: &[&str],
+        keep: impl Fn(&MatrixUser) -> bool + Copy,
+    ) -> Vec<Arc<MatrixUser>> {
+        let mut found: Vec<Arc<MatrixUser>> = Vec::new();
+        for (i, store) in self.users.iter().enumerate() {
+            match self.user_indexes.get(i) {
+                Some(index) => {
+                    let mut refs: Vec<_> = localparts.iter().flat_map(|l| index.by_localpart(l)).collect();
+                    refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                    refs.dedup();
+                    found.extend(refs.iter().filter_map(|r| store.get(r)).filter(|u| keep(u)));
+                }
+                None => found.extend(store.state_filter(keep)),
+            }
+        }
+        found
     }
 
     /// The admin client of a Homeserver, made anew when its URL, token,
@@ -522,6 +553,7 @@ pub async fn run(
         config.namespaces.iter().cloned().map(Some).collect()
     };
     let (readers, writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
+    let indexes: Vec<UserIndex> = scopes.iter().map(|_| UserIndex::default()).collect();
     let (homeserver_readers, homeserver_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
     let (secret_readers, secret_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
     let watched = scopes
@@ -535,12 +567,23 @@ pub async fn run(
             secrets: secrets.clone(),
         })
         .collect();
-    let ctx =
-        Arc::new(Context::with_scopes(client.clone(), config.clone(), readers.clone(), metrics).with_watches(watched));
+    let ctx = Arc::new(
+        Context::with_scopes(client.clone(), config.clone(), readers.clone(), metrics)
+            .with_watches(watched)
+            .with_user_indexes(indexes.clone()),
+    );
     // A MatrixUser's rivals may live in another scope: each scope's
     // controller also takes the rivals the others find for it.
     let (senders, receivers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
-    let all_scopes = Arc::new(readers.iter().cloned().zip(senders).collect::<Vec<_>>());
+    let caches: Vec<UserCache> = readers
+        .iter()
+        .zip(&indexes)
+        .map(|(store, index)| UserCache {
+            store: store.clone(),
+            index: index.clone(),
+        })
+        .collect();
+    let all_scopes = Arc::new(caches.into_iter().zip(senders).collect::<Vec<_>>());
     let controllers: Vec<_> = scopes
         .iter()
         .zip(writers)
@@ -600,7 +643,7 @@ struct Scope<'a> {
     namespace: Option<&'a str>,
     index: usize,
     /// Every scope's cache and the channel its controller listens on.
-    all: Arc<Vec<(Store<MatrixUser>, RivalSender)>>,
+    all: Arc<Vec<(UserCache, RivalSender)>>,
     /// What the other scopes find for this one.
     rivals: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<MatrixUser>>,
 }
@@ -638,12 +681,21 @@ where
     let controller_config = kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency);
 
     let store = users.as_reader();
+    let cache = scope.all[scope.index].0.clone();
+    let index = cache.index.clone();
     let (hs_store, hs_writer) = reflector::store();
     let homeservers_for_secrets = hs_store.clone();
     // A consistent list (not any_semantic): after a failover the new
     // leader must not start from an older copy than its predecessor wrote.
     let users_stream = watch::objects_only(
         watch::events(users_api.clone(), watcher::Config::default())
+            // The index follows the cache in the same step: what a
+            // reconcile triggered by this event looks up, both have.
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    index.apply(event);
+                }
+            })
             .reflect(users)
             .applied_objects(),
         "MatrixUser",
@@ -652,7 +704,7 @@ where
     // this, every one (two per new account) costs another reconcile and
     // admin GET. The cache above still sees every change.
     .predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
-    let (by_homeserver, by_secret, by_rival) = (store.clone(), store.clone(), store.clone());
+    let (by_homeserver, by_secret, by_rival) = (cache.clone(), cache.clone(), cache);
     let (all_scopes, this_scope) = (scope.all, scope.index);
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
@@ -761,6 +813,33 @@ fn log_outcome<K: Resource, E: std::error::Error>(
     }
 }
 
+/// A scope's cache of MatrixUsers and the index the same watch keeps of it.
+#[derive(Clone)]
+struct UserCache {
+    store: Store<MatrixUser>,
+    index: UserIndex,
+}
+
+impl UserCache {
+    /// References to the cached MatrixUsers among `candidates` (from the
+    /// index) that `keep` selects, as the cache holds them now.
+    fn refs_among(
+        &self,
+        candidates: impl IntoIterator<Item = Arc<ObjectRef<MatrixUser>>>,
+        keep: impl Fn(&MatrixUser) -> bool,
+    ) -> Vec<ObjectRef<MatrixUser>> {
+        let mut refs: Vec<ObjectRef<MatrixUser>> = candidates
+            .into_iter()
+            .filter_map(|r| self.store.get(&r))
+            .filter(|u| keep(u))
+            .map(|u| ObjectRef::from_obj(u.as_ref()))
+            .collect();
+        refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        refs.dedup();
+        refs
+    }
+}
+
 /// References to the cached objects that `keep` selects. `keep` sees every
 /// cached object on every call (every watch event of a Secret, say): it
 /// must not allocate, or 10,000 users cost 10,000² allocations.
@@ -785,23 +864,24 @@ fn ns_name<K: Resource>(o: &K) -> (Option<&str>, &str) {
 
 /// The other MatrixUsers of the cache with `user`'s localpart, in any
 /// namespace: one of them may be held off with a Conflict by `user`.
-fn rivals_of(store: &Store<MatrixUser>, user: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
+fn rivals_of(cache: &UserCache, user: &MatrixUser) -> Vec<ObjectRef<MatrixUser>> {
     let localpart = user.effective_localpart();
-    refs_where(store, |u| {
+    cache.refs_among(cache.index.by_localpart(localpart), |u| {
         ns_name(u) != ns_name(user) && u.effective_localpart() == localpart
     })
 }
 
-fn users_of_homeserver(store: &Store<MatrixUser>, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
+fn users_of_homeserver(cache: &UserCache, hs: &Homeserver) -> Vec<ObjectRef<MatrixUser>> {
     let (ns, name) = ns_name(hs);
-    refs_where(store, |u| ns_name(u).0 == ns && u.spec.homeserver_ref.name == name)
+    let candidates = cache.index.by_homeserver(ns.unwrap_or_default(), name);
+    cache.refs_among(candidates, |u| ns_name(u).0 == ns && u.spec.homeserver_ref.name == name)
 }
 
 /// MatrixUsers that read a Secret: their password Secret, the Secret they
 /// own (generated credentials), or their Homeserver's admin token (a new
 /// token resumes the MatrixUsers an old one left Unauthorized).
 fn users_of_secret(
-    store: &Store<MatrixUser>,
+    cache: &UserCache,
     homeservers: &Store<Homeserver>,
     secret: &PartialObjectMeta<Secret>,
 ) -> Vec<ObjectRef<MatrixUser>> {
@@ -817,7 +897,14 @@ fn users_of_secret(
         .filter(|o| o.kind == "MatrixUser")
         .map(|o| o.uid.as_str())
         .collect();
-    refs_where(store, |u| {
+    let namespace = ns.unwrap_or_default();
+    let candidates = cache
+        .index
+        .by_password_secret(namespace, name)
+        .into_iter()
+        .chain(owners.iter().filter_map(|uid| cache.index.by_uid(uid)))
+        .chain(token_of.iter().flat_map(|hs| cache.index.by_homeserver(namespace, hs)));
+    cache.refs_among(candidates, |u| {
         let by_name = u
             .spec
             .password
@@ -860,6 +947,21 @@ mod tests {
             writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(o).unwrap()));
         }
         writer.as_reader()
+    }
+
+    /// A cache of MatrixUsers and its index, filled as the watch fills them.
+    fn user_cache(objects: Vec<serde_json::Value>) -> UserCache {
+        let mut writer = Writer::<MatrixUser>::default();
+        let index = UserIndex::default();
+        for o in objects {
+            let event = watcher::Event::Apply(serde_json::from_value(o).unwrap());
+            index.apply(&event);
+            writer.apply_watcher_event(&event);
+        }
+        UserCache {
+            store: writer.as_reader(),
+            index,
+        }
     }
 
     fn user(ns: &str, name: &str, uid: &str, spec: serde_json::Value) -> serde_json::Value {
@@ -961,6 +1063,32 @@ mod tests {
         for changed in changes {
             assert_ne!(acted_on(&base), acted_on(&changed), "{:?}", changed.metadata);
         }
+        // As the watch keeps them: another tool's annotations (kubectl's
+        // last-applied copy, Argo CD's tracking id) are not kept, so their
+        // changes trigger nothing; the operator's own still do.
+        let as_kept = |annotations: &[(&str, &str)]| {
+            let mut u = base.clone();
+            u.metadata.annotations = Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            watch::keep_what_is_read(&mut u.metadata);
+            u
+        };
+        let applied_again = as_kept(&[("kubectl.kubernetes.io/last-applied-configuration", "{\"v\":2}")]);
+        assert_eq!(acted_on(&base), acted_on(&applied_again));
+        let skipped = as_kept(&[(SKIP_CLEANUP, "true"), ("argocd.argoproj.io/tracking-id", "x")]);
+        assert_ne!(acted_on(&base), acted_on(&skipped));
+        assert_eq!(acted_on(&skipped), acted_on(&annotated_only_skip()));
+    }
+
+    fn annotated_only_skip() -> MatrixUser {
+        let mut u: MatrixUser =
+            serde_json::from_value(user("a", "alice", "u1", json!({"homeserverRef": {"name": "hs"}}))).unwrap();
+        u.metadata.annotations = Some([(SKIP_CLEANUP.to_string(), "true".to_string())].into());
+        u
     }
 
     #[test]
@@ -992,7 +1120,7 @@ mod tests {
 
     #[test]
     fn a_homeservers_ca_bundle_secret_triggers_it_and_its_users() {
-        let users = store::<MatrixUser>(vec![
+        let users = user_cache(vec![
             user("chat", "a", "uid-a", json!({"homeserverRef": {"name": "hs"}})),
             user("chat", "b", "uid-b", json!({"homeserverRef": {"name": "other"}})),
         ]);
@@ -1012,7 +1140,7 @@ mod tests {
     #[test]
     fn a_secret_triggers_the_users_that_read_or_own_it_in_its_namespace() {
         let no_homeservers = store::<Homeserver>(vec![]);
-        let users = store::<MatrixUser>(vec![
+        let users = user_cache(vec![
             user(
                 "chat",
                 "a",

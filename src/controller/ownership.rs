@@ -55,7 +55,9 @@ pub fn check_unique(ctx: &Context, user: &MatrixUser, user_id: &UserId, owned: b
     let mine = seniority(user);
     // Only resources of the same localpart, or recording this very ID, can
     // hold it: a cheap filter over the whole cache, then the rules.
-    let candidates = ctx.cached_users_where(|o| o.effective_localpart() == localpart || records(o, user_id));
+    let candidates = ctx.cached_users_of_localparts(&[localpart, user_id.localpart()], |o| {
+        o.effective_localpart() == localpart || records(o, user_id)
+    });
     let winner = candidates.into_iter().find(|other| {
         if same_resource(other, user) {
             return false;

@@ -12,6 +12,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, future};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
@@ -62,8 +63,37 @@ fn expired_at_start(event: &Result<watcher::Event<impl Sized>, watcher::Error>) 
     )
 }
 
+/// The annotations the operator reads (`matrix-operator.io/skip-cleanup`,
+/// and any it may add): every other one is dropped from watched objects.
+const OWN_ANNOTATIONS: &str = "matrix-operator.io/";
+
+/// Keeps of an object's metadata only what the operator reads: no
+/// `managedFields` (on every object a real API server returns, several
+/// KiB each once kubectl, Argo CD or Flux applied it), and of the
+/// annotations only the operator's own (`kubectl.kubernetes.io/last-applied-configuration`
+/// alone holds a copy of the whole object, a Secret's data included).
+pub fn keep_what_is_read(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| key.starts_with(OWN_ANNOTATIONS));
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+/// The objects of a watch as the operator keeps them (see
+/// [`keep_what_is_read`]), before any cache or trigger sees them.
+pub fn as_kept<K, S>(stream: S) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
+where
+    K: Resource,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    stream.modify(|obj: &mut K| keep_what_is_read(obj.meta_mut()))
+}
+
 /// The watch events of `api`, relisting when the resourceVersion expired,
-/// with a backoff of their own.
+/// with a backoff of their own, each object as the operator keeps it.
 pub fn events<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -71,16 +101,18 @@ pub fn events<K>(
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    futures::stream::repeat(())
-        .flat_map(move |()| {
-            watcher(api.clone(), config.clone()).take_while(|event| {
-                if expired_at_start(event) {
-                    warn!("the watch's resourceVersion expired; listing again");
-                }
-                future::ready(!expired_at_start(event))
+    as_kept(
+        futures::stream::repeat(())
+            .flat_map(move |()| {
+                watcher(api.clone(), config.clone()).take_while(|event| {
+                    if expired_at_start(event) {
+                        warn!("the watch's resourceVersion expired; listing again");
+                    }
+                    future::ready(!expired_at_start(event))
+                })
             })
-        })
-        .backoff(WatchBackoff::default())
+            .backoff(WatchBackoff::default()),
+    )
 }
 
 /// The objects of `api` that changed or went, for a controller's
@@ -185,6 +217,66 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::MatrixUser;
+    use kube::runtime::reflector::{self, ObjectRef};
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn cached_objects_keep_no_managed_fields_and_only_the_operators_annotations() {
+        let applied = |name: &str, annotations: serde_json::Value| -> MatrixUser {
+            serde_json::from_value(json!({
+                "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+                "metadata": {"name": name, "namespace": "chat", "annotations": annotations,
+                    "managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "matrix-operator.io/v1alpha1",
+                        "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                        "fieldsV1": {"f:spec": {"f:homeserverRef": {"f:name": {}}}}}]},
+                "spec": {"homeserverRef": {"name": "hs"}},
+            }))
+            .unwrap()
+        };
+        let kept = applied(
+            "a",
+            json!({"matrix-operator.io/skip-cleanup": "true", "kubectl.kubernetes.io/last-applied-configuration": "{}"}),
+        );
+        let dropped = applied("b", json!({"argocd.argoproj.io/tracking-id": "x"}));
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(kept)),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(dropped)),
+        ]);
+        let (store, writer) = reflector::store::<MatrixUser>();
+        let passed: Vec<MatrixUser> = as_kept(events)
+            .reflect(writer)
+            .applied_objects()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(passed.len(), 2);
+        for name in ["a", "b"] {
+            let cached = store.get(&ObjectRef::new(name).within("chat")).unwrap();
+            assert!(
+                cached.metadata.managed_fields.is_none(),
+                "{name}: {:?}",
+                cached.metadata
+            );
+        }
+        let a = store.get(&ObjectRef::new("a").within("chat")).unwrap();
+        assert_eq!(
+            a.metadata.annotations,
+            Some([("matrix-operator.io/skip-cleanup".to_string(), "true".to_string())].into())
+        );
+        assert_eq!(
+            store
+                .get(&ObjectRef::new("b").within("chat"))
+                .unwrap()
+                .metadata
+                .annotations,
+            None
+        );
+        // What the triggers see is what the cache holds.
+        assert!(passed.iter().all(|u| u.metadata.managed_fields.is_none()));
+    }
 
     #[tokio::test]
     async fn only_changes_of_the_fingerprint_deletions_and_listings_pass() {

@@ -238,6 +238,11 @@ pub struct Ownership {
 pub struct Conflicts(pub Vec<(String, FieldPath)>);
 
 impl Ownership {
+    /// Each manager and the fields it owns, for `metadata.managedFields`.
+    pub fn managers(&self) -> impl Iterator<Item = (&Manager, &FieldSet)> {
+        self.managers.iter()
+    }
+
     /// A write that is no apply (create, update, patch): its manager owns
     /// every field it set or changed, taken from whoever owned it; fields it
     /// removed are no one's.

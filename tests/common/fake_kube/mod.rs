@@ -9,6 +9,7 @@
 //! what was sent.
 
 mod fields;
+mod managed;
 mod resource;
 mod store;
 
@@ -27,6 +28,13 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
 use store::{Reply, Store};
+
+/// The field manager of `kubectl apply --server-side`.
+pub const KUBECTL: &str = "kubectl";
+/// The field manager of client-side `kubectl apply`.
+pub const KUBECTL_CLIENT_SIDE: &str = "kubectl-client-side-apply";
+/// Where client-side `kubectl apply` keeps what it applied.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// One request the server received.
 #[derive(Clone, Debug)]
@@ -177,6 +185,36 @@ impl FakeApiServer {
             panic!("{key} is no object path");
         };
         self.store().put(obj, key, resource);
+    }
+
+    /// Creates or changes an object with server-side apply by `manager`,
+    /// as a user does (`kubectl apply --server-side`: manager
+    /// [`KUBECTL`]; Argo CD and Flux too, under their names): the object
+    /// then carries `managedFields` as from a real apiserver. Not recorded
+    /// as a request. Panics if the apiserver would refuse it.
+    pub fn apply(&self, manager: &str, obj: Value) -> Value {
+        let key = path_of(&obj);
+        self.store()
+            .apply_as(manager, obj, &key)
+            .unwrap_or_else(|refused| panic!("apply of {key} refused: {refused}"))
+    }
+
+    /// Creates or changes an object as client-side `kubectl apply` does: an
+    /// update by manager `kubectl-client-side-apply` that also stores the
+    /// whole object, as JSON, in the `kubectl.kubernetes.io/last-applied-configuration`
+    /// annotation. Not recorded as a request.
+    pub fn apply_client_side(&self, mut obj: Value) {
+        let mut applied = obj.clone();
+        if let Some(meta) = applied["metadata"].as_object_mut() {
+            meta.remove("managedFields");
+        }
+        let text = format!("{}\n", serde_json::to_string(&applied).expect("JSON"));
+        obj["metadata"]["annotations"][LAST_APPLIED] = Value::String(text);
+        let key = path_of(&obj);
+        let Some(resource::Target::Object { resource, .. }) = resource::parse(&key) else {
+            panic!("{key} is no object path");
+        };
+        self.store().put_as(KUBECTL_CLIENT_SIDE, obj, key, resource);
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {

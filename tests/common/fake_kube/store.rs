@@ -12,6 +12,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::Recorded;
 use super::fields::{self, Manager, Ownership};
+use super::managed::Writes;
 use super::resource::{Resource, Target};
 
 /// How many changes the watch history keeps: older resourceVersions get
@@ -324,6 +325,9 @@ pub struct Store {
     /// By path (`/api/v1/namespaces/ns/secrets/x`).
     objects: BTreeMap<String, Value>,
     ownership: BTreeMap<String, Ownership>,
+    /// The last write of each manager, by path: with `ownership`, the
+    /// objects' `metadata.managedFields`.
+    writes: BTreeMap<String, Writes>,
     resource_version: u64,
     history: VecDeque<Change>,
     /// The history holds every change after this version.
@@ -349,7 +353,12 @@ impl Store {
     /// Stores `obj` as an update by [`SEED_MANAGER`] would, with what the
     /// server stamps: uid, creationTimestamp, generation (1 if absent) and
     /// a new resourceVersion.
-    pub fn put(&mut self, mut obj: Value, key: String, resource: Resource) {
+    pub fn put(&mut self, obj: Value, key: String, resource: Resource) {
+        self.put_as(SEED_MANAGER, obj, key, resource);
+    }
+
+    /// [`Store::put`] by `manager`.
+    pub fn put_as(&mut self, manager: &str, mut obj: Value, key: String, resource: Resource) {
         let old = self.objects.get(&key).cloned();
         let meta = &mut obj["metadata"];
         if meta["uid"].is_null() {
@@ -361,8 +370,36 @@ impl Store {
         if meta["generation"].is_null() {
             meta["generation"] = json!(1);
         }
-        self.own(&key, &resource, (SEED_MANAGER.into(), ""), old.as_ref(), &obj);
+        self.own(&key, &resource, (manager.into(), ""), old.as_ref(), &obj);
         self.commit(key, resource, obj);
+    }
+
+    /// Server-side apply of `obj` by `manager` (`kubectl apply
+    /// --server-side` is manager `kubectl`), not recorded as a request:
+    /// the stored object, or the apiserver's answer refusing it.
+    pub fn apply_as(&mut self, manager: &str, obj: Value, key: &str) -> Result<Value, Value> {
+        let Some(Target::Object {
+            resource,
+            namespace,
+            name,
+            ..
+        }) = super::resource::parse(key)
+        else {
+            panic!("{key} is no object path");
+        };
+        let request = Request {
+            method: Method::PATCH,
+            path: key.to_string(),
+            query: format!("fieldManager={manager}"),
+            content_type: "application/apply-patch+yaml".into(),
+            metadata_only: false,
+            body: obj,
+        };
+        match self.write(&request, resource, namespace, &name, None) {
+            Reply::Json(code, value) if code.is_success() => Ok(value),
+            Reply::Json(_, value) => Err(value),
+            Reply::Watch { .. } => unreachable!("a write answers with an object"),
+        }
     }
 
     fn new_uid(&mut self) -> String {
@@ -799,11 +836,21 @@ impl Store {
     }
 
     fn own(&mut self, key: &str, resource: &Resource, manager: Manager, old: Option<&Value>, new: &Value) {
+        self.wrote(key, &manager, false);
         let lists = |path: &[String]| resource.list_type(path);
         self.ownership
             .entry(key.to_string())
             .or_default()
             .update(manager, old.unwrap_or(&Value::Null), new, &lists);
+    }
+
+    /// Remembers `manager`'s write of the object at `key` for its
+    /// managedFields entry.
+    fn wrote(&mut self, key: &str, manager: &Manager, apply: bool) {
+        self.writes
+            .entry(key.to_string())
+            .or_default()
+            .wrote(manager, apply, now());
     }
 
     /// PUT and PATCH, of an object or its status.
@@ -937,6 +984,7 @@ impl Store {
         if let Some(invalid) = Self::invalid_metadata(&resource, &obj) {
             return invalid;
         }
+        self.wrote(&key, &manager, apply);
         if !apply {
             owners.update(manager, &current, &obj, &lists);
         }
@@ -960,6 +1008,25 @@ impl Store {
 
     /// Stores `obj` with a new resourceVersion and tells the watches.
     fn commit(&mut self, key: String, resource: Resource, mut obj: Value) -> Value {
+        let ownership = self.ownership.get(&key).cloned().unwrap_or_default();
+        let api_version = obj["apiVersion"].as_str().unwrap_or_default().to_string();
+        let managed = self
+            .writes
+            .entry(key.clone())
+            .or_default()
+            .render(&ownership, &api_version);
+        match (
+            managed.as_array().is_some_and(|m| m.is_empty()),
+            obj["metadata"].as_object_mut(),
+        ) {
+            (true, Some(meta)) => {
+                meta.remove("managedFields");
+            }
+            (false, Some(meta)) => {
+                meta.insert("managedFields".into(), managed);
+            }
+            (_, None) => {}
+        }
         self.resource_version += 1;
         obj["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
         let previous = self.objects.insert(key.clone(), obj.clone());
@@ -1020,6 +1087,7 @@ impl Store {
     fn remove(&mut self, key: &str) -> Option<Value> {
         let mut obj = self.objects.remove(key)?;
         self.ownership.remove(key);
+        self.writes.remove(key);
         self.resource_version += 1;
         obj["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
         self.publish(Change {
