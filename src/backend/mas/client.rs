@@ -263,12 +263,14 @@ impl MasClient {
         })
     }
 
-    /// A token for the admin API: the cached one, or a new one.
-    async fn token(&self, renew: bool) -> Result<SecretString, MasError> {
+    /// A token for the admin API: the cached one, or a new one. `rejected`
+    /// is a token MAS refused: renewed only if it is still the cached one,
+    /// so calls refused together (their token expired) share one renewal.
+    async fn token(&self, rejected: Option<&SecretString>) -> Result<SecretString, MasError> {
         let mut cached = self.token.lock().await;
-        if !renew
-            && let Some((token, until)) = cached.as_ref()
+        if let Some((token, until)) = cached.as_ref()
             && Instant::now() < *until
+            && rejected != Some(token)
         {
             return Ok(token.clone());
         }
@@ -317,9 +319,9 @@ impl MasClient {
         let mut path = vec!["api", "admin", "v1"];
         path.extend_from_slice(segments);
         let url = self.url(&path, query);
-        let mut renew = false;
+        let mut rejected: Option<SecretString> = None;
         loop {
-            let token = self.token(renew).await?;
+            let token = self.token(rejected.as_ref()).await?;
             let mut request = self
                 .http
                 .request(method.clone(), url.clone())
@@ -330,7 +332,7 @@ impl MasClient {
                 secrets.extend(body_secrets.iter().copied());
             }
             match self.exchange(endpoint, request, &secrets).await {
-                Err(MasError::Api { status: 401, .. }) if !renew => renew = true,
+                Err(MasError::Api { status: 401, .. }) if rejected.is_none() => rejected = Some(token),
                 other => return other,
             }
         }
