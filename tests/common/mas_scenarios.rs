@@ -109,6 +109,24 @@ async fn synapse_user(t: &MasTarget, localpart: &str) -> serde_json::Value {
     body
 }
 
+/// Synapse's account once `until` holds of it: MAS answers a deactivation
+/// before its job has deactivated the account in Synapse (≈50 ms later on
+/// a real MAS), so a read right after may still see it active.
+async fn synapse_user_once(
+    t: &MasTarget,
+    localpart: &str,
+    until: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let s = synapse_user(t, localpart).await;
+        if until(&s) || std::time::Instant::now() >= deadline {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Create with every field MAS mode manages, then a second sync writes
 /// nothing, and the password logs in through MAS's compatibility login.
 pub async fn create_with_every_field_then_steady(t: &MasTarget) {
@@ -223,7 +241,7 @@ pub async fn deactivate_and_reactivate(t: &MasTarget) {
     assert!(p.deactivated, "{p:?}");
     let mas = t.get_user_by_username(&lp).await.expect("the MAS user");
     assert!(mas.deactivated, "{mas:?}");
-    let s = synapse_user(t, &lp).await;
+    let s = synapse_user_once(t, &lp, |s| s["deactivated"] == true).await;
     assert_eq!(s["deactivated"], true, "{s}");
     assert_eq!(s["erased"], false, "spec.deactivated keeps the account unerased: {s}");
     // In sync while deactivated: no second deactivate is ever sent.
@@ -253,7 +271,7 @@ pub async fn deletion_policies(t: &MasTarget) {
         let action = delete_account(&b, &id, policy, OWNED).await.expect("the deletion");
         assert_eq!(action, Ok(DeletionAction::Deactivate { erase: erased }), "{policy:?}");
         assert!(t.get_user_by_username(&lp).await.expect("the MAS user").deactivated);
-        let s = synapse_user(t, &lp).await;
+        let s = synapse_user_once(t, &lp, |s| s["deactivated"] == true && s["erased"] == erased).await;
         assert_eq!(s["deactivated"], true, "{policy:?}: {s}");
         assert_eq!(s["erased"], erased, "{policy:?}: {s}");
         let again = delete_account(&b, &id, policy, OWNED)
