@@ -8,16 +8,18 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::fake_kube::{FakeApiServer, path_of};
-use common::fixtures::{account, cluster_in, condition_of, context_with, homeserver_in, matrix_user_in, stored_user};
+use common::fixtures::{
+    account, cluster_in, condition_of, context_with, homeserver_in, matrix_user_in, run_operator, stored_user,
+    wait_until,
+};
 use common::synapse;
 use http_body_util::{BodyExt, Full};
 use matrix_user_operator::api::MatrixUser;
-use matrix_user_operator::controller::{self, Config, Error, reconcile_user};
-use matrix_user_operator::metrics::Metrics;
+use matrix_user_operator::controller::{Config, Error, reconcile_user};
 use serde_json::{Value, json};
 use tokio::sync::MutexGuard;
 
@@ -201,32 +203,6 @@ fn user_of(homeserver: &str, name: &str, localpart: &str) -> Value {
         json!({"homeserverRef": {"name": homeserver}, "localpart": localpart}),
         Value::Null,
     )
-}
-
-/// The operator's controllers, running until the returned sender is
-/// dropped.
-fn run_operator(fake: &FakeApiServer, config: Config) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let client = fake.client();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        controller::run(client, config, Metrics::new(), shutdown, || {}).await;
-    });
-    stop
-}
-
-async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < timeout, "not within {timeout:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The Ready condition's `(status, reason, message)`, if a pass wrote one.

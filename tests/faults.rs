@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::fake_kube::{FakeApiServer, path_of};
 use common::fixtures::{
-    account, cluster_in, condition_of, context_with, homeserver_in, matrix_user_in, reason_of, secret_in, stored_user,
+    account, cluster_in, condition_of, context_with, homeserver_in, matrix_user_in, reason_of, run_operator,
+    run_operator_with, secret_in, stored_user, wait_until,
 };
 use common::synapse;
 use kube::ResourceExt;
@@ -227,25 +228,6 @@ async fn the_owner_of_an_account_wins_a_duplicate() {
 // The operator running (its controllers in this process, or the binary as a
 // process of its own) against the fake API server's watches.
 
-/// The controllers of `config`, running until the returned sender is
-/// dropped or fired.
-fn run_operator(fake: &FakeApiServer, config: Config) -> tokio::sync::oneshot::Sender<()> {
-    run_operator_with(fake, config, Metrics::new())
-}
-
-/// [`run_operator`], counting into `metrics`.
-fn run_operator_with(fake: &FakeApiServer, config: Config, metrics: Metrics) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let client = fake.client();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        controller::run(client, config, metrics, shutdown, || {}).await;
-    });
-    stop
-}
-
 /// How many MatrixUser reconciles succeeded, by the operator's metrics.
 fn user_reconciles(metrics: &Metrics) -> u64 {
     let prefix = r#"matrix_user_operator_reconciliations_total{kind="MatrixUser",result="success"} "#;
@@ -262,19 +244,6 @@ fn config_for(namespaces: &[&str]) -> Config {
         namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
         request_timeout: Duration::from_secs(5),
         ..Config::default()
-    }
-}
-
-/// Waits until `check` holds, polling; panics with `what` after `timeout`.
-async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < timeout, "not within {timeout:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

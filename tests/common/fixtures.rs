@@ -2,11 +2,12 @@
 //! read back what the operator made of them.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use matrix_user_operator::api::MatrixUser;
-use matrix_user_operator::controller::{Config, Context, FINALIZER, HOMESERVER_FINALIZER};
+use matrix_user_operator::controller::{self, Config, Context, FINALIZER, HOMESERVER_FINALIZER};
 use matrix_user_operator::metrics::Metrics;
 use serde_json::{Value, json};
 
@@ -93,4 +94,36 @@ pub async fn account(user_id: &str) -> (u16, Value) {
     synapse()
         .admin_get(&format!("/_synapse/admin/v2/users/{user_id}"))
         .await
+}
+
+/// The operator's controllers against `fake`, running until the returned
+/// sender is dropped or fired.
+pub fn run_operator(fake: &FakeApiServer, config: Config) -> tokio::sync::oneshot::Sender<()> {
+    run_operator_with(fake, config, Metrics::new())
+}
+
+/// [`run_operator`], counting into `metrics`.
+pub fn run_operator_with(fake: &FakeApiServer, config: Config, metrics: Metrics) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let client = fake.client();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        controller::run(client, config, metrics, shutdown, || {}).await;
+    });
+    stop
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < timeout, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
