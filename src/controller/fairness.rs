@@ -15,24 +15,30 @@
 //!   have work).
 //!
 //! A reconcile over its Homeserver's share does not wait inside its slot:
-//! it is put back in the queue for a moment (see [`Slots::take`]) and lets
-//! the slot go to another Homeserver's MatrixUser.
+//! it is put back in the queue (see [`Slots::take`]) and lets the slot go
+//! to another Homeserver's MatrixUser. The MatrixUsers put back are paced
+//! by their Homeserver's own speed: one turn every (its mean reconcile
+//! time / its share), so a fast homeserver's backlog of 10,000 comes back
+//! about as fast as its slots free up, and a slow one's is looked at about
+//! every [`DEFER_MAX`]. (Waits that doubled per refusal, as before, put a
+//! lone homeserver's backlog of 1,000 to sleep for 30 s at a time while its
+//! slots stood idle: converging took minutes where a script took seconds.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 
 use crate::api::MatrixUser;
 
-/// The first wait of a reconcile put back for its Homeserver's share; it
-/// doubles with each reconcile of that Homeserver put back since the last
-/// one that ran, up to [`DEFER_MAX`].
-pub const DEFER_FIRST: Duration = Duration::from_secs(1);
+/// The shortest wait of a reconcile put back for its Homeserver's share.
+pub const DEFER_MIN: Duration = Duration::from_millis(10);
 /// The longest wait: a slow Homeserver's backlog is looked at about this
 /// often, at little cost, however long it is.
 pub const DEFER_MAX: Duration = Duration::from_secs(30);
+/// A Homeserver's mean reconcile time until one was measured.
+const FIRST_GUESS: Duration = Duration::from_millis(100);
 
 /// A Homeserver, within the pool of slots its MatrixUsers are reconciled
 /// in (one controller's: per watched namespace with `--namespace`, else
@@ -57,35 +63,67 @@ impl HomeserverKey {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Use {
     in_flight: usize,
-    /// Reconciles put back since the last one that was let in.
-    deferred: u32,
+    /// When the last reconcile put back is due: the next one put back
+    /// comes one turn later.
+    last_turn: Instant,
+}
+
+/// The shortest turn: 1,000 put back come back within a second at most.
+const SHORTEST_TURN: Duration = Duration::from_millis(1);
+
+/// The most Homeservers whose mean reconcile time is kept (a few bytes
+/// each); past it they start over from [`FIRST_GUESS`].
+const MAX_MEANS: usize = 4096;
+
+#[derive(Debug, Default)]
+struct Uses {
+    /// Homeservers with reconciles in flight.
+    busy: HashMap<HomeserverKey, Use>,
+    /// The mean time each Homeserver's reconciles hold a slot (a moving
+    /// average), kept while it is idle too.
+    means: HashMap<HomeserverKey, Duration>,
 }
 
 /// The reconcile slots of each pool, by Homeserver.
 pub struct Slots {
     capacity: usize,
-    uses: Arc<Mutex<HashMap<HomeserverKey, Use>>>,
+    uses: Arc<Mutex<Uses>>,
 }
 
 /// One reconcile slot of a Homeserver's share, given back when dropped.
 #[derive(Debug)]
 pub struct Slot {
     key: HomeserverKey,
-    uses: Arc<Mutex<HashMap<HomeserverKey, Use>>>,
+    uses: Arc<Mutex<Uses>>,
+    taken: Instant,
+}
+
+impl Slot {
+    /// Gives the slot back, the reconcile having ended at `now`.
+    fn release_at(&self, now: Instant) {
+        let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+        let took = now.saturating_duration_since(self.taken);
+        if uses.means.len() >= MAX_MEANS && !uses.means.contains_key(&self.key) {
+            uses.means.clear();
+        }
+        let mean = uses.means.entry(self.key.clone()).or_insert(FIRST_GUESS);
+        // A moving average over about the last eight reconciles.
+        *mean = (*mean * 7 + took) / 8;
+        if let Some(u) = uses.busy.get_mut(&self.key) {
+            u.in_flight = u.in_flight.saturating_sub(1);
+            if u.in_flight == 0 {
+                uses.busy.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(u) = uses.get_mut(&self.key) {
-            u.in_flight = u.in_flight.saturating_sub(1);
-            if u.in_flight == 0 {
-                uses.remove(&self.key);
-            }
-        }
+        self.release_at(Instant::now());
     }
 }
 
@@ -109,7 +147,12 @@ impl Slots {
     /// again (the caller requeues the MatrixUser and gives its own slot
     /// back to the runtime).
     pub fn take(&self, homeserver: HomeserverKey) -> Result<Slot, Duration> {
-        let mut uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+        self.take_at(homeserver, Instant::now())
+    }
+
+    fn take_at(&self, homeserver: HomeserverKey, now: Instant) -> Result<Slot, Duration> {
+        let mut guard = self.uses.lock().unwrap_or_else(|p| p.into_inner());
+        let Uses { busy: uses, means } = &mut *guard;
         let pool = uses.iter().filter(|(k, _)| k.pool == homeserver.pool);
         let others = pool
             .clone()
@@ -117,26 +160,36 @@ impl Slots {
             .count();
         let in_flight: usize = pool.map(|(_, u)| u.in_flight).sum();
         let share = self.share(others + 1);
-        let u = uses.entry(homeserver.clone()).or_default();
+        let u = uses.entry(homeserver.clone()).or_insert(Use {
+            in_flight: 0,
+            last_turn: now,
+        });
         let last_slot = in_flight + 1 >= self.capacity;
         if u.in_flight < share && !(last_slot && u.in_flight > 0) {
             u.in_flight += 1;
-            u.deferred = 0;
             return Ok(Slot {
                 key: homeserver,
                 uses: self.uses.clone(),
+                taken: now,
             });
         }
-        let wait = DEFER_FIRST.saturating_mul(1u32 << u.deferred.min(5)).min(DEFER_MAX);
-        u.deferred = u.deferred.saturating_add(1);
-        Err(wait)
+        // One turn after the last one put back (or now), a turn being the
+        // time its share of slots takes to free one: so those put back come
+        // back about as its slots free up, not all at once.
+        let mean = means.get(&homeserver).copied().unwrap_or(FIRST_GUESS);
+        let turn = mean / u32::try_from(u.in_flight.max(1)).unwrap_or(u32::MAX);
+        let due = u.last_turn.max(now) + turn.max(SHORTEST_TURN);
+        // Beyond the longest wait they come back together, and go back
+        // again if the Homeserver is still full.
+        u.last_turn = due.min(now + DEFER_MAX);
+        Err(u.last_turn.saturating_duration_since(now).clamp(DEFER_MIN, DEFER_MAX))
     }
 
     /// Reconciles in flight for `homeserver`.
     #[cfg(test)]
     fn in_flight(&self, homeserver: &HomeserverKey) -> usize {
         let uses = self.uses.lock().unwrap_or_else(|p| p.into_inner());
-        uses.get(homeserver).map_or(0, |u| u.in_flight)
+        uses.busy.get(homeserver).map_or(0, |u| u.in_flight)
     }
 }
 
@@ -219,17 +272,60 @@ mod tests {
         assert!(slots.take(a.clone()).is_err() && slots.take(b.clone()).is_err());
     }
 
+    /// Runs `n` reconciles of `key` that each take `took`, one after the other.
+    fn run(slots: &Slots, key: &HomeserverKey, n: usize, took: Duration, mut now: Instant) -> Instant {
+        for _ in 0..n {
+            let slot = slots.take_at(key.clone(), now).unwrap();
+            now += took;
+            slot.release_at(now);
+            std::mem::forget(slot);
+        }
+        now
+    }
+
     #[test]
-    fn waits_grow_while_a_homeserver_is_refused_and_start_over_once_it_runs() {
+    fn a_fast_homeservers_backlog_comes_back_as_its_slots_free_up_not_after_seconds() {
+        let slots = Slots::new(8);
+        let key = hs("", "fast");
+        // Reconciles of 10 ms.
+        let now = run(&slots, &key, 50, Duration::from_millis(10), Instant::now());
+        let held: Vec<Slot> = (0..7).map(|_| slots.take_at(key.clone(), now).unwrap()).collect();
+        // A backlog of 1,000: each comes back one turn after the one before
+        // (10 ms / 7 in flight, at least DEFER_MIN), the last well within
+        // the time the 7 slots take to work through them all.
+        let waits: Vec<Duration> = (0..1000).map(|_| slots.take_at(key.clone(), now).unwrap_err()).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "spread out, in order");
+        assert!(waits[0] <= Duration::from_millis(20), "the first at once: {:?}", waits[0]);
+        let last = waits[999];
+        assert!(
+            last >= Duration::from_millis(1000) && last <= Duration::from_millis(2000),
+            "1,000 turns of 10 ms / 7: {last:?}"
+        );
+        drop(held);
+    }
+
+    #[test]
+    fn a_slow_homeservers_backlog_is_looked_at_every_longest_wait_at_most() {
         let slots = Slots::new(2);
         let key = hs("", "slow");
-        let held = slots.take(key.clone()).unwrap();
-        let waits: Vec<u64> = (0..8).map(|_| slots.take(key.clone()).unwrap_err().as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
-        drop(held);
-        assert_eq!(slots.in_flight(&key), 0);
-        let _held = slots.take(key.clone()).unwrap();
-        assert_eq!(slots.take(key.clone()).unwrap_err(), DEFER_FIRST);
+        let now = run(&slots, &key, 50, Duration::from_secs(60), Instant::now());
+        let _held = slots.take_at(key.clone(), now).unwrap();
+        let waits: Vec<Duration> = (0..5).map(|_| slots.take_at(key.clone(), now).unwrap_err()).collect();
+        assert_eq!(waits, [DEFER_MAX; 5], "a turn is a minute: capped");
+        // Later, the backlog is not pushed ever further away.
+        let later = now + DEFER_MAX;
+        assert_eq!(slots.take_at(key.clone(), later).unwrap_err(), DEFER_MAX);
+    }
+
+    #[test]
+    fn a_homeserver_unknown_so_far_is_paced_by_a_first_guess() {
+        let slots = Slots::new(2);
+        let key = hs("", "new");
+        let now = Instant::now();
+        let _held = slots.take_at(key.clone(), now).unwrap();
+        // One in flight: a turn is the whole guessed time.
+        assert_eq!(slots.take_at(key.clone(), now).unwrap_err(), FIRST_GUESS);
+        assert_eq!(slots.take_at(key.clone(), now).unwrap_err(), FIRST_GUESS * 2);
     }
 
     #[test]
@@ -249,6 +345,6 @@ mod tests {
         assert_eq!(slots.in_flight(&key), 7);
         drop(held);
         assert_eq!(slots.in_flight(&key), 0);
-        assert!(slots.uses.lock().unwrap().is_empty());
+        assert!(slots.uses.lock().unwrap().busy.is_empty());
     }
 }
