@@ -293,9 +293,15 @@ mod tests {
         // A backlog of 1,000: each comes back one turn after the one before
         // (10 ms / 7 in flight, at least DEFER_MIN), the last well within
         // the time the 7 slots take to work through them all.
-        let waits: Vec<Duration> = (0..1000).map(|_| slots.take_at(key.clone(), now).unwrap_err()).collect();
+        let waits: Vec<Duration> = (0..1000)
+            .map(|_| slots.take_at(key.clone(), now).unwrap_err())
+            .collect();
         assert!(waits.windows(2).all(|w| w[0] <= w[1]), "spread out, in order");
-        assert!(waits[0] <= Duration::from_millis(20), "the first at once: {:?}", waits[0]);
+        assert!(
+            waits[0] <= Duration::from_millis(20),
+            "the first at once: {:?}",
+            waits[0]
+        );
         let last = waits[999];
         assert!(
             last >= Duration::from_millis(1000) && last <= Duration::from_millis(2000),

@@ -4,6 +4,7 @@
 mod cache;
 pub mod digest_key;
 mod error;
+mod events;
 mod fairness;
 mod homeserver;
 mod index;
@@ -22,7 +23,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -95,7 +96,7 @@ pub struct Context {
     pub client: Client,
     pub config: Config,
     pub metrics: Metrics,
-    recorder: Recorder,
+    events: events::Publisher,
     /// The MatrixUsers of every watched scope, to find two that claim one
     /// Matrix ID wherever they live.
     users: Vec<Store<MatrixUser>>,
@@ -153,13 +154,13 @@ impl Context {
     /// A context shared by the controllers of several scopes, each with
     /// its cache of MatrixUsers.
     pub fn with_scopes(client: Client, config: Config, users: Vec<Store<MatrixUser>>, metrics: Metrics) -> Self {
-        let recorder = Recorder::new(client.clone(), Reporter::from(MANAGER));
+        let events = events::Publisher::new(client.clone(), MANAGER);
         let slots = fairness::Slots::new(config.concurrency);
         Self {
             client,
             config,
             metrics,
-            recorder,
+            events,
             users,
             user_indexes: Vec::new(),
             synapse_clients: Mutex::default(),
@@ -398,14 +399,7 @@ impl Context {
     }
 
     async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: reason.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = self.events.publish(&obj.object_ref(&()), type_, reason, note).await {
             warn!(error = %e, reason, "cannot publish an Event");
         }
     }
@@ -685,6 +679,31 @@ where
     let index = cache.index.clone();
     let (hs_store, hs_writer) = reflector::store();
     let homeservers_for_secrets = hs_store.clone();
+    let (homeserver_triggers, triggered_homeservers) = tokio::sync::mpsc::unbounded_channel();
+    // One watch of the scope's MatrixUsers serves every trigger that reads
+    // them (a second and third watch cost the API server a fan-out each and
+    // the operator a decoding of each object each): a MatrixUser that
+    // changed or went sets off the others naming its Matrix ID, held off
+    // with a Conflict, in every scope; and its Homeserver, if that is being
+    // deleted and waits for its MatrixUsers to go.
+    let fan_out = {
+        let (all_scopes, homeservers) = (scope.all.clone(), hs_store.clone());
+        move |event: &Result<watcher::Event<MatrixUser>, watcher::Error>| {
+            let user = match event {
+                Ok(watcher::Event::Apply(u) | watcher::Event::InitApply(u) | watcher::Event::Delete(u)) => u,
+                _ => return,
+            };
+            for (cache, rivals) in all_scopes.iter() {
+                for rival in rivals_of(cache, user) {
+                    // A closed channel: that scope's controller stopped.
+                    let _ = rivals.send(rival);
+                }
+            }
+            if let Some(hs) = deleting_homeserver_of(&homeservers, user) {
+                let _ = homeserver_triggers.send(hs);
+            }
+        }
+    };
     // A consistent list (not any_semantic): after a failover the new
     // leader must not start from an older copy than its predecessor wrote.
     let users_stream = watch::objects_only(
@@ -697,6 +716,7 @@ where
                 }
             })
             .reflect(users)
+            .inspect(fan_out)
             .applied_objects(),
         "MatrixUser",
     )
@@ -704,27 +724,16 @@ where
     // this, every one (two per new account) costs another reconcile and
     // admin GET. The cache above still sees every change.
     .predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
-    let (by_homeserver, by_secret, by_rival) = (cache.clone(), cache.clone(), cache);
-    let (all_scopes, this_scope) = (scope.all, scope.index);
+    let by_homeserver = cache.clone();
+    let by_secret = cache;
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
         .watches_stream(
             watch::touched_into_when(homeservers_api.clone(), homeserver_cache, "Homeserver", read_by_users),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
         )
-        // When a MatrixUser changes or goes, the others naming the same
-        // Matrix ID (held off with a Conflict) look again, in every scope.
-        .watches_stream(watch::touched(users_api.clone(), "MatrixUser"), move |u: MatrixUser| {
-            for (index, (store, others)) in all_scopes.iter().enumerate() {
-                if index != this_scope {
-                    for rival in rivals_of(store, &u) {
-                        // A closed channel: that scope's controller stopped.
-                        let _ = others.send(rival);
-                    }
-                }
-            }
-            rivals_of(&by_rival, &u)
-        })
+        // The rivals of a MatrixUser that changed or went, found in every
+        // scope by the fan-out of the MatrixUser watch.
         .reconcile_on(futures::stream::unfold(scope.rivals, |mut rivals| async move {
             rivals.recv().await.map(|rival| (rival, rivals))
         }))
@@ -746,7 +755,7 @@ where
             .applied_objects(),
         "Homeserver",
     );
-    let (by_secret, by_user) = (hs_store.clone(), hs_store.clone());
+    let by_secret = hs_store.clone();
     // Its own status writes set off no check: the next one comes at the
     // resync, or after the backoff of an error.
     let homeservers_stream = homeservers_stream.predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
@@ -755,10 +764,12 @@ where
         .watches_stream(watch::touched(secrets_api, "Secret"), move |secret| {
             homeservers_of_secret(&by_secret, &secret)
         })
-        // A Homeserver being deleted waits for its MatrixUsers to go.
-        .watches_stream(watch::touched(users_api, "MatrixUser"), move |u: MatrixUser| {
-            deleting_homeserver_of(&by_user, &u)
-        })
+        // A Homeserver being deleted waits for its MatrixUsers to go (see
+        // the MatrixUser watch's fan-out).
+        .reconcile_on(futures::stream::unfold(
+            triggered_homeservers,
+            |mut triggered| async move { triggered.recv().await.map(|hs| (hs, triggered)) },
+        ))
         .graceful_shutdown_on(shutdown)
         .run(
             |hs, ctx| contained(reconcile_homeserver(hs.clone(), ctx), "Homeserver", hs),
