@@ -1,6 +1,7 @@
 //! The kube-runtime wiring: one controller for Homeservers, one for
 //! MatrixUsers, Secrets watched by metadata only.
 
+mod accesstoken;
 mod cache;
 pub mod digest_key;
 mod error;
@@ -29,6 +30,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+pub use accesstoken::{
+    DEFAULT_GRACE_PERIOD, ROTATE_ANNOTATION, TOKEN_FINALIZER, TOKEN_SECRET_FINALIZER, reconcile_token,
+};
 pub use cache::{CacheSizes, WatchedScope};
 pub use error::Error;
 pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
@@ -759,7 +763,7 @@ where
         .watches_stream(watch::touched(users_api, "MatrixUser"), move |u: MatrixUser| {
             deleting_homeserver_of(&by_user, &u)
         })
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(
             |hs, ctx| contained(reconcile_homeserver(hs.clone(), ctx), "Homeserver", hs),
             homeserver::error_policy,
@@ -767,8 +771,11 @@ where
         )
         .for_each(|result| async move { log_outcome("Homeserver", result) });
 
+    // MatrixAccessTokens: a controller of their own (see accesstoken).
+    let tokens = accesstoken::controller(client, ctx, namespace, shutdown);
+
     async move {
-        futures::join!(users, homeservers);
+        futures::join!(users, homeservers, tokens);
     }
     .boxed()
 }
