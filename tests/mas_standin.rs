@@ -56,7 +56,7 @@ async fn version_and_site_config_follow_the_spec() {
     let _shared = EXCLUSIVE.read().await;
     let (target, admin) = setup().await;
     let (status, body) = admin.get("/api/admin/v1/version").await;
-    assert_eq!((status, body), (200, json!({"version": "1.22.0"})));
+    assert_eq!((status, body), (200, json!({"version": "v1.22.0"})));
     let (status, body) = admin.get("/api/admin/v1/site-config").await;
     assert_eq!(status, 200);
     assert_eq!(body["server_name"], json!(target.server_name));

@@ -540,8 +540,21 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
     }
     let current = held.as_ref().filter(|h| !h.token.expose().is_empty());
     let wanted_rotation = token.annotations().get(ROTATE_ANNOTATION).cloned();
+    // MAS answers at once whether the session was revoked; a MAS-mode
+    // Synapse may accept its token for two more minutes (its cache).
+    let session_ended = match (&backend, current.and_then(|h| h.session_id.as_deref())) {
+        (Backend::Mas(mas), Some(session)) => mas
+            .mas()
+            .personal_session(session)
+            .await?
+            .is_none_or(|s| s.revoked_at.is_some()),
+        _ => false,
+    };
     let decision = match current {
         None => Decision::Issue("issued"),
+        Some(_) if session_ended => {
+            Decision::Reissue("MAS says the token's session was revoked or is gone (out of band): issued anew")
+        }
         Some(h) => match backend.synapse().token_whoami(&h.token).await {
             Ok(owner) if owner.user_id != h.user_id || owner.device_id != h.device_id => {
                 Decision::Replace("the server says the token is another's; replaced")
