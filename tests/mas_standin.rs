@@ -800,13 +800,15 @@ async fn personal_sessions_revoke_regenerate_and_devices_as_measured() {
     let (target, admin) = setup().await;
     let username = unique("pat-dev");
     let id = admin.create_user(&username).await.id;
-    let create = |scope: &str| {
-        json!({"actor_user_id": id, "human_name": "bot", "scope": scope, "expires_in": 3600})
-    };
+    let create = |scope: &str| json!({"actor_user_id": id, "human_name": "bot", "scope": scope, "expires_in": 3600});
     let device_scope = "urn:matrix:client:api:* urn:matrix:client:device:PATDEV1";
-    let (status, one) = admin.post("/api/admin/v1/personal-sessions", create(device_scope)).await;
+    let (status, one) = admin
+        .post("/api/admin/v1/personal-sessions", create(device_scope))
+        .await;
     assert_eq!(status, 201, "{one}");
-    let (status, two) = admin.post("/api/admin/v1/personal-sessions", create(device_scope)).await;
+    let (status, two) = admin
+        .post("/api/admin/v1/personal-sessions", create(device_scope))
+        .await;
     assert_eq!(status, 201, "{two}");
     let one_id = one["data"]["id"].as_str().unwrap().to_owned();
     let two_token = two["data"]["attributes"]["access_token"].as_str().unwrap().to_owned();
@@ -824,7 +826,10 @@ async fn personal_sessions_revoke_regenerate_and_devices_as_measured() {
     assert_eq!(status, 409, "{body}");
     assert!(title(&body).ends_with("is already revoked"), "{body}");
     let (status, _) = admin
-        .post("/api/admin/v1/personal-sessions/01ARZ3NDEKTSV4RRFFQ69G5FAV/revoke", json!({}))
+        .post(
+            "/api/admin/v1/personal-sessions/01ARZ3NDEKTSV4RRFFQ69G5FAV/revoke",
+            json!({}),
+        )
         .await;
     assert_eq!(status, 404);
     let (status, _) = admin.get("/api/admin/v1/personal-sessions/notaulid").await;
@@ -838,13 +843,19 @@ async fn personal_sessions_revoke_regenerate_and_devices_as_measured() {
         .await;
     assert_eq!(devices["total"], 1, "{devices}");
     let (status, _) = admin
-        .post(&format!("/api/admin/v1/personal-sessions/{one_id}/regenerate"), json!({}))
+        .post(
+            &format!("/api/admin/v1/personal-sessions/{one_id}/regenerate"),
+            json!({}),
+        )
         .await;
     assert_eq!(status, 422, "a revoked session is not regenerated");
 
     let two_id = two["data"]["id"].as_str().unwrap().to_owned();
     let (status, regenerated) = admin
-        .post(&format!("/api/admin/v1/personal-sessions/{two_id}/regenerate"), json!({}))
+        .post(
+            &format!("/api/admin/v1/personal-sessions/{two_id}/regenerate"),
+            json!({}),
+        )
         .await;
     assert_eq!(status, 201, "{regenerated}");
     let new_token = regenerated["data"]["attributes"]["access_token"].as_str().unwrap();
@@ -864,16 +875,24 @@ async fn personal_sessions_revoke_regenerate_and_devices_as_measured() {
             body["active"].as_bool().unwrap_or_default()
         }
     };
-    assert!(!introspected(two_token.clone()).await, "regenerate ends the previous token");
+    assert!(
+        !introspected(two_token.clone()).await,
+        "regenerate ends the previous token"
+    );
     assert!(introspected(new_token.to_owned()).await);
 
     let (status, _) = admin
-        .post(&format!("/api/admin/v1/users/{id}/deactivate"), json!({"skip_erase": true}))
+        .post(
+            &format!("/api/admin/v1/users/{id}/deactivate"),
+            json!({"skip_erase": true}),
+        )
         .await;
     assert_eq!(status, 200);
     let (_, session) = admin.get(&format!("/api/admin/v1/personal-sessions/{two_id}")).await;
     assert!(!session["data"]["attributes"]["revoked_at"].is_null(), "{session}");
-    let (status, body) = admin.post("/api/admin/v1/personal-sessions", create("urn:matrix:client:api:*")).await;
+    let (status, body) = admin
+        .post("/api/admin/v1/personal-sessions", create("urn:matrix:client:api:*"))
+        .await;
     assert_eq!((status, title(&body)), (410, "User is not active"));
     let (status, body) = admin
         .post(

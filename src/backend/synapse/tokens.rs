@@ -116,7 +116,12 @@ impl SynapseClient {
             .send_as(Bearer::None, Endpoint::Login, Method::POST, &segments, Some(body))
             .await?;
         check_token(Endpoint::Login, status.as_u16(), &answer.access_token)?;
-        let device_id = self.fit_id(Endpoint::Login, status.as_u16(), answer.device_id, &answer.access_token)?;
+        let device_id = self.fit_id(
+            Endpoint::Login,
+            status.as_u16(),
+            answer.device_id,
+            &[&answer.access_token, password],
+        )?;
         Ok(DeviceLogin {
             access_token: answer.access_token,
             device_id,
@@ -138,10 +143,10 @@ impl SynapseClient {
             .await?;
         let status = status.as_u16();
         Ok(TokenOwner {
-            user_id: self.fit_id(Endpoint::TokenWhoami, status, answer.user_id, token)?,
+            user_id: self.fit_id(Endpoint::TokenWhoami, status, answer.user_id, &[token])?,
             device_id: answer
                 .device_id
-                .map(|d| self.fit_id(Endpoint::TokenWhoami, status, d, token))
+                .map(|d| self.fit_id(Endpoint::TokenWhoami, status, d, &[token]))
                 .transpose()?,
         })
     }
@@ -171,15 +176,15 @@ impl SynapseClient {
     }
 
     /// An ID from an answer, taken only as it is: printable ASCII, short,
-    /// holding no secret this client knows.
+    /// holding none of the request's secrets nor any this client knows.
     fn fit_id(
         &self,
         endpoint: Endpoint,
         status: u16,
         id: String,
-        token: &SecretString,
+        secrets: &[&SecretString],
     ) -> Result<String, SynapseError> {
-        let secrets = crate::backend::scrub::RequestSecrets::new([token]);
+        let secrets = crate::backend::scrub::RequestSecrets::new(secrets.iter().copied());
         let fit = !id.is_empty()
             && id.len() <= MAX_ID_BYTES
             && self.secrets().scrub_ascii(&id, MAX_ID_BYTES) == id
