@@ -933,22 +933,19 @@ fn contents(held: &Held, url: &str) -> (BTreeMap<String, ByteString>, BTreeMap<S
 }
 
 /// The operator's annotations on a token Secret.
-fn is_record(key: &str) -> bool {
-    [
-        ANN_ISSUED_AT,
-        ANN_EXPIRES_AT,
-        ANN_SESSION,
-        ANN_ROTATION,
-        ANN_HOMESERVER,
-        ANN_VALID_FOR,
-        ANN_PREVIOUS_REVOKE_AT,
-        ANN_PREVIOUS_SESSION,
-        ANN_PREVIOUS_DEVICE,
-    ]
-    .contains(&key)
-}
+const RECORD: [&str; 9] = [
+    ANN_ISSUED_AT,
+    ANN_EXPIRES_AT,
+    ANN_SESSION,
+    ANN_ROTATION,
+    ANN_HOMESERVER,
+    ANN_VALID_FOR,
+    ANN_PREVIOUS_REVOKE_AT,
+    ANN_PREVIOUS_SESSION,
+    ANN_PREVIOUS_DEVICE,
+];
 
-/// Creates the Secret with `held`, or replaces what `existing` holds
+/// Creates the Secret with `held`, or writes it over what `existing` holds
 /// (at its resourceVersion: a concurrent change is a conflict, retried).
 async fn write_secret(
     ctx: &Context,
@@ -966,20 +963,35 @@ async fn write_secret(
     };
     let written = match existing {
         Some(existing) => {
-            let mut secret = existing.clone();
-            secret.data = Some(data);
-            secret.string_data = None;
-            let mut all = secret.metadata.annotations.take().unwrap_or_default();
-            all.retain(|k, _| !is_record(k));
-            all.extend(annotations);
-            secret.metadata.annotations = (!all.is_empty()).then_some(all);
-            secret.metadata.managed_fields = None;
-            let mut finalizers = secret.finalizers().to_vec();
+            // A merge patch at the copy read: the keys and annotations of
+            // the record are set or removed (null), others' are kept.
+            let mut data_patch = serde_json::Map::new();
+            for key in [KEY_TOKEN, KEY_USER_ID, KEY_DEVICE_ID, KEY_URL, KEY_PREVIOUS] {
+                data_patch.insert(key.into(), serde_json::to_value(data.get(key)).unwrap_or_default());
+            }
+            let annotations_patch: serde_json::Map<String, serde_json::Value> = RECORD
+                .iter()
+                .map(|k| {
+                    (
+                        k.to_string(),
+                        serde_json::to_value(annotations.get(*k)).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let mut finalizers = existing.finalizers().to_vec();
             if !finalizers.iter().any(|f| f == TOKEN_SECRET_FINALIZER) {
                 finalizers.push(TOKEN_SECRET_FINALIZER.into());
             }
-            secret.metadata.finalizers = Some(finalizers);
-            api.replace(&secret.name_any(), &params, &secret).await?
+            let patch = serde_json::json!({
+                "metadata": {
+                    "resourceVersion": existing.resource_version(),
+                    "annotations": annotations_patch,
+                    "finalizers": finalizers,
+                },
+                "data": data_patch,
+            });
+            api.patch(&existing.name_any(), &patch_params(), &Patch::Merge(&patch))
+                .await?
         }
         None => {
             let owner = token
@@ -1009,22 +1021,25 @@ async fn write_secret(
 /// finalizer off.
 async fn clear_secret(ctx: &Context, secret: &Secret) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
-    let mut cleared = secret.clone();
-    cleared.metadata.managed_fields = None;
-    if let Some(data) = cleared.data.as_mut() {
-        data.remove(KEY_TOKEN);
-        data.remove(KEY_PREVIOUS);
-        data.remove(KEY_DEVICE_ID);
-    }
-    if let Some(a) = cleared.metadata.annotations.as_mut() {
-        a.retain(|k, _| !is_record(k) || k == ANN_HOMESERVER);
-    }
-    let params = PostParams {
+    let annotations: serde_json::Map<String, serde_json::Value> = RECORD
+        .iter()
+        .filter(|k| **k != ANN_HOMESERVER)
+        .map(|k| (k.to_string(), serde_json::Value::Null))
+        .collect();
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": secret.resource_version(), "annotations": annotations},
+        "data": {KEY_TOKEN: null, KEY_PREVIOUS: null, KEY_DEVICE_ID: null},
+    });
+    api.patch(&secret.name_any(), &patch_params(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
         field_manager: Some(MANAGER.into()),
         ..Default::default()
-    };
-    api.replace(&secret.name_any(), &params, &cleared).await?;
-    Ok(())
+    }
 }
 
 /// Takes the finalizer off the Secret (the tokens in it are revoked).
