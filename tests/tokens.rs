@@ -512,3 +512,94 @@ async fn the_operator_issues_and_a_namespace_deletion_revokes() {
     assert_eq!(whoami(&token).await.0, 401, "revoked before the Secret went");
     let _ = stop.send(());
 }
+
+/// The operator binary, logging at debug, issues, rotates (the grace
+/// over) and revokes a device token and a plain one: neither token, nor the
+/// password it logged in with, is in its log, the objects or the Events.
+#[tokio::test]
+async fn the_operator_binary_logs_no_token_nor_password_at_debug() {
+    let (_client, fake) = cluster_in(&[NS], json!({}));
+    fake.put(secret_in(NS, "leak-password", "password", PASSWORD));
+    let (localpart, _) = bot(
+        &fake,
+        "tok-leak",
+        json!({"password": {"secretRef": {"name": "leak-password", "key": "password"}}}),
+    )
+    .await;
+    let plain = token_obj("leak-plain", &localpart, json!({"rotationGracePeriod": "1s"}));
+    let device = token_obj("leak-device", &localpart, json!({"deviceId": "LEAKBOT01"}));
+    fake.put(plain.clone());
+    fake.put(device.clone());
+    let dir = std::env::temp_dir().join(format!("mxat-leaks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.kubeconfig_file(&dir);
+    let log = dir.join("operator.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+        .args([
+            "run",
+            "--namespace",
+            NS,
+            "--leader-election",
+            "off",
+            "--health-addr",
+            "0",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "debug")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("start the operator binary");
+    let mut seen: Vec<String> = Vec::new();
+    wait_until(Duration::from_secs(60), "both tokens issued", || async {
+        secret_key(&fake, "leak-plain-token", "accessToken").is_some()
+            && secret_key(&fake, "leak-device-token", "accessToken").is_some()
+    })
+    .await;
+    seen.push(secret_key(&fake, "leak-plain-token", "accessToken").unwrap());
+    seen.push(secret_key(&fake, "leak-device-token", "accessToken").unwrap());
+    let mut annotated = fake.get(&path_of(&plain)).unwrap();
+    annotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "1"});
+    fake.put(annotated);
+    wait_until(
+        Duration::from_secs(60),
+        "rotated, and the old token revoked",
+        || async {
+            let rotated = secret_key(&fake, "leak-plain-token", "accessToken").is_some_and(|t| t != seen[0]);
+            rotated && secret_key(&fake, "leak-plain-token", "previousAccessToken").is_none()
+        },
+    )
+    .await;
+    seen.push(secret_key(&fake, "leak-plain-token", "accessToken").unwrap());
+    assert_eq!(whoami(&seen[0]).await.0, 401, "the replaced token was revoked");
+    let tokens: Api<MatrixAccessToken> = Api::namespaced(fake.client(), NS);
+    for name in ["leak-plain", "leak-device"] {
+        tokens.delete(name, &Default::default()).await.unwrap();
+    }
+    wait_until(Duration::from_secs(60), "both revoked and gone", || async {
+        stored(&fake, &plain).is_none() && stored(&fake, &device).is_none()
+    })
+    .await;
+    operator.kill().ok();
+    operator.wait().ok();
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(output.contains("token"), "the log says something of the tokens");
+    for t in &seen {
+        assert_eq!(whoami(t).await.0, 401);
+        assert!(!output.contains(t.as_str()), "a token is in the operator's log");
+        assert_nowhere_but_the_secret(&fake, &plain, t);
+    }
+    assert!(!output.contains(PASSWORD), "the password is in the operator's log");
+    let events: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .map(|r| r.body.to_string())
+        .collect();
+    assert!(events.iter().any(|e| e.contains("Rotated")), "{events:?}");
+    for t in seen.iter().map(String::as_str).chain([PASSWORD]) {
+        assert!(events.iter().all(|e| !e.contains(t)), "a secret in an Event");
+    }
+}
