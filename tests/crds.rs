@@ -3,7 +3,7 @@
 //! as an apiserver would).
 
 use kube::core::cel::{validate_cel, validate_cel_update};
-use matrix_user_operator::api::MatrixUser;
+use matrix_user_operator::api::{MatrixAccessToken, MatrixUser};
 use serde_json::{Value, json};
 
 #[test]
@@ -21,7 +21,7 @@ fn crds_dir_matches_the_binary_output() {
         "crds/crds.yaml is stale: run `cargo run -- crd > crds/crds.yaml` and commit it"
     );
     let docs: Vec<&str> = printed.split("---\n").filter(|d| !d.trim().is_empty()).collect();
-    assert_eq!(docs.len(), 2);
+    assert_eq!(docs.len(), 3);
     for doc in docs {
         let crd: Value = serde_yaml::from_str(doc).expect("each document parses");
         assert_eq!(crd["spec"]["group"], "matrix-operator.io");
@@ -195,4 +195,57 @@ fn cel_keeps_the_matrix_id_immutable() {
         ),
     );
     assert!(validate_cel_update(&moved, &old).is_err(), "homeserverRef change");
+}
+
+fn access_token(spec: Value) -> MatrixAccessToken {
+    serde_json::from_value(json!({
+        "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixAccessToken",
+        "metadata": {"name": "notifier", "namespace": "chat"},
+        "spec": spec,
+    }))
+    .expect("a MatrixAccessToken")
+}
+
+#[test]
+fn cel_keeps_a_tokens_user_and_secret_immutable() {
+    let old = access_token(json!({"userRef": {"name": "bot"}, "validFor": "720h"}));
+    validate_cel(&old).expect("valid");
+    let rotated = access_token(json!({"userRef": {"name": "bot"}, "validFor": "24h", "deviceId": "BOT1"}));
+    validate_cel_update(&rotated, &old).expect("lifetime and device may change");
+    let moved = access_token(json!({"userRef": {"name": "other"}, "validFor": "720h"}));
+    assert!(validate_cel_update(&moved, &old).is_err(), "userRef change");
+    let renamed = access_token(json!({"userRef": {"name": "bot"}, "secretName": "x", "validFor": "720h"}));
+    assert!(validate_cel_update(&renamed, &old).is_err(), "secretName added");
+    let named = access_token(json!({"userRef": {"name": "bot"}, "secretName": "x"}));
+    validate_cel_update(&named.clone(), &named).expect("unchanged");
+    let other = access_token(json!({"userRef": {"name": "bot"}, "secretName": "y"}));
+    assert!(validate_cel_update(&other, &named).is_err(), "secretName change");
+}
+
+#[test]
+fn the_token_crd_has_its_columns_and_short_name() {
+    let crd = serde_json::to_value(<MatrixAccessToken as kube::CustomResourceExt>::crd()).unwrap();
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["mxat"]));
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    let version = &crd["spec"]["versions"][0];
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Ready", "User", "Device", "Expires", "Reason", "Age"]);
+    assert!(!version["subresources"]["status"].is_null());
+    let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+    for field in [
+        "userId",
+        "deviceId",
+        "issuedAt",
+        "expiresAt",
+        "observedGeneration",
+        "conditions",
+        "sessionId",
+    ] {
+        assert!(status[field].is_object(), "status.{field}");
+    }
 }

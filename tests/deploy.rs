@@ -12,7 +12,7 @@ use common::deploy_checks::{
     DEPLOY, OPERATOR_NS, USER_NS, args, check_args, check_locked_down_and_probed, check_rbac, check_secrets_policy,
     deployment, find, kinds, kustomize, parse_docs, record_operator_calls,
 };
-use matrix_user_operator::api::{Homeserver, MatrixUser};
+use matrix_user_operator::api::{Homeserver, MatrixAccessToken, MatrixUser};
 use serde_json::Value;
 
 #[test]
@@ -90,7 +90,8 @@ fn single_namespace_gets_a_role_with_the_cluster_roles_rules() {
 #[test]
 fn examples_parse_and_pass_the_schema_rules() {
     let mut users = 0;
-    for file in ["homeserver.yaml", "matrixusers.yaml"] {
+    let mut tokens = 0;
+    for file in ["homeserver.yaml", "matrixusers.yaml", "bot.yaml"] {
         let text = std::fs::read_to_string(format!("{DEPLOY}/examples/{file}")).unwrap();
         for doc in parse_docs(&text) {
             match doc["kind"].as_str().unwrap() {
@@ -102,12 +103,22 @@ fn examples_parse_and_pass_the_schema_rules() {
                 "Homeserver" => {
                     let _: Homeserver = serde_json::from_value(doc.clone()).expect("a Homeserver");
                 }
+                "MatrixAccessToken" => {
+                    let t: MatrixAccessToken = serde_json::from_value(doc.clone()).expect("a MatrixAccessToken");
+                    kube::core::cel::validate_cel(&t).unwrap_or_else(|e| panic!("{file}: {e}"));
+                    tokens += 1;
+                }
+                "Deployment" => {
+                    let _: k8s_openapi::api::apps::v1::Deployment =
+                        serde_json::from_value(doc.clone()).expect("a Deployment");
+                }
                 "Secret" | "Namespace" => {}
                 other => panic!("{file}: unexpected {other}"),
             }
         }
     }
     assert!(users >= 3);
+    assert_eq!(tokens, 1);
     let all: Vec<Value> = parse_docs(&std::fs::read_to_string(format!("{DEPLOY}/examples/matrixusers.yaml")).unwrap());
     let policies: BTreeSet<&str> = all
         .iter()
@@ -156,5 +167,35 @@ fn kustomize_image_tag_is_the_crate_version() {
         image["newTag"],
         env!("CARGO_PKG_VERSION"),
         "deploy/base/kustomization.yaml's images: newTag must be Cargo.toml's version"
+    );
+}
+
+/// The README's bot example is deploy/examples/bot.yaml, verbatim: the
+/// token's Secret is the one the Deployment mounts, and its MatrixUser is
+/// a bot whose password the operator manages.
+#[test]
+fn the_readme_bot_example_is_the_example_file() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("## Bot tokens: MatrixAccessToken").expect("the section");
+    let block = &readme[start..];
+    let block = &block[block.find("```yaml\n").unwrap() + 8..];
+    let block = &block[..block.find("```\n").unwrap()];
+    let file = std::fs::read_to_string(format!("{DEPLOY}/examples/bot.yaml")).unwrap();
+    assert!(
+        file.ends_with(block),
+        "deploy/examples/bot.yaml is the README's example"
+    );
+    let docs = parse_docs(block);
+    let token = docs.iter().find(|d| d["kind"] == "MatrixAccessToken").unwrap();
+    let user = docs.iter().find(|d| d["kind"] == "MatrixUser").unwrap();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(token["spec"]["userRef"]["name"], user["metadata"]["name"]);
+    assert_eq!(user["spec"]["userType"], "bot");
+    assert_eq!(user["spec"]["password"]["generate"], true);
+    let t: MatrixAccessToken = serde_json::from_value(token.clone()).unwrap();
+    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(
+        volumes[0]["secret"]["secretName"].as_str(),
+        Some(t.secret_name().as_str())
     );
 }

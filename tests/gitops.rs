@@ -16,7 +16,7 @@ use serde_json::Value;
 mod common;
 
 const ARGOCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/argocd");
-const KINDS: [&str; 2] = ["MatrixUser", "Homeserver"];
+const KINDS: [&str; 3] = ["MatrixUser", "Homeserver", "MatrixAccessToken"];
 
 /// The Lua interpreters on this machine; fails when there is none.
 fn interpreters() -> Vec<&'static str> {
@@ -177,7 +177,16 @@ fn testdata_covers_every_reason_and_every_health() {
         "NotMAS",
         "InvalidCABundle",
     ];
-    let expect: [(&str, &str, Vec<&str>, Vec<&str>); 2] = [
+    let token_waiting = [
+        "UserNotFound",
+        "UserDeactivated",
+        "UserLocked",
+        "Conflict",
+        "TokenRefused",
+        "RotationUnsupported",
+        "InvalidSpec",
+    ];
+    let expect: [(&str, &str, Vec<&str>, Vec<&str>); 3] = [
         (
             "MatrixUser",
             "InSync",
@@ -195,6 +204,18 @@ fn testdata_covers_every_reason_and_every_health() {
             "Connected",
             vec!["Progressing", "Unreachable", "SynapseError", "KubernetesError"],
             homeserver_waiting.to_vec(),
+        ),
+        (
+            "MatrixAccessToken",
+            "Issued",
+            vec![
+                "UserNotReady",
+                "HomeserverNotReady",
+                "Unreachable",
+                "SynapseError",
+                "KubernetesError",
+            ],
+            token_waiting.to_vec(),
         ),
     ];
     for (kind, converged, transient, stalled) in expect {
@@ -394,6 +415,24 @@ fn the_operators_own_conditions_get_the_health_of_their_standing() {
         },
         Error::NotSettling("displayname".into()),
         Error::Stale,
+        Error::UserNotFound { name: "bot".into() },
+        Error::UserNotReady {
+            name: "bot".into(),
+            state: "not reconciled yet".into(),
+            waiting: true,
+        },
+        Error::UserNotReady {
+            name: "bot".into(),
+            state: "InvalidSpec: bad".into(),
+            waiting: false,
+        },
+        Error::UserDeactivated { name: "bot".into() },
+        Error::UserLocked { name: "bot".into() },
+        Error::TokenSecretNotOwned {
+            name: "bot-token".into(),
+        },
+        Error::TokenRefused("admin_login: HTTP 400 M_UNKNOWN: Cannot use admin API to login as self".into()),
+        Error::RotationUnsupported("Synapse cannot end one token of a device".into()),
         Error::InvalidCaBundle {
             name: "synapse-tls".into(),
             key: "ca.crt".into(),
@@ -403,6 +442,7 @@ fn the_operators_own_conditions_get_the_health_of_their_standing() {
     let outcomes = [
         Ready::ok("InSync", "@a:example.org is in line with the spec"),
         Ready::ok("Connected", "connected to example.org (1.163.2)"),
+        Ready::ok("Issued", "a token of @bot:example.org is in Secret \"bot-token\""),
     ]
     .into_iter()
     .chain(errors.iter().map(|e| e.condition(e.to_string())));

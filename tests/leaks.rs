@@ -272,6 +272,86 @@ async fn a_registration_error_echoing_the_request_leaks_neither_password_nor_mac
 }
 
 // ---------------------------------------------------------------------------
+// MatrixAccessToken calls: a bot's token and the managed password never
+// leak from an answer that echoes the request
+// ---------------------------------------------------------------------------
+
+const BOT_TOKEN: &str = "syt_bot-token-that-must-not-leak";
+
+fn assert_no_bot_secret(text: &str, password: &str) {
+    for secret in forms_of(TOKEN)
+        .into_iter()
+        .chain(forms_of(BOT_TOKEN))
+        .chain(forms_of(password))
+    {
+        assert!(!text.contains(&secret), "{secret:?} leaked into {text}");
+    }
+}
+
+#[tokio::test]
+async fn token_calls_echoed_back_leak_neither_the_bots_token_nor_the_password() {
+    let in_error = |r: &Request| {
+        let body = json!({"errcode": "M_UNKNOWN", "error": format!("cannot {}", r.echo())});
+        response(400, &[("Content-Type", "application/json")], &body.to_string())
+    };
+    for password in [PASSWORD, QUOTED_PASSWORD] {
+        for answer in [0, 1] {
+            let server = if answer == 0 {
+                LocalServer::start(in_error)
+            } else {
+                LocalServer::start(echo_page(502))
+            };
+            let client = client_of(&server.url);
+            let bot = SecretString::new(BOT_TOKEN);
+            let errors = [
+                client.token_whoami(&bot).await.expect_err("whoami").to_string(),
+                client.logout(&bot).await.expect_err("logout").to_string(),
+                client
+                    .password_login("alice", &SecretString::new(password), "BOT1", Some("Bot"))
+                    .await
+                    .expect_err("login")
+                    .to_string(),
+                client
+                    .admin_login(&alice(), Some(1))
+                    .await
+                    .expect_err("admin login")
+                    .to_string(),
+            ];
+            let received = server.received().join("\n");
+            assert!(received.contains(BOT_TOKEN) && received.contains(&forms_of(password)[1]));
+            for text in errors {
+                assert_no_bot_secret(&text, password);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_token_an_answer_carries_in_an_unfit_place_is_not_taken() {
+    // A whoami that names the token as the user, and a login whose device
+    // ID is the password: neither goes anywhere (status, Secret), nor into
+    // the error.
+    let whoami = LocalServer::start(|_: &Request| {
+        let body = json!({"user_id": BOT_TOKEN, "device_id": PASSWORD});
+        response(200, &[("Content-Type", "application/json")], &body.to_string())
+    });
+    let e = client_of(&whoami.url)
+        .token_whoami(&SecretString::new(BOT_TOKEN))
+        .await
+        .expect_err("the token is no user ID");
+    assert_no_bot_secret(&format!("{e} {e:?}"), PASSWORD);
+    let login = LocalServer::start(|_: &Request| {
+        let body = json!({"access_token": "syt_new", "device_id": PASSWORD, "user_id": "@alice:example.test"});
+        response(200, &[("Content-Type", "application/json")], &body.to_string())
+    });
+    let e = client_of(&login.url)
+        .password_login("alice", &SecretString::new(PASSWORD), "BOT1", None)
+        .await
+        .expect_err("the password is no device ID");
+    assert_no_bot_secret(&format!("{e} {e:?}"), PASSWORD);
+}
+
+// ---------------------------------------------------------------------------
 // MAS answers that echo the request
 // ---------------------------------------------------------------------------
 
@@ -325,6 +405,34 @@ async fn a_mas_error_echoing_the_request_leaks_neither_password_nor_token_nor_cl
         let text = format!("{e} {e:?}");
         assert!(text.contains("bad request"), "{text}");
         assert_mas_leaks_nothing(&text, password);
+    }
+}
+
+#[tokio::test]
+async fn a_mas_personal_session_error_echoing_the_request_leaks_nothing() {
+    let mas = echoing_mas(false);
+    let client =
+        MasClient::new(MasConfig::new(&mas.url, "mxu", SecretString::new(MAS_CLIENT_SECRET))).expect("a MAS client");
+    let errors = [
+        client
+            .create_personal_session("01JUSER", "bot", "urn:matrix:client:api:*", Some(60))
+            .await
+            .expect_err("a 400")
+            .to_string(),
+        client
+            .revoke_personal_session("01JSESSION")
+            .await
+            .expect_err("a 400")
+            .to_string(),
+        client
+            .personal_session("01JSESSION")
+            .await
+            .expect_err("a 400")
+            .to_string(),
+    ];
+    for text in errors {
+        assert!(text.contains("bad request"), "{text}");
+        assert_mas_leaks_nothing(&text, PASSWORD);
     }
 }
 

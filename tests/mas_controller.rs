@@ -168,3 +168,26 @@ async fn a_matrixuser_on_a_mas_homeserver_is_created_in_mas_and_then_in_sync() {
     let (_, s) = t.synapse_user(&lp).await;
     assert_eq!(s["displayname"], "Through The Controller", "{s}");
 }
+
+// The MatrixAccessToken scenarios (tests/common/token_scenarios.rs), which
+// tests/mas_e2e.rs runs unchanged against a real MAS.
+
+#[tokio::test]
+async fn token_issue_and_revoke_on_delete() {
+    common::token_scenarios::token_issue_and_revoke_on_delete(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn token_rotation_with_grace() {
+    common::token_scenarios::token_rotation_with_grace(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn token_revoked_out_of_band_is_reissued() {
+    common::token_scenarios::token_revoked_out_of_band_is_reissued(&mas_standin().target()).await;
+}
+
+#[tokio::test]
+async fn token_of_a_deactivated_user_is_revoked() {
+    common::token_scenarios::token_of_a_deactivated_user_is_revoked(&mas_standin().target()).await;
+}

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 
 use common::mas::MasTarget;
 use common::mas_scenarios as scenarios;
+use common::token_scenarios as tokens;
 use futures::FutureExt;
 
 fn main() -> ExitCode {
@@ -56,6 +57,22 @@ fn main() -> ExitCode {
                 scenarios::password_change_logs_out_only_when_asked(t).boxed(),
             ),
             ("refusals_of_mas_mode", scenarios::refusals_of_mas_mode(t).boxed()),
+            (
+                "token_issue_and_revoke_on_delete",
+                tokens::token_issue_and_revoke_on_delete(t).boxed(),
+            ),
+            (
+                "token_rotation_with_grace",
+                tokens::token_rotation_with_grace(t).boxed(),
+            ),
+            (
+                "token_revoked_out_of_band_is_reissued",
+                tokens::token_revoked_out_of_band_is_reissued(t).boxed(),
+            ),
+            (
+                "token_of_a_deactivated_user_is_revoked",
+                tokens::token_of_a_deactivated_user_is_revoked(t).boxed(),
+            ),
         ];
         let mut failed = 0;
         for (name, run) in runs {

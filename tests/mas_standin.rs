@@ -56,7 +56,7 @@ async fn version_and_site_config_follow_the_spec() {
     let _shared = EXCLUSIVE.read().await;
     let (target, admin) = setup().await;
     let (status, body) = admin.get("/api/admin/v1/version").await;
-    assert_eq!((status, body), (200, json!({"version": "1.22.0"})));
+    assert_eq!((status, body), (200, json!({"version": "v1.22.0"})));
     let (status, body) = admin.get("/api/admin/v1/site-config").await;
     assert_eq!(status, 200);
     assert_eq!(body["server_name"], json!(target.server_name));
@@ -787,6 +787,120 @@ async fn personal_sessions_mint_synapse_admin_tokens() {
         )
         .await;
     assert_eq!(status, 200, "a Synapse admin token for a non-admin user: {body}");
+}
+
+/// What a real MAS 1.22 answered to personal-session calls (measured):
+/// revoke 200 then 409, unknown 404, a bad ID 400; regenerate ends the
+/// previous token at once and is 422 on a revoked session; a device scope
+/// makes the device in Synapse, kept while another active session names
+/// it; a deactivated user gets 410 and its sessions are revoked.
+#[tokio::test]
+async fn personal_sessions_revoke_regenerate_and_devices_as_measured() {
+    let _shared = EXCLUSIVE.read().await;
+    let (target, admin) = setup().await;
+    let username = unique("pat-dev");
+    let id = admin.create_user(&username).await.id;
+    let create = |scope: &str| json!({"actor_user_id": id, "human_name": "bot", "scope": scope, "expires_in": 3600});
+    let device_scope = "urn:matrix:client:api:* urn:matrix:client:device:PATDEV1";
+    let (status, one) = admin
+        .post("/api/admin/v1/personal-sessions", create(device_scope))
+        .await;
+    assert_eq!(status, 201, "{one}");
+    let (status, two) = admin
+        .post("/api/admin/v1/personal-sessions", create(device_scope))
+        .await;
+    assert_eq!(status, 201, "{two}");
+    let one_id = one["data"]["id"].as_str().unwrap().to_owned();
+    let two_token = two["data"]["attributes"]["access_token"].as_str().unwrap().to_owned();
+    let (status, who) = target
+        .synapse_request(Method::GET, "/_matrix/client/v3/account/whoami", Some(&two_token), None)
+        .await;
+    assert_eq!((status, who["device_id"].as_str()), (200, Some("PATDEV1")), "{who}");
+
+    let revoke = format!("/api/admin/v1/personal-sessions/{one_id}/revoke");
+    let (status, body) = admin.post(&revoke, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body["data"]["attributes"]["revoked_at"].is_null());
+    assert!(body["data"]["attributes"]["access_token"].is_null());
+    let (status, body) = admin.post(&revoke, json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(title(&body).ends_with("is already revoked"), "{body}");
+    let (status, _) = admin
+        .post(
+            "/api/admin/v1/personal-sessions/01ARZ3NDEKTSV4RRFFQ69G5FAV/revoke",
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = admin.get("/api/admin/v1/personal-sessions/notaulid").await;
+    assert_eq!(status, 400);
+    // The device stays: session two names it.
+    let (_, devices) = target
+        .synapse_admin_get(&format!(
+            "/_synapse/admin/v2/users/{}/devices",
+            target.user_id(&username)
+        ))
+        .await;
+    assert_eq!(devices["total"], 1, "{devices}");
+    let (status, _) = admin
+        .post(
+            &format!("/api/admin/v1/personal-sessions/{one_id}/regenerate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 422, "a revoked session is not regenerated");
+
+    let two_id = two["data"]["id"].as_str().unwrap().to_owned();
+    let (status, regenerated) = admin
+        .post(
+            &format!("/api/admin/v1/personal-sessions/{two_id}/regenerate"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 201, "{regenerated}");
+    let new_token = regenerated["data"]["attributes"]["access_token"].as_str().unwrap();
+    assert_ne!(new_token, two_token);
+    let introspected = |token: String| {
+        let target = target.clone();
+        async move {
+            let response = http_client()
+                .post(format!("{}/oauth2/introspect", target.mas_url))
+                .basic_auth(&target.client_id, Some(&target.client_secret))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("token={token}"))
+                .send()
+                .await
+                .unwrap();
+            let body: Value = response.json().await.unwrap();
+            body["active"].as_bool().unwrap_or_default()
+        }
+    };
+    assert!(
+        !introspected(two_token.clone()).await,
+        "regenerate ends the previous token"
+    );
+    assert!(introspected(new_token.to_owned()).await);
+
+    let (status, _) = admin
+        .post(
+            &format!("/api/admin/v1/users/{id}/deactivate"),
+            json!({"skip_erase": true}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, session) = admin.get(&format!("/api/admin/v1/personal-sessions/{two_id}")).await;
+    assert!(!session["data"]["attributes"]["revoked_at"].is_null(), "{session}");
+    let (status, body) = admin
+        .post("/api/admin/v1/personal-sessions", create("urn:matrix:client:api:*"))
+        .await;
+    assert_eq!((status, title(&body)), (410, "User is not active"));
+    let (status, body) = admin
+        .post(
+            "/api/admin/v1/personal-sessions",
+            json!({"actor_user_id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "human_name": "x", "scope": "urn:matrix:client:api:*"}),
+        )
+        .await;
+    assert_eq!((status, title(&body)), (404, "User not found"));
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ mod common;
 
 use common::deploy_checks::reference_secrets_policy;
 use kube::core::cel::{KubeCelExt, cel};
-use matrix_user_operator::controller::ADMIN_TOKEN_FINALIZER;
+use matrix_user_operator::controller::{ADMIN_TOKEN_FINALIZER, TOKEN_SECRET_FINALIZER};
 use serde_json::{Value, json};
 
 const OPERATOR: &str = "system:serviceaccount:matrix-user-operator:matrix-user-operator";
@@ -297,7 +297,9 @@ fn it_refuses_every_change_but_the_admin_token_finalizer() {
         let refused = refusals("UPDATE", Some(&new), Some(&old));
         assert_eq!(
             refused,
-            ["the operator changes nothing of a Secret but its finalizer"],
+            [
+                "the operator changes nothing of a Secret but its finalizer, and the data and annotations of a MatrixAccessToken's own Secret"
+            ],
             "{what}"
         );
     }
@@ -314,7 +316,9 @@ fn it_refuses_every_change_but_the_admin_token_finalizer() {
         let refused = refusals("UPDATE", Some(&new), Some(&old));
         assert_eq!(
             refused,
-            ["the operator adds or removes no finalizer but matrix-operator.io/admin-token"],
+            [
+                "the operator adds or removes no finalizer but matrix-operator.io/admin-token and matrix-operator.io/access-token"
+            ],
             "{what}"
         );
     }
@@ -324,4 +328,80 @@ fn it_refuses_every_change_but_the_admin_token_finalizer() {
 fn it_refuses_every_delete() {
     let refused = refusals("DELETE", None, Some(&generated()));
     assert_eq!(refused, ["the operator never deletes a Secret"]);
+}
+
+/// A MatrixAccessToken's Secret as the operator creates it
+/// (src/controller/accesstoken.rs).
+fn token_secret() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {
+            "name": "notifier-token", "namespace": "chat", "resourceVersion": "3",
+            "labels": {"app.kubernetes.io/managed-by": "matrix-user-operator"},
+            "annotations": {"matrix-operator.io/issued-at": "2026-01-01T00:00:00Z"},
+            "finalizers": [TOKEN_SECRET_FINALIZER],
+            "ownerReferences": [{"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixAccessToken",
+                "name": "notifier", "uid": "00000000-0000-4000-8000-000000000002", "controller": true}],
+        },
+        "data": {"accessToken": "b2xk", "userId": "QGJvdDpleGFtcGxlLm9yZw==", "deviceId": "",
+                 "homeserverUrl": "aHR0cDovL3N5bmFwc2U="},
+    })
+}
+
+#[test]
+fn it_admits_a_tokens_secret_its_rotation_and_release() {
+    let created = token_secret();
+    assert_eq!(refusals("CREATE", Some(&created), None), Vec::<String>::new());
+    // A rotation: the new token, the old one kept for its grace, the record.
+    let mut rotated = with(created.clone(), "/data/accessToken", json!("bmV3"));
+    rotated["data"]["previousAccessToken"] = json!("b2xk");
+    rotated["metadata"]["annotations"]["matrix-operator.io/previous-revoke-at"] = json!("2026-01-01T00:10:00Z");
+    assert_eq!(refusals("UPDATE", Some(&rotated), Some(&created)), Vec::<String>::new());
+    // The finalizer taken off once the tokens are revoked.
+    let released = with(created.clone(), "/metadata/finalizers", json!([]));
+    assert_eq!(
+        refusals("UPDATE", Some(&released), Some(&created)),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_tokens_secret_keeps_its_type_labels_owner_and_others_finalizers() {
+    let old = token_secret();
+    let message = "the operator changes nothing of a Secret but its finalizer, and the data and annotations of a MatrixAccessToken's own Secret";
+    for (what, new) in [
+        (
+            "the type",
+            with(old.clone(), "/type", json!("kubernetes.io/service-account-token")),
+        ),
+        ("a label", with(old.clone(), "/metadata/labels/team", json!("x"))),
+        ("the owner", {
+            let mut v = old.clone();
+            v["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}]);
+            v
+        }),
+    ] {
+        let refused = refusals("UPDATE", Some(&new), Some(&old));
+        assert!(refused.iter().any(|r| r == message), "{what}: {refused:?}");
+    }
+    // Data of a Secret a MatrixUser owns (the generated password) stays.
+    let generated = with(generated(), "/metadata/resourceVersion", json!("1"));
+    let changed = with(generated.clone(), "/data/password", json!("eA=="));
+    assert_eq!(refusals("UPDATE", Some(&changed), Some(&generated)), [message]);
+    // A MatrixAccessToken's owner reference alone, without the operator's
+    // label, gives no licence either.
+    let unlabelled = without(old.clone(), "/metadata", "labels");
+    let changed = with(unlabelled.clone(), "/data/accessToken", json!("eA=="));
+    assert_eq!(refusals("UPDATE", Some(&changed), Some(&unlabelled)), [message]);
+    let other = with(
+        old.clone(),
+        "/metadata/finalizers",
+        json!([TOKEN_SECRET_FINALIZER, "example.com/x"]),
+    );
+    assert_eq!(
+        refusals("UPDATE", Some(&other), Some(&old)),
+        [
+            "the operator adds or removes no finalizer but matrix-operator.io/admin-token and matrix-operator.io/access-token"
+        ]
+    );
 }

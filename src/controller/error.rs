@@ -61,7 +61,7 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the MatrixUser kept changing while it was reconciled; trying again")]
     Stale,
-    #[error("{users} MatrixUser(s) still use this Homeserver; its deletion waits for them")]
+    #[error("{users} MatrixUser(s) or MatrixAccessToken(s) still use this Homeserver; its deletion waits for them")]
     HomeserverInUse { users: usize },
     #[error(
         "Synapse delegates authentication to the Matrix Authentication Service (MAS) at {issuer}: accounts live there; set spec.mas to manage them"
@@ -81,6 +81,27 @@ pub enum Error {
         seconds(*.deadline)
     )]
     TooSlow { deadline: std::time::Duration },
+    // ---- MatrixAccessToken ----
+    #[error("MatrixUser {name:?} not found in this namespace")]
+    UserNotFound { name: String },
+    #[error("MatrixUser {name:?} is not ready: {state}")]
+    UserNotReady {
+        name: String,
+        state: String,
+        /// The MatrixUser is being reconciled (as opposed to stalled).
+        waiting: bool,
+    },
+    #[error("MatrixUser {name:?} is deactivated: its tokens are revoked and none is issued")]
+    UserDeactivated { name: String },
+    #[error("MatrixUser {name:?} is locked: the server refuses its tokens until it is unlocked")]
+    UserLocked { name: String },
+    #[error("Secret {name:?} exists and is not owned by this MatrixAccessToken; it is left alone")]
+    TokenSecretNotOwned { name: String },
+    /// The server refuses to issue tokens (its answer, without any value).
+    #[error("the server does not issue the token: {0}")]
+    TokenRefused(String),
+    #[error("{0}")]
+    RotationUnsupported(String),
 }
 
 /// `90s`, `2m`, `1.5s`: a duration as the flags take it.
@@ -169,6 +190,13 @@ impl Error {
             Error::HomeserverInUse { .. } => "Deleting",
             Error::Panicked => "InternalError",
             Error::TooSlow { .. } => "TooSlow",
+            Error::UserNotFound { .. } => "UserNotFound",
+            Error::UserNotReady { .. } => "UserNotReady",
+            Error::UserDeactivated { .. } => "UserDeactivated",
+            Error::UserLocked { .. } => "UserLocked",
+            Error::TokenSecretNotOwned { .. } => "Conflict",
+            Error::TokenRefused(_) => "TokenRefused",
+            Error::RotationUnsupported(_) => "RotationUnsupported",
         }
     }
 
@@ -185,7 +213,9 @@ impl Error {
     /// operator keeps at it, `Stalled` when it waits for a change.
     pub fn standing(&self) -> Standing {
         match self {
-            Error::HomeserverNotReady { waiting: true, .. } => Standing::Reconciling,
+            Error::HomeserverNotReady { waiting: true, .. } | Error::UserNotReady { waiting: true, .. } => {
+                Standing::Reconciling
+            }
             e if e.is_transient() => Standing::Reconciling,
             _ => Standing::Stalled,
         }

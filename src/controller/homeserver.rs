@@ -188,7 +188,8 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
             .items
             .iter()
             .filter(|u| u.spec.homeserver_ref.name == hs.name_any())
-            .count();
+            .count()
+            + tokens_of(ctx, &ns, &hs.name_any()).await?;
         if waiting > 0 {
             // Marking it for deletion moved its generation; a status of an
             // older spec would hold its MatrixUsers off for good.
@@ -352,6 +353,19 @@ pub fn ready_status(hs: &Homeserver) -> Result<ReadyStatus, NotReady> {
         }),
         None => Err(waiting("not checked yet")),
     }
+}
+
+/// The MatrixAccessTokens of the namespace whose tokens this Homeserver
+/// issued: revoking them (MAS's personal sessions above all) needs it.
+async fn tokens_of(ctx: &Context, namespace: &str, name: &str) -> Result<usize, Error> {
+    let tokens: Api<crate::api::MatrixAccessToken> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(tokens
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|t| t.status.as_ref().and_then(|s| s.homeserver.as_deref()) == Some(name))
+        .count())
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The kube-runtime wiring: one controller for Homeservers, one for
 //! MatrixUsers, Secrets watched by metadata only.
 
+mod accesstoken;
 mod cache;
 pub mod digest_key;
 mod error;
@@ -30,6 +31,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
+pub use accesstoken::{
+    DEFAULT_GRACE_PERIOD, ROTATE_ANNOTATION, TOKEN_FINALIZER, TOKEN_SECRET_FINALIZER, reconcile_token,
+};
 pub use cache::{CacheSizes, WatchedScope};
 pub use error::Error;
 pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
@@ -680,6 +684,8 @@ where
     let (hs_store, hs_writer) = reflector::store();
     let homeservers_for_secrets = hs_store.clone();
     let (homeserver_triggers, triggered_homeservers) = tokio::sync::mpsc::unbounded_channel();
+    let (token_triggers, triggered_tokens) = tokio::sync::mpsc::unbounded_channel();
+    let (token_store, token_writer) = reflector::store();
     // One watch of the scope's MatrixUsers serves every trigger that reads
     // them (a second and third watch cost the API server a fan-out each and
     // the operator a decoding of each object each): a MatrixUser that
@@ -688,6 +694,8 @@ where
     // deleted and waits for its MatrixUsers to go.
     let fan_out = {
         let (all_scopes, homeservers) = (scope.all.clone(), hs_store.clone());
+        let (homeserver_triggers, token_triggers) = (homeserver_triggers.clone(), token_triggers.clone());
+        let tokens = token_store.clone();
         move |event: &Result<watcher::Event<MatrixUser>, watcher::Error>| {
             let user = match event {
                 Ok(watcher::Event::Apply(u) | watcher::Event::InitApply(u) | watcher::Event::Delete(u)) => u,
@@ -701,6 +709,28 @@ where
             }
             if let Some(hs) = deleting_homeserver_of(&homeservers, user) {
                 let _ = homeserver_triggers.send(hs);
+            }
+            // And the MatrixAccessTokens of the MatrixUser.
+            for token in accesstoken::tokens_of_user(&tokens, user) {
+                let _ = token_triggers.send(token);
+            }
+        }
+    };
+    // Likewise one watch of the scope's Secrets (metadata) serves the
+    // Homeservers that read one and the MatrixAccessTokens that own one.
+    let fan_out_secret = {
+        let homeservers = hs_store.clone();
+        let (homeserver_triggers, token_triggers) = (homeserver_triggers, token_triggers);
+        move |event: &Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>| {
+            let secret = match event {
+                Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s)) => s,
+                _ => return,
+            };
+            for hs in homeservers_of_secret(&homeservers, secret) {
+                let _ = homeserver_triggers.send(hs);
+            }
+            for token in accesstoken::token_of_secret(secret) {
+                let _ = token_triggers.send(token);
             }
         }
     };
@@ -738,7 +768,13 @@ where
             rivals.recv().await.map(|rival| (rival, rivals))
         }))
         .watches_stream(
-            watch::touched_into(secrets_api.clone(), secret_cache, "Secret"),
+            watch::objects_only(
+                watch::events(secrets_api, watcher::Config::default())
+                    .reflect(secret_cache)
+                    .inspect(fan_out_secret)
+                    .touched_objects(),
+                "Secret",
+            ),
             move |secret| users_of_secret(&by_secret, &homeservers_for_secrets, &secret),
         )
         .graceful_shutdown_on(shutdown.clone())
@@ -755,22 +791,19 @@ where
             .applied_objects(),
         "Homeserver",
     );
-    let by_secret = hs_store.clone();
     // Its own status writes set off no check: the next one comes at the
     // resync, or after the backoff of an error.
     let homeservers_stream = homeservers_stream.predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
     let homeservers = Controller::for_stream(homeservers_stream, hs_store)
         .with_config(controller_config)
-        .watches_stream(watch::touched(secrets_api, "Secret"), move |secret| {
-            homeservers_of_secret(&by_secret, &secret)
-        })
-        // A Homeserver being deleted waits for its MatrixUsers to go (see
-        // the MatrixUser watch's fan-out).
+        // Secrets it reads, and a Homeserver being deleted waits for its
+        // MatrixUsers to go (see the fan-outs of the MatrixUser and Secret
+        // watches).
         .reconcile_on(futures::stream::unfold(
             triggered_homeservers,
             |mut triggered| async move { triggered.recv().await.map(|hs| (hs, triggered)) },
         ))
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(
             |hs, ctx| contained(reconcile_homeserver(hs.clone(), ctx), "Homeserver", hs),
             homeserver::error_policy,
@@ -778,8 +811,18 @@ where
         )
         .for_each(|result| async move { log_outcome("Homeserver", result) });
 
+    // MatrixAccessTokens: a controller of their own (see accesstoken).
+    let tokens = accesstoken::controller(
+        client,
+        ctx,
+        namespace,
+        (token_store, token_writer),
+        triggered_tokens,
+        shutdown,
+    );
+
     async move {
-        futures::join!(users, homeservers);
+        futures::join!(users, homeservers, tokens);
     }
     .boxed()
 }

@@ -115,37 +115,11 @@ where
     )
 }
 
-/// The objects of `api` that changed or went, for a controller's
-/// secondary watches.
-pub fn touched<K>(api: Api<K>, what: &'static str) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-{
-    objects_only(events(api, watcher::Config::default()).touched_objects(), what)
-}
-
-/// [`touched`], also keeping `writer`'s cache of the objects: the cache is
-/// updated before the object is handed on, so what it triggers sees it.
-pub fn touched_into<K>(
-    api: Api<K>,
-    writer: kube::runtime::reflector::store::Writer<K>,
-    what: &'static str,
-) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
-{
-    objects_only(
-        events(api, watcher::Config::default())
-            .reflect(writer)
-            .touched_objects(),
-        what,
-    )
-}
-
-/// [`touched_into`], handing on an object only when `fingerprint` of it
-/// changed since the last copy handed on (or it went, or the watch listed
-/// again): the cache still sees every change.
+/// The objects of `api` that changed or went, keeping `writer`'s cache of
+/// them (updated before the object is handed on, so what it triggers sees
+/// it), handing on an object only when `fingerprint` of it changed since
+/// the last copy handed on (or it went, or the watch listed again): the
+/// cache still sees every change.
 pub fn touched_into_when<K>(
     api: Api<K>,
     writer: kube::runtime::reflector::store::Writer<K>,

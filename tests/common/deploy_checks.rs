@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use http::Method;
 use kube::runtime::reflector::store::Writer;
-use matrix_user_operator::api::{Homeserver, MatrixUser};
-use matrix_user_operator::controller::{self, Config, Context, reconcile_homeserver, reconcile_user};
+use matrix_user_operator::api::{Homeserver, MatrixAccessToken, MatrixUser};
+use matrix_user_operator::controller::{
+    self, Config, Context, ROTATE_ANNOTATION, reconcile_homeserver, reconcile_token, reconcile_user,
+};
 use matrix_user_operator::leader::{LeaderElector, LeaseConfig};
 use matrix_user_operator::metrics::Metrics;
 use serde_json::{Value, json};
@@ -479,6 +481,36 @@ pub async fn record_operator_calls(watch: &[&str]) -> Vec<Recorded> {
             fake.put(secret(ns, "pw", "password", password));
             reconcile_user(Arc::new(get_user("withpw")), ctx.clone()).await.unwrap();
         }
+        // A MatrixAccessToken of "gen": issued (finalizer, Secret, status),
+        // rotated, the replaced token revoked after its grace, then deleted
+        // (revoked, the Secret's finalizer taken off).
+        let token_path = format!("/apis/matrix-operator.io/v1alpha1/namespaces/{ns}/matrixaccesstokens/bot");
+        fake.put(json!({
+            "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixAccessToken",
+            "metadata": {"name": "bot", "namespace": ns, "generation": 1},
+            "spec": {"userRef": {"name": "gen"}, "rotationGracePeriod": "1s"},
+        }));
+        let get_token = || -> MatrixAccessToken { serde_json::from_value(fake.get(&token_path).unwrap()).unwrap() };
+        for _ in 0..2 {
+            reconcile_token(Arc::new(get_token()), ctx.clone()).await.unwrap();
+        }
+        let mut rotated = fake.get(&token_path).unwrap();
+        rotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "1"});
+        fake.put(rotated);
+        reconcile_token(Arc::new(get_token()), ctx.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        reconcile_token(Arc::new(get_token()), ctx.clone()).await.unwrap();
+        assert!(
+            get_token().status.unwrap().retiring.is_none(),
+            "the replaced token was revoked"
+        );
+        let mut deleting = fake.get(&token_path).unwrap();
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-03-01T00:00:00Z");
+        fake.put(deleting.clone());
+        reconcile_token(Arc::new(serde_json::from_value(deleting).unwrap()), ctx.clone())
+            .await
+            .unwrap();
+
         // Deletion runs the policy and removes the finalizer.
         for name in ["withpw", "gen", "adopter"] {
             let mut deleting = fake.get(&user_path(name)).unwrap();

@@ -11,6 +11,7 @@ pub mod mas;
 pub mod mas_scenarios;
 pub mod proxy;
 pub mod synapse;
+pub mod token_scenarios;
 pub mod venv;
 
 #[allow(unused_imports)] // not every test binary uses every item

@@ -79,8 +79,8 @@ pub struct Resource<A> {
 }
 
 #[derive(Deserialize)]
-struct Single<A> {
-    data: Resource<A>,
+pub(super) struct Single<A> {
+    pub(super) data: Resource<A>,
 }
 
 #[derive(Deserialize)]
@@ -308,7 +308,7 @@ impl MasClient {
     }
 
     /// An admin API call with the token, renewed once if MAS says 401.
-    async fn admin(
+    pub(super) async fn admin(
         &self,
         endpoint: MasEndpoint,
         method: Method,
@@ -596,7 +596,11 @@ impl MasClient {
     }
 }
 
-fn decode<T: DeserializeOwned>(endpoint: MasEndpoint, status: StatusCode, body: &[u8]) -> Result<T, MasError> {
+pub(super) fn decode<T: DeserializeOwned>(
+    endpoint: MasEndpoint,
+    status: StatusCode,
+    body: &[u8],
+) -> Result<T, MasError> {
     serde_json::from_slice(body).map_err(|e| MasError::Undecodable {
         endpoint,
         status: status.as_u16(),
@@ -608,7 +612,7 @@ fn decode<T: DeserializeOwned>(endpoint: MasEndpoint, status: StatusCode, body: 
     })
 }
 
-fn to_json(value: &impl Serialize) -> Vec<u8> {
+pub(super) fn to_json(value: &impl Serialize) -> Vec<u8> {
     // Serialising plain data to JSON cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
 }

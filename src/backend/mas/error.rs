@@ -25,6 +25,9 @@ pub enum MasEndpoint {
     ListProviders,
     ListSessions,
     FinishSession,
+    CreatePersonalSession,
+    GetPersonalSession,
+    RevokePersonalSession,
 }
 
 impl MasEndpoint {
@@ -49,6 +52,9 @@ impl MasEndpoint {
             MasEndpoint::ListProviders => "mas_list_providers",
             MasEndpoint::ListSessions => "mas_list_sessions",
             MasEndpoint::FinishSession => "mas_finish_session",
+            MasEndpoint::CreatePersonalSession => "mas_create_personal_session",
+            MasEndpoint::GetPersonalSession => "mas_get_personal_session",
+            MasEndpoint::RevokePersonalSession => "mas_revoke_personal_session",
         }
     }
 }

@@ -6,11 +6,13 @@
 
 mod client;
 mod error;
+mod personal;
 
 use std::collections::BTreeSet;
 
 pub use client::{CreateOutcome, MasClient, MasConfig, MasEmail, MasLink, MasProvider, MasUser, Resource};
 pub use error::{MasEndpoint, MasError};
+pub use personal::{IssuedSession, PersonalSession, Revoked, SCOPE_CLIENT_API, SCOPE_DEVICE_PREFIX, bot_scope};
 
 use crate::account::{Account, ExternalId, Threepid, UserId};
 use crate::backend::{AccountBackend, Applied, BackendError, Created, Unsupported};
@@ -134,6 +136,11 @@ fn epoch_seconds(time: &str) -> Option<i64> {
 impl MasBackend {
     pub fn new(mas: MasClient, synapse: SynapseClient) -> Self {
         Self { mas, synapse }
+    }
+
+    /// MAS's admin API.
+    pub fn mas(&self) -> &MasClient {
+        &self.mas
     }
 
     pub fn synapse(&self) -> &SynapseClient {

@@ -132,12 +132,31 @@ impl SynapseClient {
         segments: &[&str],
         body: Option<Body<'_>>,
     ) -> Result<(StatusCode, T), SynapseError> {
+        self.send_as(Bearer::Admin, endpoint, method, segments, body).await
+    }
+
+    /// [`send`](Self::send) with the admin token, another token (a user's)
+    /// or none.
+    pub(super) async fn send_as<T: DeserializeOwned>(
+        &self,
+        bearer: Bearer<'_>,
+        endpoint: Endpoint,
+        method: Method,
+        segments: &[&str],
+        body: Option<Body<'_>>,
+    ) -> Result<(StatusCode, T), SynapseError> {
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
-        let mut request = self
-            .http
-            .request(method, self.url(segments))
-            .bearer_auth(self.token.expose());
+        let mut request = self.http.request(method, self.url(segments));
+        // The admin token is scrubbed from every answer, whoever asks.
         let mut secrets = vec![&self.token];
+        match bearer {
+            Bearer::Admin => request = request.bearer_auth(self.token.expose()),
+            Bearer::User(token) => {
+                request = request.bearer_auth(token.expose());
+                secrets.push(token);
+            }
+            Bearer::None => {}
+        }
         if let Some(body) = body {
             secrets.extend(body.secrets);
             request = request.header(CONTENT_TYPE, "application/json").body(body.json);
@@ -244,7 +263,7 @@ impl SynapseClient {
 
     /// Every secret this client knows, to scrub what a server sends of
     /// them: any answer may echo any request.
-    fn secrets(&self) -> RequestSecrets {
+    pub(super) fn secrets(&self) -> RequestSecrets {
         RequestSecrets::new(std::iter::once(&self.token).chain(&self.registration_shared_secret))
     }
 
@@ -499,15 +518,25 @@ fn registration_mac(secret: &SecretString, nonce: &str, r: &Registration<'_>) ->
     signed.sign().as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The token a request is sent with.
+#[derive(Clone, Copy)]
+pub(super) enum Bearer<'a> {
+    Admin,
+    /// A user's token (a bot's, checked or revoked with itself).
+    User(&'a SecretString),
+    /// None: the client login.
+    None,
+}
+
 /// A JSON request body and the secret values in it.
-struct Body<'a> {
-    json: Vec<u8>,
-    secrets: Vec<&'a SecretString>,
+pub(super) struct Body<'a> {
+    pub(super) json: Vec<u8>,
+    pub(super) secrets: Vec<&'a SecretString>,
 }
 
 impl<'a> Body<'a> {
     /// A body that carries no secret value.
-    fn plain(value: &impl Serialize) -> Self {
+    pub(super) fn plain(value: &impl Serialize) -> Self {
         Self {
             json: to_json(value),
             secrets: Vec::new(),
@@ -522,7 +551,7 @@ impl<'a> Body<'a> {
     }
 }
 
-fn to_json(value: &impl Serialize) -> Vec<u8> {
+pub(super) fn to_json(value: &impl Serialize) -> Vec<u8> {
     // Serialising plain data structs to JSON cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
 }

@@ -20,6 +20,14 @@ pub enum Endpoint {
     AuthMetadata,
     RegisterNonce,
     Register,
+    /// The admin login API: a token of a user, without a device.
+    AdminLogin,
+    /// The client login, as the user (a token with a device).
+    Login,
+    /// whoami with a user's token.
+    TokenWhoami,
+    /// The client logout, with the token to end.
+    Logout,
 }
 
 impl Endpoint {
@@ -35,6 +43,10 @@ impl Endpoint {
             Endpoint::AuthMetadata => "auth_metadata",
             Endpoint::RegisterNonce => "register_nonce",
             Endpoint::Register => "register",
+            Endpoint::AdminLogin => "admin_login",
+            Endpoint::Login => "login",
+            Endpoint::TokenWhoami => "token_whoami",
+            Endpoint::Logout => "logout",
         }
     }
 }

@@ -23,7 +23,8 @@ use super::super::synapse::{http_client, parse_body};
 use super::util::{base64_decode, form_pairs, is_ulid, now_ms, random_upper, rfc3339, token, ulid};
 
 /// The MAS version the stand-in claims to be.
-pub const MAS_VERSION: &str = "1.22.0";
+/// As `GET /api/admin/v1/version` says it (measured: with the `v`).
+pub const MAS_VERSION: &str = "v1.22.0";
 /// Admin tokens from `client_credentials` live this long (as measured).
 pub const ADMIN_TOKEN_LIFETIME_SECS: u64 = 300;
 /// The API scope Synapse demands in an introspected token.
@@ -171,6 +172,17 @@ struct PersonalSession {
     scope: String,
     created_ms: u64,
     expires_ms: Option<u64>,
+    revoked_ms: Option<u64>,
+    /// The session's token now: `regenerate` replaces (and so ends) it.
+    token: String,
+}
+
+impl PersonalSession {
+    /// The device its scope names, which MAS keeps in Synapse while an
+    /// active session names it.
+    fn device(&self) -> Option<&str> {
+        self.scope.split(' ').find_map(|s| s.strip_prefix(DEVICE_SCOPE_PREFIX))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -904,7 +916,11 @@ fn introspect(shared: &Shared, req: &Incoming_) -> Reply {
             Reply::Json(200, body)
         }
         Token::Personal { session_id, issued_ms } => {
-            let Some(session) = state.personal_sessions.iter().find(|s| &s.id == session_id) else {
+            let Some(session) = state
+                .personal_sessions
+                .iter()
+                .find(|s| &s.id == session_id && s.revoked_ms.is_none() && s.token == token)
+            else {
                 return inactive;
             };
             if session.expires_ms.is_some_and(|e| now >= e) {
@@ -1288,7 +1304,7 @@ fn provider_resource(p: &UpstreamProvider) -> Value {
 fn personal_resource(p: &PersonalSession, access_token: Option<&str>) -> Value {
     let mut attributes = json!({
         "created_at": rfc3339(p.created_ms),
-        "revoked_at": null,
+        "revoked_at": p.revoked_ms.map(rfc3339),
         "owner_user_id": null,
         "owner_client_id": p.owner_client_id,
         "actor_user_id": p.actor_user_id,
@@ -1296,7 +1312,8 @@ fn personal_resource(p: &PersonalSession, access_token: Option<&str>) -> Value {
         "scope": p.scope,
         "last_active_at": null,
         "last_active_ip": null,
-        "expires_at": p.expires_ms.map(rfc3339),
+        // "None if the current token won't expire or if the session is revoked."
+        "expires_at": p.expires_ms.filter(|_| p.revoked_ms.is_none()).map(rfc3339),
     });
     if let Some(token) = access_token {
         attributes["access_token"] = json!(token);
@@ -1706,47 +1723,70 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
         }
 
         // ---- personal sessions ----
+        // Measured on MAS 1.22.0: an unknown actor is 404 "User not found",
+        // a deactivated one 410 "User is not active", a locked one gets a
+        // session; an empty scope is 400 "Invalid scope" (any other string
+        // is taken as it is); a device scope makes MAS create the device
+        // in Synapse at once.
         (&Method::POST, ["personal-sessions"]) => {
             let add: AddPersonalSession = match json_body(&req.headers, body) {
                 Ok(add) => add,
                 Err(reply) => return reply,
             };
-            let mut state = shared.lock();
-            // Guess: a locked or deactivated actor gets the same 404 as an
-            // unknown one (measured only: "any active user" works).
-            if !state.user(&add.actor_user_id).is_some_and(User::is_valid) {
-                return error(404, "User not found");
-            }
-            if add.scope.split(' ').all(str::is_empty) {
-                return error(400, "Invalid scope");
-            }
-            // The client whose token made the call owns the session.
-            let owner = caller.to_owned();
-            let now = now_ms();
-            let session = PersonalSession {
-                id: ulid(),
-                owner_client_id: owner,
-                actor_user_id: add.actor_user_id,
-                human_name: add.human_name,
-                scope: add.scope,
-                created_ms: now,
-                expires_ms: add.expires_in.map(|s| now + s * 1000),
+            let (session, access_token, localpart) = {
+                let mut state = shared.lock();
+                let Some(actor) = state.user(&add.actor_user_id) else {
+                    return error(404, "User not found");
+                };
+                if actor.deactivated_ms.is_some() {
+                    return error(410, "User is not active");
+                }
+                let localpart = actor.username.clone();
+                if add.scope.split(' ').all(str::is_empty) {
+                    return error(400, "Invalid scope");
+                }
+                let now = now_ms();
+                let access_token = token("mpt");
+                let session = PersonalSession {
+                    id: ulid(),
+                    // The client whose token made the call owns the session.
+                    owner_client_id: caller.to_owned(),
+                    actor_user_id: add.actor_user_id,
+                    human_name: add.human_name,
+                    scope: add.scope,
+                    created_ms: now,
+                    expires_ms: add.expires_in.map(|s| now + s * 1000),
+                    revoked_ms: None,
+                    token: access_token.clone(),
+                };
+                state.tokens.insert(
+                    access_token.clone(),
+                    Token::Personal {
+                        session_id: session.id.clone(),
+                        issued_ms: now,
+                    },
+                );
+                state.personal_sessions.push(session.clone());
+                (session, access_token, localpart)
             };
-            let access_token = token("mpt");
-            state.tokens.insert(
-                access_token.clone(),
-                Token::Personal {
-                    session_id: session.id.clone(),
-                    issued_ms: now,
-                },
-            );
-            state.personal_sessions.push(session.clone());
+            if let Some(device) = session.device() {
+                let body = json!({"localpart": localpart, "device_id": device});
+                match shared.synapse_call(Method::POST, "upsert_device", Some(body)).await {
+                    Ok((200 | 201, _)) => {}
+                    Ok((status, body)) => return error(500, format!("upsert_device: {status} {body}")),
+                    Err(message) => return error(500, message),
+                }
+            }
             single_status(
                 201,
                 personal_resource(&session, Some(&access_token)),
                 format!("/api/admin/v1/personal-sessions/{}", session.id),
             )
         }
+        (_, ["personal-sessions", id, ..]) if !is_ulid(id) => Reply::Json(
+            400,
+            json!({"errors": [{"title": "Invalid ULID in path"}, {"title": "invalid length"}]}),
+        ),
         (&Method::GET, ["personal-sessions", id]) => match shared.lock().personal_sessions.iter().find(|p| p.id == *id)
         {
             Some(p) => single(
@@ -1755,6 +1795,81 @@ async fn admin(shared: &Arc<Shared>, req: &Incoming_, caller: &str) -> Reply {
             ),
             None => error(404, "Personal session not found"),
         },
+        // Measured: 200 with `revoked_at` set; again 409; unknown 404. A
+        // device only this session named is deleted from Synapse (MAS's
+        // sync-devices job); one another active session names stays.
+        (&Method::POST, ["personal-sessions", id, "revoke"]) => {
+            let (session, orphan) = {
+                let mut state = shared.lock();
+                let Some(i) = state.personal_sessions.iter().position(|p| p.id == *id) else {
+                    return error(404, format!("Personal session with ID {id} not found"));
+                };
+                if state.personal_sessions[i].revoked_ms.is_some() {
+                    return error(409, format!("Personal session with ID {id} is already revoked"));
+                }
+                state.personal_sessions[i].revoked_ms = Some(now_ms());
+                let session = state.personal_sessions[i].clone();
+                let orphan = session.device().and_then(|device| {
+                    let named = state.personal_sessions.iter().any(|p| {
+                        p.revoked_ms.is_none() && p.actor_user_id == session.actor_user_id && p.device() == Some(device)
+                    }) || state
+                        .compat_sessions
+                        .values()
+                        .any(|c| !c.finished && c.user_id == session.actor_user_id && c.device_id == device);
+                    let localpart = state.user(&session.actor_user_id).map(|u| u.username.clone());
+                    (!named).then_some(()).and(localpart).map(|l| (l, device.to_owned()))
+                });
+                (session, orphan)
+            };
+            if let Some((localpart, device)) = orphan {
+                let body = json!({"localpart": localpart, "device_id": device});
+                if let Err(message) = shared.synapse_call(Method::POST, "delete_device", Some(body)).await {
+                    return error(500, message);
+                }
+            }
+            single(
+                personal_resource(&session, None),
+                format!("/api/admin/v1/personal-sessions/{id}"),
+            )
+        }
+        // Measured: 201 with the new token; the previous token stops at
+        // once; a revoked session is 422 "Session not valid"; the body
+        // (`{expires_in}`) must be JSON (415 without).
+        (&Method::POST, ["personal-sessions", id, "regenerate"]) => {
+            #[derive(Deserialize)]
+            struct Regenerate {
+                expires_in: Option<u64>,
+            }
+            let regenerate: Regenerate = match json_body(&req.headers, body) {
+                Ok(r) => r,
+                Err(reply) => return reply,
+            };
+            let mut state = shared.lock();
+            let Some(i) = state.personal_sessions.iter().position(|p| p.id == *id) else {
+                return error(404, "User not found");
+            };
+            if state.personal_sessions[i].revoked_ms.is_some() {
+                return error(422, "Session not valid");
+            }
+            let now = now_ms();
+            let access_token = token("mpt");
+            let old = std::mem::replace(&mut state.personal_sessions[i].token, access_token.clone());
+            state.tokens.remove(&old);
+            state.personal_sessions[i].expires_ms = regenerate.expires_in.map(|s| now + s * 1000);
+            state.tokens.insert(
+                access_token.clone(),
+                Token::Personal {
+                    session_id: id.to_string(),
+                    issued_ms: now,
+                },
+            );
+            let session = state.personal_sessions[i].clone();
+            single_status(
+                201,
+                personal_resource(&session, Some(&access_token)),
+                format!("/api/admin/v1/personal-sessions/{id}"),
+            )
+        }
 
         _ => Reply::Empty(404),
     }
@@ -1871,6 +1986,14 @@ async fn user_action(shared: &Arc<Shared>, id: &str, action: &str, headers: &Hea
             state.emails.retain(|e| e.user_id != id);
             for session in state.compat_sessions.values_mut().filter(|s| s.user_id == id) {
                 session.finished = true;
+            }
+            // And revokes its personal sessions (measured: `revoked_at` set).
+            for session in state
+                .personal_sessions
+                .iter_mut()
+                .filter(|s| s.actor_user_id == id && s.revoked_ms.is_none())
+            {
+                session.revoked_ms = Some(now);
             }
             let user = state.user_mut(id).expect("checked above");
             user.deactivated_ms.get_or_insert(now);

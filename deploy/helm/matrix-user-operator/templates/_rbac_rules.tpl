@@ -28,6 +28,18 @@ deploy/base/rbac.yaml's).
 - apiGroups: ["matrix-operator.io"]
   resources: ["homeservers/status"]
   verbs: ["patch"]
+# MatrixAccessTokens: listed and watched by their controller (and listed
+# by a Homeserver being deleted, which waits for them); the finalizer
+# helper adds and removes matrix-operator.io/revoke-token with a JSON
+# patch; status by server-side apply. Their Secrets are created and
+# patched (the token, its record, the finalizer
+# matrix-operator.io/access-token) under the Secrets rule below.
+- apiGroups: ["matrix-operator.io"]
+  resources: ["matrixaccesstokens"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["matrix-operator.io"]
+  resources: ["matrixaccesstokens/status"]
+  verbs: ["patch"]
 # Secrets: read by name (admin tokens, passwords); watched by metadata
 # only, so a password rotation reaches Synapse in seconds without the
 # operator holding Secret values in a cache; created for password.generate;
@@ -40,7 +52,7 @@ deploy/base/rbac.yaml's).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Events on MatrixUsers; the recorder patches a repeated Event's series.
+# Events on MatrixUsers and MatrixAccessTokens; the recorder patches a repeated Event's series.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

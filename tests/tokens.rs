@@ -1,0 +1,605 @@
+//! MatrixAccessToken on a real Synapse, through the fake Kubernetes API
+//! server: issue, whoami, rotation with grace, revocation on deletion,
+//! drift, a foreign Secret, the MatrixUser deactivated or deleted first,
+//! a device token from the managed password, and namespace deletion.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::fake_kube::{FakeApiServer, path_of};
+use common::fixtures::{cluster_in, context_with, matrix_user_in, run_operator, secret_in, wait_until};
+use common::synapse;
+use kube::{Api, ResourceExt};
+use matrix_user_operator::api::{MatrixAccessToken, MatrixUser};
+use matrix_user_operator::controller::{
+    Config, ROTATE_ANNOTATION, TOKEN_FINALIZER, TOKEN_SECRET_FINALIZER, reconcile_token,
+};
+use serde_json::{Value, json};
+
+const NS: &str = "chat";
+const PASSWORD: &str = "Tortoise-Lantern-Quarry-58";
+
+/// An account on the test Synapse and a MatrixUser that owns it (its
+/// status as the MatrixUser controller writes it once in sync).
+async fn bot(fake: &FakeApiServer, prefix: &str, spec_extra: Value) -> (String, String) {
+    let s = synapse();
+    let localpart = s.unique_localpart(prefix);
+    let user_id = s.user_id(&localpart);
+    let (status, body) = s
+        .admin_put(
+            &format!("/_synapse/admin/v2/users/{user_id}"),
+            json!({"password": PASSWORD, "user_type": "bot"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let mut spec = json!({"homeserverRef": {"name": "hs"}, "localpart": localpart, "userType": "bot"});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    let user = matrix_user_in(
+        NS,
+        &localpart,
+        spec,
+        json!({"userId": user_id, "observedGeneration": 1,
+               "conditions": [{"type": "Ready", "status": "True", "reason": "InSync", "message": "",
+                               "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+    );
+    fake.put(user);
+    (localpart, user_id)
+}
+
+fn token_obj(name: &str, user: &str, spec_extra: Value) -> Value {
+    let mut spec = json!({"userRef": {"name": user}});
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), spec_extra.as_object()) {
+        spec.extend(extra.clone());
+    }
+    json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixAccessToken",
+           "metadata": {"name": name, "namespace": NS, "generation": 1, "uid": format!("uid-{name}")},
+           "spec": spec})
+}
+
+fn stored(fake: &FakeApiServer, obj: &Value) -> Option<MatrixAccessToken> {
+    fake.get(&path_of(obj)).map(|v| serde_json::from_value(v).unwrap())
+}
+
+async fn reconcile(fake: &FakeApiServer, client: &kube::Client, obj: &Value) -> MatrixAccessToken {
+    let current = stored(fake, obj).expect("the MatrixAccessToken is stored");
+    let ctx = context_with(client.clone(), Config::default(), &[]);
+    let _ = reconcile_token(Arc::new(current), ctx).await;
+    stored(fake, obj).expect("still stored")
+}
+
+fn ready(t: &MatrixAccessToken) -> (String, String, String) {
+    let c = t
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("a Ready condition");
+    (c.status.clone(), c.reason.clone(), c.message.clone())
+}
+
+fn condition(t: &MatrixAccessToken, type_: &str) -> String {
+    t.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .map(|c| c.status.clone())
+        .unwrap_or_default()
+}
+
+fn secret_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/{name}")
+}
+
+/// A key of the Secret, decoded.
+fn secret_key(fake: &FakeApiServer, name: &str, key: &str) -> Option<String> {
+    let secret = fake.get(&secret_path(name))?;
+    let b64 = secret["data"][key].as_str()?;
+    let bytes = base64_decode(b64);
+    Some(String::from_utf8(bytes).unwrap())
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    common::mas::util::base64_decode(s).expect("base64")
+}
+
+async fn whoami(token: &str) -> (u16, Value) {
+    let s = synapse();
+    let response = synapse::http_client()
+        .get(format!("{}/_matrix/client/v3/account/whoami", s.base_url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, synapse::parse_body(&response.text().await.unwrap()))
+}
+
+/// Every place a token must never show: the object (status), the Events,
+/// every request body the operator sent to the API server but the Secret's.
+fn assert_nowhere_but_the_secret(fake: &FakeApiServer, obj: &Value, token: &str) {
+    let object = fake.get(&path_of(obj)).map(|o| o.to_string()).unwrap_or_default();
+    assert!(!object.contains(token), "the token is in the object: {object}");
+    for r in fake.requests() {
+        if r.path.contains("/secrets") {
+            continue;
+        }
+        assert!(
+            !r.body.to_string().contains(token),
+            "the token is in {}: {}",
+            r.line(),
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_token_is_issued_into_an_owned_secret_and_answers_whoami_as_the_user() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, user_id) = bot(&fake, "tok-issue", json!({})).await;
+    let obj = token_obj("notifier", &localpart, json!({"validFor": "720h"}));
+    fake.put(obj.clone());
+    let t = reconcile(&fake, &client, &obj).await;
+    assert_eq!(t.finalizers(), [TOKEN_FINALIZER]);
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Issued"), "{message}");
+    assert_eq!(condition(&t, "Reconciling"), "False");
+    assert_eq!(condition(&t, "Stalled"), "False");
+    let st = t.status.clone().unwrap();
+    assert_eq!(st.user_id.as_deref(), Some(user_id.as_str()));
+    assert!(st.issued_at.is_some() && st.expires_at.is_some(), "{st:?}");
+    assert_eq!(st.device_id, None);
+
+    let secret = fake
+        .get(&secret_path("notifier-token"))
+        .expect("the default Secret name");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "MatrixAccessToken");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-notifier");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(secret["metadata"]["finalizers"], json!([TOKEN_SECRET_FINALIZER]));
+    let token = secret_key(&fake, "notifier-token", "accessToken").unwrap();
+    assert_eq!(
+        secret_key(&fake, "notifier-token", "userId").as_deref(),
+        Some(user_id.as_str())
+    );
+    assert_eq!(
+        secret_key(&fake, "notifier-token", "homeserverUrl").as_deref(),
+        Some(synapse().base_url.as_str())
+    );
+    let (code, who) = whoami(&token).await;
+    assert_eq!(code, 200, "{who}");
+    assert_eq!(who["user_id"], user_id.as_str());
+    assert_nowhere_but_the_secret(&fake, &obj, &token);
+
+    // Steady: another pass keeps the token and writes nothing.
+    fake.clear_requests();
+    let _ = reconcile(&fake, &client, &obj).await;
+    assert_eq!(
+        secret_key(&fake, "notifier-token", "accessToken").as_deref(),
+        Some(token.as_str())
+    );
+    let writes: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.is_write() && !r.path.contains("/events"))
+        .map(|r| r.line())
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+}
+
+#[tokio::test]
+async fn rotation_writes_a_new_token_and_revokes_the_old_one_after_the_grace_period() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, user_id) = bot(&fake, "tok-rotate", json!({})).await;
+    let obj = token_obj("rotating", &localpart, json!({"rotationGracePeriod": "3s"}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let first = secret_key(&fake, "rotating-token", "accessToken").unwrap();
+
+    let mut annotated = fake.get(&path_of(&obj)).unwrap();
+    annotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "1"});
+    fake.put(annotated);
+    let t = reconcile(&fake, &client, &obj).await;
+    let second = secret_key(&fake, "rotating-token", "accessToken").unwrap();
+    assert_ne!(first, second, "a new token");
+    assert_eq!(whoami(&second).await.0, 200);
+    assert_eq!(whoami(&first).await.0, 200, "the old one works during its grace period");
+    let st = t.status.clone().unwrap();
+    assert!(st.retiring.is_some(), "{st:?}");
+    assert_eq!(st.rotation.as_deref(), Some("1"));
+    assert_eq!(ready(&t).1, "Issued");
+    assert_nowhere_but_the_secret(&fake, &obj, &first);
+    assert_nowhere_but_the_secret(&fake, &obj, &second);
+
+    // Before the grace period ends, another pass revokes nothing.
+    reconcile(&fake, &client, &obj).await;
+    assert_eq!(whoami(&first).await.0, 200);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let t = reconcile(&fake, &client, &obj).await;
+    assert_eq!(whoami(&first).await.0, 401, "the old token is revoked after its grace");
+    let (code, who) = whoami(&second).await;
+    assert_eq!((code, who["user_id"].as_str()), (200, Some(user_id.as_str())));
+    assert!(t.status.unwrap().retiring.is_none());
+    assert_eq!(secret_key(&fake, "rotating-token", "previousAccessToken"), None);
+}
+
+#[tokio::test]
+async fn deleting_the_token_revokes_it_then_the_secret_goes() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-delete", json!({})).await;
+    let obj = token_obj("deleted", &localpart, json!({}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let token = secret_key(&fake, "deleted-token", "accessToken").unwrap();
+    assert_eq!(whoami(&token).await.0, 200);
+    delete_token(&client, "deleted").await;
+    let gone = reconcile_gone(&fake, &client, &obj).await;
+    assert!(gone, "the MatrixAccessToken went once its token was revoked");
+    assert_eq!(whoami(&token).await.0, 401, "revoked at the server");
+    assert!(
+        fake.get(&secret_path("deleted-token")).is_none(),
+        "the Secret went with it"
+    );
+}
+
+async fn delete_token(client: &kube::Client, name: &str) {
+    let api: Api<MatrixAccessToken> = Api::namespaced(client.clone(), NS);
+    api.delete(name, &Default::default()).await.unwrap();
+}
+
+/// Reconciles a MatrixAccessToken being deleted; whether it is gone after.
+async fn reconcile_gone(fake: &FakeApiServer, client: &kube::Client, obj: &Value) -> bool {
+    if let Some(current) = stored(fake, obj) {
+        let ctx = context_with(client.clone(), Config::default(), &[]);
+        let _ = reconcile_token(Arc::new(current), ctx).await;
+    }
+    stored(fake, obj).is_none()
+}
+
+#[tokio::test]
+async fn a_token_logged_out_by_hand_is_issued_anew() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-drift", json!({})).await;
+    let obj = token_obj("drifting", &localpart, json!({}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let first = secret_key(&fake, "drifting-token", "accessToken").unwrap();
+    let response = synapse::http_client()
+        .post(format!("{}/_matrix/client/v3/logout", synapse().base_url))
+        .bearer_auth(&first)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(whoami(&first).await.0, 401);
+    let t = reconcile(&fake, &client, &obj).await;
+    let second = secret_key(&fake, "drifting-token", "accessToken").unwrap();
+    assert_ne!(first, second);
+    assert_eq!(whoami(&second).await.0, 200);
+    assert_eq!(ready(&t).1, "Issued");
+    assert!(t.status.unwrap().retiring.is_none(), "a dead token has no grace");
+}
+
+#[tokio::test]
+async fn a_secret_of_that_name_the_token_does_not_own_is_never_written() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-foreign", json!({})).await;
+    fake.put(secret_in(NS, "someone-elses", "accessToken", "theirs"));
+    let obj = token_obj("foreign", &localpart, json!({"secretName": "someone-elses"}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    fake.clear_requests();
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Conflict"), "{message}");
+    assert_eq!(condition(&t, "Stalled"), "True");
+    let secret = fake.get(&secret_path("someone-elses")).unwrap();
+    assert_eq!(secret["stringData"]["accessToken"], "theirs");
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|r| !(r.is_write() && r.path.contains("/secrets"))),
+        "no write to the Secret"
+    );
+    // No token was issued at all: nothing to store it in.
+    let (_, devices) = synapse()
+        .admin_get(&format!(
+            "/_synapse/admin/v2/users/{}/devices",
+            synapse().user_id(&localpart)
+        ))
+        .await;
+    assert_eq!(devices["total"], 0, "{devices}");
+}
+
+#[tokio::test]
+async fn deactivating_the_matrixuser_revokes_its_token_and_issues_none() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-deact", json!({})).await;
+    let obj = token_obj("deact", &localpart, json!({}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let token = secret_key(&fake, "deact-token", "accessToken").unwrap();
+    let user_path = format!("/apis/matrix-operator.io/v1alpha1/namespaces/{NS}/matrixusers/{localpart}");
+    let mut user = fake.get(&user_path).unwrap();
+    user["spec"]["deactivated"] = json!(true);
+    fake.put(user);
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "UserDeactivated"),
+        "{message}"
+    );
+    assert!(message.contains(&localpart), "names the MatrixUser: {message}");
+    assert_eq!(whoami(&token).await.0, 401, "revoked by the operator");
+    assert_eq!(secret_key(&fake, "deact-token", "accessToken"), None);
+    assert!(t.status.unwrap().user_id.is_none());
+}
+
+#[tokio::test]
+async fn the_matrixuser_deleted_first_revokes_the_token_and_the_token_waits() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-userfirst", json!({})).await;
+    let obj = token_obj("orphan", &localpart, json!({}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let token = secret_key(&fake, "orphan-token", "accessToken").unwrap();
+    let user_path = format!("/apis/matrix-operator.io/v1alpha1/namespaces/{NS}/matrixusers/{localpart}");
+    let mut user = fake.get(&user_path).unwrap();
+    user["metadata"]["finalizers"] = json!([]);
+    fake.put(user);
+    let users: Api<MatrixUser> = Api::namespaced(client.clone(), NS);
+    users.delete(&localpart, &Default::default()).await.unwrap();
+    assert!(fake.get(&user_path).is_none());
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, _) = ready(&t);
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "UserNotFound"));
+    assert_eq!(condition(&t, "Stalled"), "True");
+    assert_eq!(whoami(&token).await.0, 401);
+    // Deleting the token now needs nothing from the server.
+    delete_token(&client, "orphan").await;
+    assert!(reconcile_gone(&fake, &client, &obj).await);
+}
+
+#[tokio::test]
+async fn a_matrixuser_not_ready_gets_no_token_and_the_reason_names_it() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let obj = token_obj("waiting", "nobody", json!({}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "UserNotFound"),
+        "{message}"
+    );
+    assert!(message.contains("nobody"), "{message}");
+    fake.put(matrix_user_in(
+        NS,
+        "nobody",
+        json!({"homeserverRef": {"name": "hs"}}),
+        json!({}),
+    ));
+    let t = reconcile(&fake, &client, &obj).await;
+    let (_, reason, message) = ready(&t);
+    assert_eq!(reason, "UserNotReady", "{message}");
+    assert!(message.contains("nobody"), "{message}");
+    assert_eq!(condition(&t, "Reconciling"), "True");
+    assert!(fake.get(&secret_path("waiting-token")).is_none());
+}
+
+#[tokio::test]
+async fn a_device_token_on_synapse_logs_in_with_the_managed_password() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    fake.put(secret_in(NS, "bot-password", "password", PASSWORD));
+    let (localpart, user_id) = bot(
+        &fake,
+        "tok-device",
+        json!({"password": {"secretRef": {"name": "bot-password", "key": "password"}}}),
+    )
+    .await;
+    let obj = token_obj(
+        "device",
+        &localpart,
+        json!({"deviceId": "NOTIFIERBOT01", "deviceDisplayName": "Notifier"}),
+    );
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    let t = reconcile(&fake, &client, &obj).await;
+    assert_eq!(ready(&t).1, "Issued", "{:?}", ready(&t));
+    assert_eq!(t.status.clone().unwrap().device_id.as_deref(), Some("NOTIFIERBOT01"));
+    let token = secret_key(&fake, "device-token", "accessToken").unwrap();
+    assert_eq!(
+        secret_key(&fake, "device-token", "deviceId").as_deref(),
+        Some("NOTIFIERBOT01")
+    );
+    let (code, who) = whoami(&token).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (who["user_id"].as_str(), who["device_id"].as_str()),
+        (Some(user_id.as_str()), Some("NOTIFIERBOT01"))
+    );
+    assert_nowhere_but_the_secret(&fake, &obj, &token);
+    assert_nowhere_but_the_secret(&fake, &obj, PASSWORD);
+
+    // A rotation of a Synapse device token would end the device's keys:
+    // refused, and the token stays.
+    let mut annotated = fake.get(&path_of(&obj)).unwrap();
+    annotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "x"});
+    fake.put(annotated);
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "RotationUnsupported"),
+        "{message}"
+    );
+    assert_eq!(condition(&t, "Stalled"), "True");
+    assert_eq!(whoami(&token).await.0, 200);
+
+    // Without a managed password there is no way to log in: InvalidSpec.
+    let (other, _) = bot(&fake, "tok-nopw", json!({})).await;
+    let obj = token_obj("nopw", &other, json!({"deviceId": "X1"}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    let t = reconcile(&fake, &client, &obj).await;
+    let (_, reason, message) = ready(&t);
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("password"), "{message}");
+}
+
+#[tokio::test]
+async fn the_admins_own_account_is_refused_and_stalls() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let s = synapse();
+    let admin_localpart = s
+        .admin_user_id
+        .trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    fake.put(matrix_user_in(
+        NS,
+        "admin-user",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": admin_localpart}),
+        json!({"userId": s.admin_user_id, "observedGeneration": 1,
+               "conditions": [{"type": "Ready", "status": "True", "reason": "InSync", "message": "",
+                               "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+    ));
+    let obj = token_obj("self", "admin-user", json!({}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    let t = reconcile(&fake, &client, &obj).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TokenRefused"),
+        "{message}"
+    );
+    assert_eq!(condition(&t, "Stalled"), "True");
+    assert!(fake.get(&secret_path("self-token")).is_none());
+}
+
+#[tokio::test]
+async fn the_operator_issues_and_a_namespace_deletion_revokes() {
+    let (_client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, user_id) = bot(&fake, "tok-ns", json!({})).await;
+    let obj = token_obj("ns-bot", &localpart, json!({}));
+    fake.put(obj.clone());
+    let stop = run_operator(&fake, Config::default());
+    wait_until(Duration::from_secs(30), "a token in the Secret", || async {
+        secret_key(&fake, "ns-bot-token", "accessToken").is_some()
+    })
+    .await;
+    let token = secret_key(&fake, "ns-bot-token", "accessToken").unwrap();
+    let (code, who) = whoami(&token).await;
+    assert_eq!((code, who["user_id"].as_str()), (200, Some(user_id.as_str())));
+    fake.delete_namespace(NS);
+    wait_until(Duration::from_secs(60), "the namespace's objects gone", || async {
+        stored(&fake, &obj).is_none() && fake.get(&secret_path("ns-bot-token")).is_none()
+    })
+    .await;
+    assert_eq!(whoami(&token).await.0, 401, "revoked before the Secret went");
+    let _ = stop.send(());
+}
+
+/// The operator binary, logging at debug, issues, rotates (the grace
+/// over) and revokes a device token and a plain one: neither token, nor the
+/// password it logged in with, is in its log, the objects or the Events.
+#[tokio::test]
+async fn the_operator_binary_logs_no_token_nor_password_at_debug() {
+    let (_client, fake) = cluster_in(&[NS], json!({}));
+    fake.put(secret_in(NS, "leak-password", "password", PASSWORD));
+    let (localpart, _) = bot(
+        &fake,
+        "tok-leak",
+        json!({"password": {"secretRef": {"name": "leak-password", "key": "password"}}}),
+    )
+    .await;
+    let plain = token_obj("leak-plain", &localpart, json!({"rotationGracePeriod": "1s"}));
+    let device = token_obj("leak-device", &localpart, json!({"deviceId": "LEAKBOT01"}));
+    fake.put(plain.clone());
+    fake.put(device.clone());
+    let dir = std::env::temp_dir().join(format!("mxat-leaks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = fake.kubeconfig_file(&dir);
+    let log = dir.join("operator.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+        .args([
+            "run",
+            "--namespace",
+            NS,
+            "--leader-election",
+            "off",
+            "--health-addr",
+            "0",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "debug")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("start the operator binary");
+    let mut seen: Vec<String> = Vec::new();
+    wait_until(Duration::from_secs(60), "both tokens issued", || async {
+        secret_key(&fake, "leak-plain-token", "accessToken").is_some()
+            && secret_key(&fake, "leak-device-token", "accessToken").is_some()
+    })
+    .await;
+    seen.push(secret_key(&fake, "leak-plain-token", "accessToken").unwrap());
+    seen.push(secret_key(&fake, "leak-device-token", "accessToken").unwrap());
+    let mut annotated = fake.get(&path_of(&plain)).unwrap();
+    annotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "1"});
+    fake.put(annotated);
+    wait_until(
+        Duration::from_secs(60),
+        "rotated, and the old token revoked",
+        || async {
+            let rotated = secret_key(&fake, "leak-plain-token", "accessToken").is_some_and(|t| t != seen[0]);
+            rotated && secret_key(&fake, "leak-plain-token", "previousAccessToken").is_none()
+        },
+    )
+    .await;
+    seen.push(secret_key(&fake, "leak-plain-token", "accessToken").unwrap());
+    assert_eq!(whoami(&seen[0]).await.0, 401, "the replaced token was revoked");
+    let tokens: Api<MatrixAccessToken> = Api::namespaced(fake.client(), NS);
+    for name in ["leak-plain", "leak-device"] {
+        tokens.delete(name, &Default::default()).await.unwrap();
+    }
+    wait_until(Duration::from_secs(60), "both revoked and gone", || async {
+        stored(&fake, &plain).is_none() && stored(&fake, &device).is_none()
+    })
+    .await;
+    operator.kill().ok();
+    operator.wait().ok();
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(output.contains("token"), "the log says something of the tokens");
+    for t in &seen {
+        assert_eq!(whoami(t).await.0, 401);
+        assert!(!output.contains(t.as_str()), "a token is in the operator's log");
+        assert_nowhere_but_the_secret(&fake, &plain, t);
+    }
+    assert!(!output.contains(PASSWORD), "the password is in the operator's log");
+    let events: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/events"))
+        .map(|r| r.body.to_string())
+        .collect();
+    assert!(events.iter().any(|e| e.contains("Rotated")), "{events:?}");
+    for t in seen.iter().map(String::as_str).chain([PASSWORD]) {
+        assert!(events.iter().all(|e| !e.contains(t)), "a secret in an Event");
+    }
+}
