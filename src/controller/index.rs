@@ -10,8 +10,9 @@
 //! The index only narrows: callers still check each object it names, as
 //! the cache holds it now, with the rule they had.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, RwLock};
 
 use kube::runtime::reflector::ObjectRef;
@@ -21,45 +22,22 @@ use kube::{Resource, ResourceExt};
 use crate::api::MatrixUser;
 
 type Ref = Arc<ObjectRef<MatrixUser>>;
-/// A namespace and a name.
-type Named = (String, String);
+
+/// What a MatrixUser is found by, as a hash of it: the index keeps no copy
+/// of any name (at 10,000 users, the copies in four maps and a set per key
+/// cost more than the users' own cached objects). Two keys with one hash
+/// only widen a lookup, which callers narrow anyway.
+type Key = u64;
 
 /// What one MatrixUser is found by.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Keys {
     /// Its effective localpart, and the localpart of the account its status
     /// records if another.
-    localparts: Vec<String>,
-    password_secret: Option<Named>,
-    homeserver: Named,
-    uid: Option<String>,
-}
-
-impl Keys {
-    fn of(user: &MatrixUser) -> Self {
-        let ns = user.namespace().unwrap_or_default();
-        let mut localparts = vec![user.effective_localpart().to_string()];
-        if let Some(recorded) = user
-            .status
-            .as_ref()
-            .and_then(|s| s.user_id.as_deref())
-            .map(localpart_of)
-            && !localparts.iter().any(|l| l == recorded)
-        {
-            localparts.push(recorded.to_string());
-        }
-        Keys {
-            localparts,
-            password_secret: user
-                .spec
-                .password
-                .as_ref()
-                .and_then(|p| p.secret_ref.as_ref())
-                .map(|r| (ns.clone(), r.name.clone())),
-            homeserver: (ns, user.spec.homeserver_ref.name.clone()),
-            uid: user.meta().uid.clone(),
-        }
-    }
+    localparts: [Option<Key>; 2],
+    password_secret: Option<Key>,
+    homeserver: Key,
+    uid: Option<Key>,
 }
 
 /// The localpart of `@localpart:server`.
@@ -70,60 +48,92 @@ pub fn localpart_of(user_id: &str) -> &str {
 
 #[derive(Default)]
 struct Maps {
+    /// Per index, so that names chosen to collide in one process do not in
+    /// another.
+    hasher: RandomState,
     keys: HashMap<Ref, Keys>,
-    by_localpart: HashMap<String, HashSet<Ref>>,
-    by_password_secret: HashMap<Named, HashSet<Ref>>,
-    by_homeserver: HashMap<Named, HashSet<Ref>>,
-    by_uid: HashMap<String, Ref>,
+    by_localpart: HashMap<Key, Vec<Ref>>,
+    by_password_secret: HashMap<Key, Vec<Ref>>,
+    by_homeserver: HashMap<Key, Vec<Ref>>,
+    by_uid: HashMap<Key, Ref>,
 }
 
-fn add<K: Hash + Eq>(map: &mut HashMap<K, HashSet<Ref>>, key: K, r: &Ref) {
-    map.entry(key).or_default().insert(r.clone());
+fn add(map: &mut HashMap<Key, Vec<Ref>>, key: Key, r: &Ref) {
+    let refs = map.entry(key).or_default();
+    if !refs.contains(r) {
+        refs.push(r.clone());
+    }
 }
 
-fn take<K: Hash + Eq>(map: &mut HashMap<K, HashSet<Ref>>, key: &K, r: &Ref) {
-    if let Some(set) = map.get_mut(key) {
-        set.remove(r);
-        if set.is_empty() {
-            map.remove(key);
+fn take(map: &mut HashMap<Key, Vec<Ref>>, key: Key, r: &Ref) {
+    if let Some(refs) = map.get_mut(&key) {
+        refs.retain(|other| other != r);
+        if refs.is_empty() {
+            map.remove(&key);
         }
     }
 }
 
 impl Maps {
+    fn key(&self, what: impl Hash) -> Key {
+        self.hasher.hash_one(what)
+    }
+
+    fn keys_of(&self, user: &MatrixUser) -> Keys {
+        let ns = user.meta().namespace.as_deref().unwrap_or_default();
+        let localpart = user.effective_localpart();
+        let recorded = user
+            .status
+            .as_ref()
+            .and_then(|s| s.user_id.as_deref())
+            .map(localpart_of)
+            .filter(|recorded| *recorded != localpart);
+        Keys {
+            localparts: [Some(self.key(localpart)), recorded.map(|l| self.key(l))],
+            password_secret: user
+                .spec
+                .password
+                .as_ref()
+                .and_then(|p| p.secret_ref.as_ref())
+                .map(|r| self.key((ns, r.name.as_str()))),
+            homeserver: self.key((ns, user.spec.homeserver_ref.name.as_str())),
+            uid: user.meta().uid.as_deref().map(|uid| self.key(uid)),
+        }
+    }
+
     fn insert(&mut self, user: &MatrixUser) {
         let r: Ref = Arc::new(ObjectRef::new(&user.name_any()).within(&user.namespace().unwrap_or_default()));
-        let keys = Keys::of(user);
+        let keys = self.keys_of(user);
         if self.keys.get(&r) == Some(&keys) {
             return;
         }
         self.remove(&r);
-        for localpart in &keys.localparts {
-            add(&mut self.by_localpart, localpart.clone(), &r);
+        for localpart in keys.localparts.into_iter().flatten() {
+            add(&mut self.by_localpart, localpart, &r);
         }
-        if let Some(secret) = &keys.password_secret {
-            add(&mut self.by_password_secret, secret.clone(), &r);
+        if let Some(secret) = keys.password_secret {
+            add(&mut self.by_password_secret, secret, &r);
         }
-        add(&mut self.by_homeserver, keys.homeserver.clone(), &r);
-        if let Some(uid) = &keys.uid {
-            self.by_uid.insert(uid.clone(), r.clone());
+        add(&mut self.by_homeserver, keys.homeserver, &r);
+        if let Some(uid) = keys.uid {
+            self.by_uid.insert(uid, r.clone());
         }
         self.keys.insert(r, keys);
     }
 
     fn remove(&mut self, r: &Ref) {
         let Some(keys) = self.keys.remove(r) else { return };
-        for localpart in &keys.localparts {
+        for localpart in keys.localparts.into_iter().flatten() {
             take(&mut self.by_localpart, localpart, r);
         }
-        if let Some(secret) = &keys.password_secret {
+        if let Some(secret) = keys.password_secret {
             take(&mut self.by_password_secret, secret, r);
         }
-        take(&mut self.by_homeserver, &keys.homeserver, r);
-        if let Some(uid) = &keys.uid
-            && self.by_uid.get(uid) == Some(r)
+        take(&mut self.by_homeserver, keys.homeserver, r);
+        if let Some(uid) = keys.uid
+            && self.by_uid.get(&uid) == Some(r)
         {
-            self.by_uid.remove(uid);
+            self.by_uid.remove(&uid);
         }
     }
 }
@@ -165,39 +175,31 @@ impl UserIndex {
         }
     }
 
-    fn refs<K: Hash + Eq>(map: impl Fn(&Maps) -> &HashMap<K, HashSet<Ref>>, key: &K, index: &Index) -> Vec<Ref> {
-        map(&index.current)
-            .get(key)
-            .map(|set| set.iter().cloned().collect())
-            .unwrap_or_default()
+    fn refs(map: impl Fn(&Maps) -> &HashMap<Key, Vec<Ref>>, what: impl Hash, index: &Index) -> Vec<Ref> {
+        let maps = &index.current;
+        map(maps).get(&maps.key(what)).cloned().unwrap_or_default()
     }
 
     /// The MatrixUsers that name `localpart`, or record an account of it.
     pub fn by_localpart(&self, localpart: &str) -> Vec<Ref> {
-        Self::refs(|m| &m.by_localpart, &localpart.to_string(), &self.read())
+        Self::refs(|m| &m.by_localpart, localpart, &self.read())
     }
 
     /// The MatrixUsers whose password is in the Secret `name` of `namespace`.
     pub fn by_password_secret(&self, namespace: &str, name: &str) -> Vec<Ref> {
-        Self::refs(
-            |m| &m.by_password_secret,
-            &(namespace.to_string(), name.to_string()),
-            &self.read(),
-        )
+        Self::refs(|m| &m.by_password_secret, (namespace, name), &self.read())
     }
 
     /// The MatrixUsers of the Homeserver `name` of `namespace`.
     pub fn by_homeserver(&self, namespace: &str, name: &str) -> Vec<Ref> {
-        Self::refs(
-            |m| &m.by_homeserver,
-            &(namespace.to_string(), name.to_string()),
-            &self.read(),
-        )
+        Self::refs(|m| &m.by_homeserver, (namespace, name), &self.read())
     }
 
     /// The MatrixUser of this uid.
     pub fn by_uid(&self, uid: &str) -> Option<Ref> {
-        self.read().current.by_uid.get(uid).cloned()
+        let index = self.read();
+        let maps = &index.current;
+        maps.by_uid.get(&maps.key(uid)).cloned()
     }
 
     /// How many MatrixUsers it holds.
