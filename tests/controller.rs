@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use common::fake_kube::FakeApiServer;
 use common::synapse;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
@@ -926,6 +927,69 @@ async fn the_creation_time_of_a_new_account_is_recorded_with_it() {
     assert!(status.account_creation_ts.is_some());
 }
 
+/// Issue 20: a new account costs 3 Kubernetes writes — the finalizer and
+/// the pending-creation record in one patch, the final status, the
+/// `Created` Event — in one pass; the next pass writes nothing. (It was 4,
+/// in two passes: the finalizer alone first.)
+#[tokio::test]
+async fn a_new_account_costs_three_kubernetes_writes_in_one_pass() {
+    let s = synapse();
+    let lp = s.unique_localpart("ctl-writes");
+    let (client, fake) = cluster(json!({}));
+    let mut hs = homeserver(json!({}));
+    hs["spec"]["registrationSharedSecretRef"] = json!({"name": "registration", "key": "secret"});
+    fake.put(hs);
+    fake.put(secret("registration", "secret", &s.registration_shared_secret));
+    fake.put(secret("writes-pw", "password", "a-password"));
+    // As a user creates it: no finalizer.
+    let mut obj = matrix_user(
+        "writes",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": lp,
+               "password": {"secretRef": {"name": "writes-pw", "key": "password"}}}),
+        Value::Null,
+    );
+    obj["metadata"].as_object_mut().unwrap().remove("finalizers");
+    fake.put(obj.clone());
+    let before = fake.writes().len();
+    let fresh = stored(&fake, &obj);
+    reconcile_user(Arc::new(fresh.clone()), context(client.clone(), &[&fresh]))
+        .await
+        .expect("reconcile");
+    let writes: Vec<String> = fake.writes()[before..].iter().map(|w| w.line()).collect();
+    let user_path = common::fake_kube::path_of(&obj);
+    assert_eq!(
+        writes,
+        [
+            format!("PATCH {user_path}"),
+            format!("PATCH {user_path}/status"),
+            format!("POST /apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        ],
+        "{writes:#?}"
+    );
+    let created = stored(&fake, &obj);
+    assert_eq!(ready_of(&created).1, "InSync");
+    assert_eq!(created.finalizers(), [FINALIZER]);
+    assert_eq!(
+        created.pending_creation().map(|p| p.user_id),
+        Some(s.user_id(&lp)),
+        "the registration does not say when: the record counts until a read does"
+    );
+    // The next pass (a resync) reads the account and records its creation
+    // time; once more, and nothing is written.
+    reconcile_user(Arc::new(created.clone()), context(client.clone(), &[&created]))
+        .await
+        .expect("reconcile");
+    let settled = stored(&fake, &obj);
+    assert!(settled.status.as_ref().unwrap().account_creation_ts.is_some());
+    assert_eq!(settled.pending_creation(), None, "settled");
+    let before = fake.writes().len();
+    reconcile_user(Arc::new(settled.clone()), context(client, &[&settled]))
+        .await
+        .expect("reconcile");
+    let writes: Vec<String> = fake.writes()[before..].iter().map(|w| w.line()).collect();
+    assert!(writes.is_empty(), "{writes:#?}");
+}
+
 /// Issue 9: with the registration shared secret, a new account is made in
 /// one create-only call with its password and displayname, and nothing is
 /// read around it; its creation time, which the registration does not
@@ -961,7 +1025,7 @@ async fn with_the_registration_secret_a_new_account_costs_one_call_and_its_creat
     let status = created.status.clone().unwrap();
     assert_eq!(status.user_id.as_deref(), Some(s.user_id(&lp).as_str()));
     assert_eq!(status.account_creation_ts, None, "not told yet");
-    let pending = status.pending_creation.clone().expect("the record stays until a read");
+    let pending = created.pending_creation().expect("the record stays until a read");
     assert_eq!(pending.user_id, s.user_id(&lp));
     assert!(status.password_digest.is_some());
     let mut admin_requests: Vec<String> = metrics
@@ -988,10 +1052,11 @@ async fn with_the_registration_secret_a_new_account_costs_one_call_and_its_creat
     reconcile_user(Arc::new(created.clone()), context(client, &[&created]))
         .await
         .expect("reconcile");
-    let confirmed = stored(&fake, &obj).status.unwrap();
+    let confirmed_user = stored(&fake, &obj);
+    let confirmed = confirmed_user.status.clone().unwrap();
     assert_eq!(confirmed.account_creation_ts, acc["creation_ts"].as_i64());
     assert!(confirmed.account_creation_ts.is_some());
-    assert_eq!(confirmed.pending_creation, None);
+    assert_eq!(confirmed_user.pending_creation(), None, "settled");
 }
 
 /// Issue 9, point 4: the failure counts, the admin clients (holding the

@@ -383,11 +383,12 @@ async fn a_deadline_never_loses_the_record_of_an_account_it_created() {
         account(&id).await.0 == 200
     })
     .await;
-    let status = stored_user(&fake, &a).status.unwrap();
+    let stored = stored_user(&fake, &a);
     assert_eq!(
-        status.pending_creation.as_ref().map(|p| p.user_id.as_str()),
+        stored.pending_creation().as_ref().map(|p| p.user_id.as_str()),
         Some(id.as_str()),
-        "{status:?}"
+        "{:?}",
+        stored.metadata
     );
     reconcile_once(&fake, &client, &a, &config)
         .await
@@ -395,7 +396,7 @@ async fn a_deadline_never_loses_the_record_of_an_account_it_created() {
     let u = stored_user(&fake, &a);
     let status = u.status.clone().unwrap();
     assert_eq!(status.user_id.as_deref(), Some(id.as_str()), "{status:?}");
-    assert!(status.account_creation_ts.is_some() && status.pending_creation.is_none());
+    assert!(status.account_creation_ts.is_some() && u.pending_creation().is_none());
     assert!(fake.event_reasons().contains(&"Created".to_string()));
 
     // Created, then cut off in the update that follows.

@@ -261,10 +261,9 @@ pub struct MatrixUserStatus {
     /// applied, to tell when the Secret holds a new one. Never the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_digest: Option<String>,
-    /// Recorded just before the operator asks Synapse to create the
-    /// account, and cleared once the outcome is recorded: if the operator
-    /// dies in between, the account Synapse created in that window is
-    /// recognised as this resource's own.
+    /// Where earlier releases recorded a pending creation (now the
+    /// annotation `matrix-operator.io/pending-creation`): still read, and
+    /// cleared once its outcome is recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_creation: Option<PendingCreation>,
 }
@@ -284,7 +283,43 @@ pub struct PendingCreation {
     pub last_requested_at: Option<i64>,
 }
 
+/// Recorded just before the operator asks the homeserver to create the
+/// account (in the same write as the finalizer, for a new MatrixUser): if
+/// the operator dies before it records the outcome, the account created in
+/// that window is recognised as this resource's own. It stays once the
+/// outcome is recorded (clearing it would cost a write per account): a
+/// record of the account status records, with its creation time, is
+/// settled and read as none.
+pub const PENDING_CREATION: &str = "matrix-operator.io/pending-creation";
+
+/// The longest record read (a record is under 200 bytes; anyone allowed to
+/// edit the MatrixUser can write anything there).
+const MAX_PENDING_CREATION_BYTES: usize = 1024;
+
 impl MatrixUser {
+    /// The creation this resource asked for whose outcome is not recorded:
+    /// the annotation, unless settled (see [`PENDING_CREATION`]); else what
+    /// an older release left in status.
+    pub fn pending_creation(&self) -> Option<PendingCreation> {
+        let status = self.status.as_ref();
+        let annotated = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PENDING_CREATION))
+            .filter(|v| v.len() <= MAX_PENDING_CREATION_BYTES)
+            .and_then(|v| serde_json::from_str::<PendingCreation>(v).ok());
+        match annotated {
+            Some(p) => {
+                let settled = status.is_some_and(|s| {
+                    s.user_id.as_deref() == Some(p.user_id.as_str()) && s.account_creation_ts.is_some()
+                });
+                (!settled).then_some(p)
+            }
+            None => status.and_then(|s| s.pending_creation.clone()),
+        }
+    }
+
     /// The localpart this resource names: `spec.localpart` or else its
     /// name, borrowed.
     pub fn effective_localpart(&self) -> &str {

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{debug, info, instrument, warn};
 
@@ -16,8 +16,8 @@ use super::fairness::HomeserverKey;
 use super::homeserver::ready_status;
 use super::{Context, Error, ownership, patch_status_at, secrets};
 use crate::api::{
-    DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, PendingCreation, Ready, STALLED,
-    Standing, set_condition,
+    DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, PENDING_CREATION, PendingCreation,
+    Ready, STALLED, Standing, set_condition,
 };
 use crate::apply::{Halt, PendingOutcome, Progress, Write, WriteGuard, delete_account, sync_account};
 use crate::backend::Backend;
@@ -58,19 +58,35 @@ pub async fn reconcile_user(user: Arc<MatrixUser>, ctx: Arc<Context>) -> Result<
 }
 
 async fn reconcile_user_inner(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
+    if user.meta().deletion_timestamp.is_none() {
+        // The finalizer is added by the pass's first write (with the
+        // pending-creation record, for a new account), or at its end.
+        return apply(user, ctx).await;
+    }
+    if !has_finalizer(&user) {
+        return Ok(Action::await_change());
+    }
+    let action = cleanup(user.clone(), ctx).await?;
+    // The entry is tested before it goes: a list changed meanwhile fails
+    // the patch, and the next pass looks again.
+    let index = user
+        .finalizers()
+        .iter()
+        .position(|f| f == FINALIZER)
+        .unwrap_or_default();
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
+    ]))
+    .map_err(kube::Error::SerdeError)?;
     let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-    finalizer(&api, FINALIZER, user, |event| async {
-        match event {
-            Finalizer::Apply(user) => apply(user, ctx).await,
-            Finalizer::Cleanup(user) => cleanup(user, ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
-        other => Error::InvalidSpec(other.to_string()),
-    })
+    api.patch::<MatrixUser>(&user.name_any(), &PatchParams::default(), &Patch::Json(patch))
+        .await?;
+    Ok(action)
+}
+
+fn has_finalizer(user: &MatrixUser) -> bool {
+    user.finalizers().iter().any(|f| f == FINALIZER)
 }
 
 pub fn error_policy(user: Arc<MatrixUser>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -249,18 +265,11 @@ fn status_after(
     if outcome.progress.password_applied || outcome.digest_rekeyed {
         status.password_digest = outcome.password_digest.clone();
     }
-    match (outcome.progress.pending_creation, &outcome.user_id) {
-        (PendingOutcome::Unchanged, _) => {}
-        (PendingOutcome::Unanswered(p) | PendingOutcome::Unconfirmed(p), Some(id)) => {
-            status.pending_creation = Some(PendingCreation {
-                user_id: id.to_string(),
-                requested_at: p.requested_at,
-                last_requested_at: (p.last_requested_at != p.requested_at).then_some(p.last_requested_at),
-            });
-        }
-        (PendingOutcome::Unanswered(_) | PendingOutcome::Unconfirmed(_), None) | (PendingOutcome::Settled, _) => {
-            status.pending_creation = None
-        }
+    // The record is kept in an annotation (see `PENDING_CREATION`); what
+    // an older release kept in status goes once the pass settled it or
+    // recorded a newer one.
+    if outcome.progress.pending_creation != PendingOutcome::Unchanged {
+        status.pending_creation = None;
     }
     set_condition(&mut status.conditions, ready, generation, now());
     status
@@ -282,10 +291,20 @@ async fn record_status(
     let mut status = status_after(&guard.base, outcome, ready, generation);
     let mut attempt = 1;
     loop {
-        if status == guard.base {
-            return Ok(None);
-        }
-        match guard.write(&status).await {
+        let settled_without_account = outcome.progress.pending_creation == PendingOutcome::Settled
+            && outcome.user_id.as_ref().is_some_and(|id| {
+                status.user_id.as_deref() != Some(id.as_str()) || status.account_creation_ts.is_none()
+            });
+        let metadata = match (&outcome.user_id, settled_without_account) {
+            (Some(id), true) => guard.drop_record(id.as_str()).await,
+            _ => Ok(()),
+        };
+        let written = match metadata.and(guard.ensure_finalizer().await) {
+            Ok(()) if status == guard.base => return Ok(None),
+            Ok(()) => guard.write(&status).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => return Ok(None),
             Err(e) if is_conflict(&e) => {
                 let fresh = guard.fetch().await?;
@@ -339,6 +358,10 @@ struct Guard<'a> {
     confirmed: bool,
     wrote_status: bool,
     stop: Option<Stop>,
+    /// Whether the copy as last written has the finalizer.
+    has_finalizer: bool,
+    /// The pending-creation record as last written.
+    record: Option<PendingCreation>,
 }
 
 impl<'a> Guard<'a> {
@@ -353,7 +376,61 @@ impl<'a> Guard<'a> {
             confirmed: false,
             wrote_status: false,
             stop: None,
+            has_finalizer: has_finalizer(user),
+            record: user.pending_creation(),
         }
+    }
+
+    /// Writes the MatrixUser's metadata on the copy the sync is based on
+    /// (a resourceVersion precondition): the finalizer where it is missing,
+    /// and, when `record` is given, the pending-creation record (`None`:
+    /// removed). One write, which also confirms the copy is current.
+    async fn write_metadata(&mut self, record: Option<Option<&PendingCreation>>) -> Result<(), kube::Error> {
+        let mut meta = serde_json::json!({ "resourceVersion": self.resource_version });
+        if !self.has_finalizer {
+            let mut finalizers = self.user.finalizers().to_vec();
+            finalizers.push(FINALIZER.to_string());
+            meta["finalizers"] = serde_json::json!(finalizers);
+        }
+        if let Some(record) = record {
+            let value = record
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(kube::Error::SerdeError)?;
+            let mut annotations = serde_json::Map::new();
+            annotations.insert(PENDING_CREATION.to_string(), serde_json::json!(value));
+            meta["annotations"] = serde_json::Value::Object(annotations);
+        }
+        let patch = serde_json::json!({ "metadata": meta });
+        let written = self
+            .api
+            .patch(&self.user.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        self.resource_version = written.resource_version();
+        self.has_finalizer = true;
+        if let Some(record) = record {
+            self.record = record.cloned();
+        }
+        Ok(())
+    }
+
+    /// Adds the finalizer where the pass wrote nothing that carried it:
+    /// every MatrixUser a pass looked at goes through its deletion policy.
+    async fn ensure_finalizer(&mut self) -> Result<(), kube::Error> {
+        if self.has_finalizer {
+            return Ok(());
+        }
+        self.write_metadata(None).await
+    }
+
+    /// Drops a pending-creation record that the pass settled without an
+    /// account of its own (a create refused outright), so that no later
+    /// pass takes an account of that ID as one it made.
+    async fn drop_record(&mut self, user_id: &str) -> Result<(), kube::Error> {
+        if self.record.as_ref().is_some_and(|r| r.user_id == user_id) {
+            self.write_metadata(Some(None)).await?;
+        }
+        Ok(())
     }
 
     async fn fetch(&self) -> Result<MatrixUser, kube::Error> {
@@ -363,6 +440,8 @@ impl<'a> Guard<'a> {
     fn rebase(&mut self, fresh: &MatrixUser) {
         self.base = fresh.status.clone().unwrap_or_default();
         self.resource_version = fresh.resource_version();
+        self.has_finalizer = has_finalizer(fresh);
+        self.record = fresh.pending_creation();
     }
 
     async fn write(&mut self, status: &MatrixUserStatus) -> Result<(), kube::Error> {
@@ -390,6 +469,16 @@ impl<'a> Guard<'a> {
         if self.confirmed {
             return Ok(());
         }
+        if !self.has_finalizer {
+            // Adding the finalizer at the resourceVersion read confirms it.
+            return match self.write_metadata(None).await {
+                Ok(()) => {
+                    self.confirmed = true;
+                    Ok(())
+                }
+                Err(e) => Err(self.stale_or_failed(e).await),
+            };
+        }
         match self.fetch().await {
             Ok(fresh) if fresh.resource_version() == self.resource_version => {
                 self.confirmed = true;
@@ -400,6 +489,19 @@ impl<'a> Guard<'a> {
         }
     }
 
+    /// Stops the sync after a refused write: on a conflict, with the newer
+    /// copy to start again on.
+    async fn stale_or_failed(&mut self, e: kube::Error) -> Halt {
+        if is_conflict(&e) {
+            match self.fetch().await {
+                Ok(fresh) => self.halt(Stop::Stale(Box::new(fresh))),
+                Err(e) => self.halt(Stop::Failed(e.into())),
+            }
+        } else {
+            self.halt(Stop::Failed(e.into()))
+        }
+    }
+
     async fn record_pending_creation(&mut self) -> Result<Option<plan::PendingCreation>, Halt> {
         let Some(user_id) = self.user_id() else {
             return Ok(None);
@@ -407,29 +509,32 @@ impl<'a> Guard<'a> {
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
         // An earlier create of this ID that went unanswered may still have
         // made the account: the record covers it too.
-        let pending = match pending_creation_of(&self.base, &user_id) {
+        let earlier = self
+            .record
+            .as_ref()
+            .filter(|p| p.user_id == user_id.as_str())
+            .map(|p| plan::PendingCreation {
+                requested_at: p.requested_at,
+                last_requested_at: p.last_requested_at.unwrap_or(p.requested_at),
+            });
+        let pending = match earlier {
             Some(earlier) => plan::PendingCreation {
                 last_requested_at: now,
                 ..earlier
             },
             None => plan::PendingCreation::at(now),
         };
-        let mut status = self.base.clone();
-        status.pending_creation = Some(PendingCreation {
+        let record = PendingCreation {
             user_id: user_id.to_string(),
             requested_at: pending.requested_at,
             last_requested_at: (pending.last_requested_at != pending.requested_at).then_some(pending.last_requested_at),
-        });
-        match self.write(&status).await {
+        };
+        match self.write_metadata(Some(Some(&record))).await {
             Ok(()) => {
                 self.confirmed = true;
                 Ok(Some(pending))
             }
-            Err(e) if is_conflict(&e) => match self.fetch().await {
-                Ok(fresh) => Err(self.halt(Stop::Stale(Box::new(fresh)))),
-                Err(e) => Err(self.halt(Stop::Failed(e.into()))),
-            },
-            Err(e) => Err(self.halt(Stop::Failed(e.into()))),
+            Err(e) => Err(self.stale_or_failed(e).await),
         }
     }
 
@@ -536,7 +641,7 @@ async fn sync(
         adoption_allowed: hs.policy.allow_adoption,
         admin_allowed: hs.policy.allow_admin_users,
         owned_creation_ts: old.account_creation_ts,
-        pending_creation: pending_creation_of(old, &user_id),
+        pending_creation: pending_creation_of(user, &user_id),
     };
     // The deadline bounds the homeserver's work only: what the pass did
     // before it was cut (a create answered, a pending creation recorded)
@@ -573,11 +678,9 @@ fn cut_short(progress: &mut Progress) {
     }
 }
 
-/// The pending creation recorded in `status` for `user_id`, if any.
-fn pending_creation_of(status: &MatrixUserStatus, user_id: &UserId) -> Option<plan::PendingCreation> {
-    status
-        .pending_creation
-        .as_ref()
+/// The pending creation recorded for `user_id`, if any.
+fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::PendingCreation> {
+    user.pending_creation()
         .filter(|p| p.user_id == user_id.as_str())
         .map(|p| plan::PendingCreation {
             requested_at: p.requested_at,
@@ -710,7 +813,7 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     let recorded = status
         .user_id
         .clone()
-        .or_else(|| status.pending_creation.as_ref().map(|p| p.user_id.clone()));
+        .or_else(|| user.pending_creation().map(|p| p.user_id));
     let Some(recorded) = recorded.filter(|_| policy != DeletionPolicy::Retain) else {
         let note = match policy {
             DeletionPolicy::Retain => "deletionPolicy is Retain: the account is left as it is".to_string(),
@@ -763,7 +866,7 @@ async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action
     let authority = Authority {
         owned: status.user_id.as_deref() == Some(user_id.as_str()),
         owned_creation_ts: status.account_creation_ts,
-        pending_creation: pending_creation_of(&status, &user_id),
+        pending_creation: pending_creation_of(user, &user_id),
         admin_allowed: hs.policy.allow_admin_users,
         ..Authority::default()
     };
@@ -981,7 +1084,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pending_creation_is_kept_while_unanswered_and_cleared_once_settled() {
+    fn a_pending_creation_an_older_release_left_in_status_is_kept_until_settled_or_recorded_anew() {
         let user_id = UserId::new("a", "example.org").unwrap();
         let base = MatrixUserStatus {
             pending_creation: Some(PendingCreation {
@@ -1000,13 +1103,9 @@ mod tests {
             status_after(&base, &outcome, &ready, Some(1)).pending_creation,
             base.pending_creation
         );
+        // A newer record went to the annotation: status keeps none.
         outcome.progress.pending_creation = PendingOutcome::Unanswered(plan::PendingCreation::at(20));
-        assert_eq!(
-            status_after(&base, &outcome, &ready, Some(1))
-                .pending_creation
-                .map(|p| p.requested_at),
-            Some(20)
-        );
+        assert_eq!(status_after(&base, &outcome, &ready, Some(1)).pending_creation, None);
         outcome.progress.pending_creation = PendingOutcome::Settled;
         outcome.owned = true;
         outcome.progress.creation_ts = Some(21);
@@ -1014,6 +1113,47 @@ mod tests {
         assert_eq!(after.pending_creation, None);
         assert_eq!(after.user_id.as_deref(), Some(user_id.as_str()));
         assert_eq!(after.account_creation_ts, Some(21));
+    }
+
+    #[test]
+    fn the_pending_creation_record_is_read_until_status_records_the_account_it_made() {
+        let record = r#"{"userId":"@a:example.org","requestedAt":10}"#;
+        let user = |annotation: Option<&str>, status: serde_json::Value| -> MatrixUser {
+            let mut meta = serde_json::json!({"name": "a", "namespace": "chat"});
+            if let Some(a) = annotation {
+                meta["annotations"] = serde_json::json!({ "matrix-operator.io/pending-creation": a });
+            }
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+                "metadata": meta, "spec": {"homeserverRef": {"name": "hs"}}, "status": status,
+            }))
+            .unwrap()
+        };
+        let at = |p: Option<PendingCreation>| p.map(|p| (p.user_id, p.requested_at));
+        let pending = Some(("@a:example.org".to_string(), 10));
+        assert_eq!(
+            at(user(Some(record), serde_json::json!({})).pending_creation()),
+            pending
+        );
+        // Created, but not yet told when: still the record that covers it.
+        let created = serde_json::json!({"userId": "@a:example.org"});
+        assert_eq!(at(user(Some(record), created).pending_creation()), pending);
+        // Recorded with its creation time: settled.
+        let recorded = serde_json::json!({"userId": "@a:example.org", "accountCreationTs": 11});
+        assert_eq!(at(user(Some(record), recorded).pending_creation()), None);
+        // Another account recorded (the spec's localpart changed since).
+        let other = serde_json::json!({"userId": "@b:example.org", "accountCreationTs": 11});
+        assert_eq!(at(user(Some(record), other).pending_creation()), pending);
+        // What an older release left in status.
+        let legacy = serde_json::json!({"pendingCreation": {"userId": "@a:example.org", "requestedAt": 10}});
+        assert_eq!(at(user(None, legacy).pending_creation()), pending);
+        // Garbage, or too long to be one: none.
+        assert_eq!(at(user(Some("{"), serde_json::json!({})).pending_creation()), None);
+        let long = format!(
+            r#"{{"userId":"@a:example.org","requestedAt":10,"x":"{}"}}"#,
+            "x".repeat(2000)
+        );
+        assert_eq!(at(user(Some(&long), serde_json::json!({})).pending_creation()), None);
     }
 
     #[test]

@@ -432,6 +432,26 @@ fn acted_on<K: Resource>(obj: &K) -> Option<u64> {
     Some(h.finish())
 }
 
+/// [`acted_on`] for a MatrixUser, but for what a pass writes itself: its
+/// finalizer and its pending-creation record, added by the pass's first
+/// write (which must not set off another pass, and its admin GET).
+fn acted_on_user(user: &MatrixUser) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = user.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    for f in meta.finalizers.iter().flatten().filter(|f| *f != FINALIZER) {
+        f.hash(&mut h);
+    }
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    for (k, v) in meta.annotations.iter().flatten() {
+        if k != crate::api::PENDING_CREATION {
+            (k, v).hash(&mut h);
+        }
+    }
+    Some(h.finish())
+}
+
 /// What the MatrixUsers of a Homeserver read of it (see
 /// [`homeserver::ready_status`] and the spec): a change of anything else —
 /// its server version, a condition's message or time — sets off no
@@ -750,10 +770,11 @@ where
             .applied_objects(),
         "MatrixUser",
     )
-    // The operator's own status writes change nothing it acts on: without
-    // this, every one (two per new account) costs another reconcile and
-    // admin GET. The cache above still sees every change.
-    .predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
+    // The operator's own writes (status, finalizer, pending-creation
+    // record) change nothing it acts on: without this, every one costs
+    // another reconcile and admin GET. The cache above still sees every
+    // change.
+    .predicate_filter(acted_on_user, kube::runtime::PredicateConfig::default());
     let by_homeserver = cache.clone();
     let by_secret = cache;
     let users = Controller::for_stream(users_stream, store)
@@ -1136,6 +1157,41 @@ mod tests {
         let skipped = as_kept(&[(SKIP_CLEANUP, "true"), ("argocd.argoproj.io/tracking-id", "x")]);
         assert_ne!(acted_on(&base), acted_on(&skipped));
         assert_eq!(acted_on(&skipped), acted_on(&annotated_only_skip()));
+    }
+
+    #[test]
+    fn a_matrixusers_own_finalizer_and_pending_creation_record_trigger_no_reconcile_but_others_do() {
+        let base: MatrixUser =
+            serde_json::from_value(user("a", "alice", "u1", json!({"homeserverRef": {"name": "hs"}}))).unwrap();
+        let mut written = base.clone();
+        written.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        written.metadata.annotations = Some(
+            [(
+                crate::api::PENDING_CREATION.to_string(),
+                r#"{"userId":"@alice:example.org","requestedAt":1}"#.to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(acted_on_user(&base), acted_on_user(&written), "the pass's own write");
+        let mut other_finalizer = written.clone();
+        other_finalizer.metadata.finalizers = Some(vec![FINALIZER.into(), "example.org/keep".into()]);
+        let mut skipped = written.clone();
+        skipped
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(SKIP_CLEANUP.into(), "true".into());
+        let mut spec = written.clone();
+        spec.metadata.generation = Some(2);
+        for changed in [other_finalizer, skipped, spec] {
+            assert_ne!(
+                acted_on_user(&written),
+                acted_on_user(&changed),
+                "{:?}",
+                changed.metadata
+            );
+        }
     }
 
     fn annotated_only_skip() -> MatrixUser {

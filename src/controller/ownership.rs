@@ -40,11 +40,7 @@ fn records(other: &MatrixUser, user_id: &UserId) -> bool {
 /// Whether `other` asked for the creation of `user_id` and has not
 /// recorded the outcome yet.
 fn is_creating(other: &MatrixUser, user_id: &UserId) -> bool {
-    other
-        .status
-        .as_ref()
-        .and_then(|s| s.pending_creation.as_ref())
-        .is_some_and(|p| p.user_id == user_id.as_str())
+    other.pending_creation().is_some_and(|p| p.user_id == user_id.as_str())
 }
 
 /// Two MatrixUsers naming one Matrix ID: the one that owns the account
