@@ -59,6 +59,11 @@ async fn refusals_of_mas_mode() {
     scenarios::refusals_of_mas_mode(&mas_standin().target()).await;
 }
 
+#[tokio::test]
+async fn a_resync_reads_only_what_the_spec_manages() {
+    scenarios::a_resync_reads_only_what_the_spec_manages(&mas_standin().target()).await;
+}
+
 /// An expired admin token (MAS answers 401) is renewed once, and the call
 /// goes through.
 #[tokio::test]
@@ -136,99 +141,4 @@ async fn a_steady_state_sends_mas_no_write() {
         .filter(|r| r.method != http::Method::GET && r.path != "/oauth2/token" && r.path != "/oauth2/introspect")
         .collect();
     assert!(writes.is_empty(), "MAS got writes: {writes:?}");
-}
-
-/// A MAS backend on the stand-in whose clients count their own requests
-/// by endpoint (the stand-in is shared by the tests running at once).
-fn counting_backend(
-    t: &common::mas::MasTarget,
-) -> (
-    matrix_user_operator::backend::mas::MasBackend,
-    std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
-) {
-    use matrix_user_operator::backend::RequestObserver;
-    use matrix_user_operator::backend::mas::{MasBackend, MasClient, MasConfig};
-    use matrix_user_operator::synapse::{ClientConfig, SynapseClient};
-    let calls: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>> = Default::default();
-    let recorded = calls.clone();
-    let observer = RequestObserver(std::sync::Arc::new(move |endpoint, _, _| {
-        recorded.lock().unwrap().push(endpoint);
-    }));
-    let mut config = MasConfig::new(&t.mas_url, &t.client_id, SecretString::new(&t.client_secret));
-    config.observer = Some(observer.clone());
-    let mut synapse = ClientConfig::new(&t.synapse_url, SecretString::new(&t.synapse_admin_token));
-    synapse.observer = Some(observer);
-    let b = MasBackend::new(
-        MasClient::new(config).expect("a MAS client"),
-        SynapseClient::new(synapse).expect("a Synapse client"),
-    );
-    (b, calls)
-}
-
-/// A resync of an account in sync reads only what the plan compares: the
-/// MAS user always (its state, admin attribute and creation time, for the
-/// ownership check), Synapse's profile only for a managed display name,
-/// avatar or user type, MAS's emails only for spec.threepids and its
-/// upstream links only for spec.externalIds. It was 4 GETs whatever the
-/// spec managed.
-#[tokio::test]
-async fn a_resync_reads_only_what_the_spec_manages() {
-    let t = mas_standin().target();
-    let (b, calls) = counting_backend(&t);
-    let owned = Authority {
-        owned: true,
-        ..Authority::default()
-    };
-    let lp = unique("reads");
-    let mut d = Desired::existing(UserId::new(&lp, &t.server_name).unwrap());
-    d.displayname = Some("Reads".into());
-    d.locked = Some(false);
-    d.password = Some(DesiredPassword {
-        value: SecretString::new(STRONG),
-        applied: false,
-        logout_devices: false,
-    });
-    sync_account(&b, &d, Authority::default(), &mut Unguarded, &mut Progress::default())
-        .await
-        .expect("the first sync");
-    if let Some(pw) = d.password.as_mut() {
-        pw.applied = true;
-    }
-    let email = matrix_user_operator::account::Threepid {
-        medium: "email".into(),
-        address: format!("{lp}@example.org"),
-    };
-    // (what the spec manages, the GETs a resync makes, in order)
-    let mut only_password = d.clone();
-    only_password.displayname = None;
-    only_password.locked = None;
-    let mut with_email = d.clone();
-    with_email.threepids = Some(vec![email]);
-    let cases = [
-        (d.clone(), vec!["mas_get_user", "get_user"]),
-        (only_password, vec!["mas_get_user"]),
-        (with_email, vec!["mas_get_user", "mas_list_emails", "get_user"]),
-    ];
-    for (i, (desired, want)) in cases.into_iter().enumerate() {
-        // The email is added by the first sync of that case; the resync
-        // after it is the one counted.
-        let mut p = Progress::default();
-        sync_account(&b, &desired, owned, &mut Unguarded, &mut p)
-            .await
-            .unwrap_or_else(|e| panic!("case {i}: {e}"));
-        calls.lock().unwrap().clear();
-        let mut p = Progress::default();
-        sync_account(&b, &desired, owned, &mut Unguarded, &mut p)
-            .await
-            .unwrap_or_else(|e| panic!("case {i}: the resync: {e}"));
-        assert_eq!(p.writes, 0, "case {i}: in sync: {p:?}");
-        let made: Vec<&str> = calls
-            .lock()
-            .unwrap()
-            .iter()
-            .copied()
-            .filter(|e| *e != "mas_token")
-            .collect();
-        assert_eq!(made, want, "case {i}: the calls of a resync");
-    }
 }

@@ -131,6 +131,22 @@ fn calls_of(mas: &[Hit], synapse: &[Hit], localpart: &str, user_id: &str) -> Vec
     mine.into_iter().map(|(_, e)| e).collect()
 }
 
+/// Waits until neither proxy has answered anything for a second (at most
+/// two minutes).
+async fn settle(w: &World) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let last = [&w.mas, &w.synapse]
+            .iter()
+            .filter_map(|p| p.hits.lock().unwrap().last().map(|h| h.at))
+            .max();
+        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 struct World {
     target: MasTarget,
     mas: Proxy,
@@ -463,15 +479,18 @@ async fn run_once(w: &World, n: usize, concurrency: u16, in_flight: usize, o: &O
     }
     let startup = first_gets(started);
     let startup_end = startup.values().max().copied().unwrap_or(started);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The pass's later calls (Synapse's GETs queue behind MAS's) land.
+    settle(w).await;
     let (mas_hits, synapse_hits) = (w.mas.hits_since(started), w.synapse.hits_since(started));
     let kube = kube_counts(&fake.requests());
     let count = passes(&mas_hits);
     println!(
-        "  start-up pass over {n} in-sync users (operator restarted): {} checked in {:.2} s from the process start; \
-         {count} passes; calls per user: {}; answers >= 400 except 404: {}; Kubernetes: {}",
+        "  start-up pass over {n} in-sync users (operator restarted): {} checked in {:.2} s from the process start, \
+         its calls over after {:.2} s; {count} passes; calls per user: {}; answers >= 400 except 404: {}; \
+         Kubernetes: {}",
         startup.len(),
         (startup_end - started).as_secs_f64(),
+        (Instant::now() - started).as_secs_f64(),
         per_account(&by_endpoint(&mas_hits, &synapse_hits), n),
         errors(&mas_hits, &synapse_hits),
         totals(&kube)
