@@ -166,9 +166,19 @@ fn password_of(i: usize, tag: &str) -> String {
 }
 
 /// The script: for each account, `steps` in order through the library's
-/// clients (which fetch and keep MAS's token as the operator does),
-/// `in_flight` accounts at a time.
-async fn script(w: &World, steps: &[Step], localparts: &[String], in_flight: usize, tag: &str) -> Duration {
+/// clients (which fetch and keep MAS's token as the operator does), as the
+/// operator has them: `accounts` at a time (its reconcile slots), each
+/// client with `in_flight` requests at most (the Homeserver's
+/// maxConcurrentRequests, which the operator's MAS and Synapse clients
+/// each have).
+async fn script(
+    w: &World,
+    steps: &[Step],
+    localparts: &[String],
+    accounts: usize,
+    in_flight: usize,
+    tag: &str,
+) -> Duration {
     let t = &w.target;
     let mut config = MasConfig::new(&w.mas.url, &t.client_id, SecretString::new(&t.client_secret));
     config.max_concurrent_requests = in_flight;
@@ -218,7 +228,7 @@ async fn script(w: &World, steps: &[Step], localparts: &[String], in_flight: usi
             }
         }
     }))
-    .buffer_unordered(in_flight)
+    .buffer_unordered(accounts)
     .collect::<Vec<_>>()
     .await;
     started.elapsed()
@@ -386,15 +396,16 @@ async fn run_once(w: &World, n: usize, concurrency: u16, in_flight: usize, o: &O
     w.mas.clear();
     w.synapse.clear();
     let mark = Instant::now();
-    let script_time = script(w, &steps, &script_accounts, in_flight, &tag).await;
+    let script_time = script(w, &steps, &script_accounts, concurrency as usize, in_flight, &tag).await;
     let (s_mas, s_synapse) = (w.mas.hits_since(mark), w.synapse.hits_since(mark));
     let script_calls = by_endpoint(&s_mas, &s_synapse);
     let script_errors = errors(&s_mas, &s_synapse);
 
     println!("operator's calls for its first account, in order (MAS, and synapse = Synapse's admin API): {first:?}");
     println!(
-        "script:   {n} accounts in {:.2} s ({:.1}/s), {in_flight} in flight, making those calls for each account \
-         through the library's MAS and Synapse clients, without Kubernetes",
+        "script:   {n} accounts in {:.2} s ({:.1}/s), {concurrency} accounts and up to {in_flight} requests to \
+         each of MAS and Synapse in flight, making those calls for each account through the library's MAS and \
+         Synapse clients, without Kubernetes",
         script_time.as_secs_f64(),
         n as f64 / script_time.as_secs_f64(),
     );
