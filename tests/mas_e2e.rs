@@ -52,14 +52,14 @@ fn main() -> ExitCode {
             ),
             ("conflicts", scenarios::conflicts(t).boxed()),
             (
+                "a_resync_reads_only_what_the_spec_manages",
+                scenarios::a_resync_reads_only_what_the_spec_manages(t).boxed(),
+            ),
+            (
                 "password_change_logs_out_only_when_asked",
                 scenarios::password_change_logs_out_only_when_asked(t).boxed(),
             ),
             ("refusals_of_mas_mode", scenarios::refusals_of_mas_mode(t).boxed()),
-            (
-                "a_resync_reads_only_what_the_spec_manages",
-                scenarios::a_resync_reads_only_what_the_spec_manages(t).boxed(),
-            ),
         ];
         let mut failed = 0;
         for (name, run) in runs {
