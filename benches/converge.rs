@@ -32,6 +32,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "converge/mas.rs"]
+mod mas;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -65,6 +67,28 @@ struct Options {
     creation: Vec<Creation>,
     /// How the bench creates objects.
     apply: Apply,
+    /// Which account stores the Homeserver uses, each run in turn.
+    backends: Vec<Backend>,
+}
+
+/// Where the Homeserver's accounts live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// Synapse's admin API.
+    Synapse,
+    /// MAS (`spec.mas`), with the profile in Synapse.
+    Mas,
+}
+
+fn backends(text: &str) -> Vec<Backend> {
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.trim() {
+            "synapse" => Backend::Synapse,
+            "mas" => Backend::Mas,
+            other => panic!("backend: {other:?} is neither synapse nor mas"),
+        })
+        .collect()
 }
 
 /// How the bench creates the objects a user creates.
@@ -137,6 +161,7 @@ fn options() -> Options {
         converge_only: env("CONVERGE_ONLY").is_some_and(|v| v != "0"),
         creation: creations(&env("CONVERGE_CREATION").unwrap_or("register,put".into())),
         apply: apply_of(&env("CONVERGE_APPLY").unwrap_or("server".into())),
+        backends: backends(&env("CONVERGE_BACKEND").unwrap_or("synapse".into())),
     };
     let mut ten_k = env("CONVERGE_10K").is_some_and(|v| v != "0");
     let mut args = std::env::args().skip(1);
@@ -152,6 +177,7 @@ fn options() -> Options {
             "--converge-only" => o.converge_only = true,
             "--creation" => o.creation = creations(&value()),
             "--apply" => o.apply = apply_of(&value()),
+            "--backend" => o.backends = backends(&value()),
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             other => panic!("unknown argument {other:?} (see the top of benches/converge.rs)"),
@@ -173,6 +199,8 @@ struct Hit {
     method: http::Method,
     /// Percent-decoded path.
     path: String,
+    /// The query string, as sent.
+    query: String,
     status: u16,
     /// The request body of a write, for the spec-change latency.
     body: String,
@@ -296,6 +324,7 @@ async fn forward(
             String::new()
         },
         path,
+        query: parts.uri.query().unwrap_or_default().to_string(),
         status,
         body: if parts.method == http::Method::GET {
             String::new()
@@ -1129,6 +1158,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if o.backends.contains(&Backend::Synapse) {
+        synapse_mode(&o, &runtime);
+    }
+    if o.backends.contains(&Backend::Mas) {
+        mas::run(&o, &runtime);
+    }
+}
+
+/// The Homeserver without `spec.mas`: accounts in Synapse's admin API.
+fn synapse_mode(o: &Options, runtime: &tokio::runtime::Runtime) {
     println!(
         "converge: Synapse {} (SQLite) on 127.0.0.1 behind a counting proxy; Kubernetes is the in-process FAKE \
          API server (tests/common/fake_kube), the operator the real binary against it; {} CPUs shared by all",
@@ -1150,7 +1189,7 @@ fn main() {
                 let tag = format!("b{bcrypt}-n{n}-c{c}-p{}", std::process::id());
                 let base = runtime.block_on(baselines(&s, &proxy, &tag, n, in_flight, &o.creation));
                 for &creation in &o.creation {
-                    rows.push(runtime.block_on(run_once(&s, &proxy, bcrypt, n, c, creation, &base, &o)));
+                    rows.push(runtime.block_on(run_once(&s, &proxy, bcrypt, n, c, creation, &base, o)));
                 }
             }
         }

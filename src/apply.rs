@@ -9,7 +9,7 @@ use tracing::{debug, info};
 use crate::account::{Account, UserId};
 use crate::api::DeletionPolicy;
 use crate::backend::mas::MasError;
-use crate::backend::{AccountBackend, BackendError};
+use crate::backend::{AccountBackend, BackendError, Parts};
 use crate::plan::{self, Action, Authority, DeletionAction, Desired, PendingCreation, Refusal, Untouched};
 use crate::synapse::SynapseError;
 
@@ -159,12 +159,15 @@ pub async fn sync_account<B: AccountBackend>(
         && !authority.adopt_requested
         && backend.creates_before_reading(&desired);
     let mut answered: Option<Option<Account>> = fresh.then_some(None);
+    // Only what the plan compares is read (MAS: no emails or upstream
+    // links for a spec without threepids or externalIds).
+    let parts = Parts::managed_by(&desired);
     // This sync created the account: it has no sessions yet.
     let mut created_now = false;
     for _ in 0..MAX_ROUNDS {
         let account = match answered.take() {
             Some(account) => account,
-            None => backend.read(&desired.user_id).await?,
+            None => backend.read(&desired.user_id, parts).await?,
         };
         if let Some(account) = &account {
             confirm_creation(account, &mut authority, progress);
@@ -346,7 +349,14 @@ pub async fn delete_account<B: AccountBackend>(
     if policy == DeletionPolicy::Retain {
         return Ok(Err(Untouched::Retained));
     }
-    let account = backend.read(user_id).await?;
+    // The deletion plan looks at the account's state and, for `Erase`,
+    // whether it is erased (the profile): never at its threepids or links.
+    let parts = Parts {
+        threepids: false,
+        external_ids: false,
+        ..Parts::ALL
+    };
+    let account = backend.read(user_id, parts).await?;
     let action = plan::plan_deletion(policy, authority, account.as_ref());
     if let (Ok(DeletionAction::Deactivate { erase }), Some(account)) = (action, &account) {
         backend.deactivate(user_id, account, erase).await?;

@@ -10,7 +10,7 @@ use common::mas::mas_standin;
 use common::mas_scenarios::{self as scenarios, STRONG, backend, unique};
 use matrix_user_operator::account::UserId;
 use matrix_user_operator::apply::{Progress, Unguarded, sync_account};
-use matrix_user_operator::backend::AccountBackend;
+use matrix_user_operator::backend::{AccountBackend, Parts};
 use matrix_user_operator::plan::{Authority, Desired, DesiredPassword};
 use matrix_user_operator::secret::SecretString;
 
@@ -59,6 +59,11 @@ async fn refusals_of_mas_mode() {
     scenarios::refusals_of_mas_mode(&mas_standin().target()).await;
 }
 
+#[tokio::test]
+async fn a_resync_reads_only_what_the_spec_manages() {
+    scenarios::a_resync_reads_only_what_the_spec_manages(&mas_standin().target()).await;
+}
+
 /// An expired admin token (MAS answers 401) is renewed once, and the call
 /// goes through.
 #[tokio::test]
@@ -86,10 +91,10 @@ async fn an_expired_admin_token_is_renewed() {
     .expect("a Synapse client");
     let b = MasBackend::new(MasClient::new(config).expect("a MAS client"), synapse);
     let id = UserId::new(&unique("token"), &t.server_name).unwrap();
-    assert!(b.read(&id).await.expect("a first read").is_none());
+    assert!(b.read(&id, Parts::ALL).await.expect("a first read").is_none());
     assert_eq!(token_requests.load(Ordering::SeqCst), 1);
     standin.expire_admin_tokens();
-    assert!(b.read(&id).await.expect("a read after expiry").is_none());
+    assert!(b.read(&id, Parts::ALL).await.expect("a read after expiry").is_none());
     assert_eq!(token_requests.load(Ordering::SeqCst), 2, "one new token");
 }
 

@@ -53,6 +53,10 @@ fn main() -> ExitCode {
             ),
             ("conflicts", scenarios::conflicts(t).boxed()),
             (
+                "a_resync_reads_only_what_the_spec_manages",
+                scenarios::a_resync_reads_only_what_the_spec_manages(t).boxed(),
+            ),
+            (
                 "password_change_logs_out_only_when_asked",
                 scenarios::password_change_logs_out_only_when_asked(t).boxed(),
             ),

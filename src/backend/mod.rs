@@ -229,6 +229,37 @@ pub struct Applied {
 #[error("{0}")]
 pub struct Unsupported(pub String);
 
+/// The parts of an account a read must report. A backend that keeps an
+/// account in several places (MAS: the user, its emails, its upstream
+/// links, and the profile in Synapse) reads only the parts asked for and
+/// reports the others empty; a backend with one place reads it whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parts {
+    /// Display name, avatar, user type, and whether the account is erased.
+    pub profile: bool,
+    pub threepids: bool,
+    pub external_ids: bool,
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts {
+        profile: true,
+        threepids: true,
+        external_ids: true,
+    };
+
+    /// What a plan for `desired` compares: the fields the spec manages.
+    /// Whether the account is erased matters only to a managed display
+    /// name or avatar, which an erased account keeps cleared.
+    pub fn managed_by(desired: &Desired) -> Parts {
+        Parts {
+            profile: desired.displayname.is_some() || desired.avatar_url.is_some() || desired.user_type.is_some(),
+            threepids: desired.threepids.is_some(),
+            external_ids: desired.external_ids.is_some(),
+        }
+    }
+}
+
 /// One kind of account store, as the executor drives it.
 pub trait AccountBackend: Sync {
     /// Puts the desired account in the backend's terms (MAS: the upstream
@@ -238,8 +269,13 @@ pub trait AccountBackend: Sync {
         desired: &mut Desired,
     ) -> impl Future<Output = Result<Result<(), Unsupported>, BackendError>> + Send;
 
-    /// The account, or `None` when there is none.
-    fn read(&self, user_id: &UserId) -> impl Future<Output = Result<Option<Account>, BackendError>> + Send;
+    /// The account, or `None` when there is none, with at least `parts`
+    /// of it (the others may be reported empty).
+    fn read(
+        &self,
+        user_id: &UserId,
+        parts: Parts,
+    ) -> impl Future<Output = Result<Option<Account>, BackendError>> + Send;
 
     /// Who, other than `account`, holds each threepid and SSO link of
     /// `lookups`.
@@ -307,10 +343,10 @@ impl AccountBackend for Backend {
         }
     }
 
-    async fn read(&self, user_id: &UserId) -> Result<Option<Account>, BackendError> {
+    async fn read(&self, user_id: &UserId, parts: Parts) -> Result<Option<Account>, BackendError> {
         match self {
-            Backend::Synapse(c) => c.read(user_id).await,
-            Backend::Mas(m) => m.read(user_id).await,
+            Backend::Synapse(c) => c.read(user_id, parts).await,
+            Backend::Mas(m) => m.read(user_id, parts).await,
         }
     }
 

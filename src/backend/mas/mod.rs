@@ -15,7 +15,7 @@ pub use error::{MasEndpoint, MasError};
 pub use personal::{IssuedSession, PersonalSession, Revoked, SCOPE_CLIENT_API, SCOPE_DEVICE_PREFIX, bot_scope};
 
 use crate::account::{Account, ExternalId, Threepid, UserId};
-use crate::backend::{AccountBackend, Applied, BackendError, Created, Unsupported};
+use crate::backend::{AccountBackend, Applied, BackendError, Created, Parts, Unsupported};
 use crate::plan::{Changes, Desired, Lookups, Owners};
 use crate::synapse::{SynapseClient, UserUpdate};
 
@@ -240,28 +240,52 @@ impl AccountBackend for MasBackend {
         Ok(Ok(()))
     }
 
-    async fn read(&self, user_id: &UserId) -> Result<Option<Account>, BackendError> {
+    /// One GET of the MAS user (its state, admin attribute and creation
+    /// time: the ownership check needs it every time), then one more for
+    /// each part asked for: MAS's user object holds neither emails nor
+    /// upstream links (each a list filtered by `filter[user]`), and the
+    /// profile is Synapse's. Parts not asked for are reported empty.
+    async fn read(&self, user_id: &UserId, parts: Parts) -> Result<Option<Account>, BackendError> {
         let Some(user) = self.mas.user_by_username(user_id.localpart()).await? else {
             return Ok(None);
         };
-        let emails = self.mas.emails_of(&user.id).await?;
-        let links = self.mas.links_of(&user.id).await?;
-        let Some(profile) = self.synapse.get_user(user_id).await? else {
-            return Err(MasError::NotProvisioned {
-                user_id: user_id.to_string(),
-            }
-            .into());
+        let emails = if parts.threepids {
+            self.mas.emails_of(&user.id).await?
+        } else {
+            Vec::new()
         };
+        let links = if parts.external_ids {
+            self.mas.links_of(&user.id).await?
+        } else {
+            Vec::new()
+        };
+        // Synapse's GET also tells that MAS provisioned the account there,
+        // which a profile write needs; without profile fields to manage,
+        // nothing is written to Synapse.
+        let profile = if parts.profile {
+            let Some(profile) = self.synapse.get_user(user_id).await? else {
+                return Err(MasError::NotProvisioned {
+                    user_id: user_id.to_string(),
+                }
+                .into());
+            };
+            Some(profile)
+        } else {
+            None
+        };
+        let (erased, user_type, displayname, avatar_url) = profile
+            .map(|p| (p.erased, p.user_type, p.displayname, p.avatar_url))
+            .unwrap_or_default();
         Ok(Some(Account {
             name: user_id.to_string(),
             account_id: Some(user.id),
             admin: user.attributes.admin,
             deactivated: user.attributes.deactivated_at.is_some(),
             locked: user.attributes.locked_at.is_some(),
-            erased: profile.erased,
-            user_type: profile.user_type,
-            displayname: profile.displayname,
-            avatar_url: profile.avatar_url,
+            erased,
+            user_type,
+            displayname,
+            avatar_url,
             threepids: emails
                 .into_iter()
                 .map(|e| Threepid {

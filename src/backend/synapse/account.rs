@@ -3,7 +3,7 @@
 use super::client::Registration;
 use super::{SynapseClient, SynapseError, UserUpdate};
 use crate::account::{Account, UserId};
-use crate::backend::{AccountBackend, Applied, BackendError, Created, Unsupported};
+use crate::backend::{AccountBackend, Applied, BackendError, Created, Parts, Unsupported};
 use crate::plan::{self, Changes, Desired, Lookups, Owners};
 use crate::secret::SecretString;
 
@@ -115,7 +115,8 @@ impl AccountBackend for SynapseClient {
         Ok(Ok(()))
     }
 
-    async fn read(&self, user_id: &UserId) -> Result<Option<Account>, BackendError> {
+    /// One GET answers every part.
+    async fn read(&self, user_id: &UserId, _: Parts) -> Result<Option<Account>, BackendError> {
         Ok(self.get_user(user_id).await?.map(Account::from))
     }
 
