@@ -150,6 +150,18 @@ impl Rig {
     }
 }
 
+/// The admin requests counted, one line per endpoint and status class.
+fn admin_calls(metrics: &Metrics) -> Vec<String> {
+    let mut calls: Vec<String> = metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("matrix_user_operator_admin_requests_total{"))
+        .map(str::to_string)
+        .collect();
+    calls.sort();
+    calls
+}
+
 fn records(u: &MatrixUser) -> Vec<ManagedRoom> {
     u.status.clone().unwrap_or_default().rooms
 }
@@ -317,7 +329,14 @@ async fn a_room_removed_from_the_list_is_left_and_the_users_own_rooms_are_untouc
     // Taken out of the list: `b` is left, as the user; `own` stays.
     rig.fake.clear_requests();
     rig.set_spec("rooms", json!([a]));
-    let user = rig.reconcile().await;
+    let metrics = Metrics::new();
+    let user = rig.reconcile_counting(metrics.clone()).await;
+    // One token of the user, from the admin login API, ended once used.
+    let calls = admin_calls(&metrics);
+    for call in ["admin_login", "leave_room", "logout"] {
+        let line = format!(r#"matrix_user_operator_admin_requests_total{{endpoint="{call}",status_class="2xx"}} 1"#);
+        assert!(calls.contains(&line), "{call}: {calls:?}");
+    }
     assert_eq!(reason_of(&user), "InSync", "{:?}", condition_of(&user, "Ready"));
     assert_eq!(joined(&rig.user_id).await, sorted(vec![a.clone(), own.clone()]));
     let ids: Vec<String> = records(&user).into_iter().map(|r| r.room_id).collect();
@@ -363,13 +382,7 @@ async fn a_manual_leave_is_undone_at_resync_which_costs_one_more_get() {
     rig.fake.clear_requests();
     let user = rig.reconcile_counting(metrics.clone()).await;
     assert_eq!(reason_of(&user), "InSync");
-    let mut calls: Vec<String> = metrics
-        .encode()
-        .lines()
-        .filter(|l| l.starts_with("matrix_user_operator_admin_requests_total{"))
-        .map(str::to_string)
-        .collect();
-    calls.sort();
+    let calls = admin_calls(&metrics);
     assert_eq!(
         calls,
         vec![
