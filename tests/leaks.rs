@@ -372,7 +372,11 @@ async fn room_calls_echoed_back_leak_neither_the_admin_token_nor_the_users_token
         let client = client_of(&server.url);
         let user = SecretString::new(BOT_TOKEN);
         let mut errors = vec![
-            client.joined_rooms(&alice()).await.expect_err("joined_rooms").to_string(),
+            client
+                .joined_rooms(&alice())
+                .await
+                .expect_err("joined_rooms")
+                .to_string(),
             client
                 .resolve_alias("#general:example.test")
                 .await
