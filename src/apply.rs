@@ -1,15 +1,16 @@
 //! Runs plans against a backend: read the account, plan, make the changes,
 //! and again, until the plan is empty.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::account::{Account, UserId};
-use crate::api::DeletionPolicy;
+use crate::api::{DeletionPolicy, ManagedRoom, RoomName};
 use crate::backend::mas::MasError;
-use crate::backend::{AccountBackend, BackendError, Parts};
+use crate::backend::{AccountBackend, BackendError, ErrorClass, Parts, RoomBackend};
 use crate::plan::{self, Action, Authority, DeletionAction, Desired, PendingCreation, Refusal, Untouched};
 use crate::synapse::SynapseError;
 
@@ -363,4 +364,184 @@ pub async fn delete_account<B: AccountBackend>(
         info!(%user_id, erase, "deactivated the account");
     }
     Ok(action)
+}
+
+/// What was being done with a room when it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoomStep {
+    /// Looking its alias up in the directory.
+    Resolve,
+    Join,
+    Leave,
+}
+
+/// A room that could not be brought in line this pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomProblem {
+    /// As listed in the spec, or the room ID of a membership to leave.
+    pub room: String,
+    pub step: RoomStep,
+    /// What the server said: scrubbed of secrets and cut short by the
+    /// client (never a token).
+    pub error: String,
+    /// Worth retrying soon (a network error, a 5xx, a rate limit), as
+    /// opposed to waiting for a change (the admin not in the room, a ban,
+    /// an unknown room or alias).
+    pub transient: bool,
+}
+
+/// What a rooms pass did.
+#[derive(Debug, Default)]
+pub struct RoomsReport {
+    /// The memberships the operator made for the account, after the pass.
+    pub records: Vec<ManagedRoom>,
+    /// Rooms joined and left this pass, as listed (or by ID).
+    pub joined: Vec<String>,
+    pub left: Vec<String>,
+    pub problems: Vec<RoomProblem>,
+    /// How many listed rooms the account is in after the pass.
+    pub joined_listed: usize,
+    /// Write calls sent (joins, leaves), including failed ones.
+    pub writes: usize,
+    /// A failure of the whole pass (the account's rooms could not be
+    /// read, the admin token was refused): `records` are then as they were
+    /// but for what was done before it.
+    pub failed: Option<BackendError>,
+}
+
+/// Whether a failed room call concerns every room, not just this one: the
+/// admin token refused, or no Synapse answering.
+fn fails_every_room(e: &BackendError) -> bool {
+    matches!(e.class(), ErrorClass::Unauthorized | ErrorClass::NotSynapse)
+}
+
+fn room_problem(room: &str, step: RoomStep, e: &BackendError) -> RoomProblem {
+    RoomProblem {
+        room: room.to_string(),
+        step,
+        error: e.to_string(),
+        transient: matches!(e.class(), ErrorClass::Transient | ErrorClass::RateLimited(_)),
+    }
+}
+
+/// Brings the account's room memberships in line with `listed`: one read
+/// of the rooms it is in, a directory lookup per alias that needs one
+/// (once per pass), a join per missing room, and the leaves, made as the
+/// user with a short-lived token made and ended here. A room that fails
+/// does not stop the others.
+pub async fn sync_rooms<B: RoomBackend>(
+    backend: &B,
+    account: &Account,
+    user_id: &UserId,
+    listed: &[RoomName],
+    recorded: &[ManagedRoom],
+    purpose: &str,
+) -> RoomsReport {
+    let mut report = RoomsReport {
+        records: recorded.to_vec(),
+        ..RoomsReport::default()
+    };
+    let synapse = backend.rooms();
+    let joined: BTreeSet<String> = match synapse.joined_rooms(user_id).await {
+        Ok(rooms) => rooms.into_iter().collect(),
+        Err(e) => {
+            report.failed = Some(e.into());
+            return report;
+        }
+    };
+    let active = !account.deactivated;
+    let mut resolved = BTreeMap::new();
+    let mut lookup_errors = Vec::new();
+    for alias in plan::aliases_to_resolve(listed, recorded, &joined, active) {
+        match synapse.resolve_alias(alias.as_str()).await {
+            Ok(room_id) => {
+                resolved.insert(alias, room_id);
+            }
+            Err(e) => {
+                let e = BackendError::from(e);
+                if fails_every_room(&e) {
+                    report.failed = Some(e);
+                    return report;
+                }
+                lookup_errors.push(room_problem(alias.as_str(), RoomStep::Resolve, &e));
+            }
+        }
+    }
+    let plan = plan::plan_rooms(listed, recorded, &joined, &resolved, active);
+    report.problems.extend(
+        lookup_errors
+            .into_iter()
+            .filter(|p| plan.unresolved.iter().any(|u| u.as_str() == p.room)),
+    );
+    report.joined_listed = plan.joined_listed;
+    report.records = plan.kept.clone();
+    // Until left, a membership to leave stays recorded.
+    report.records.extend(plan.leave.iter().cloned());
+    for join in &plan.join {
+        report.writes += 1;
+        match synapse.join_room(&join.room_id, user_id).await {
+            Ok(()) => {
+                info!(%user_id, room = %join.listed_as, "joined the room");
+                report.records.push(ManagedRoom {
+                    room_id: join.room_id.clone(),
+                    alias: join.listed_as.is_alias().then(|| join.listed_as.to_string()),
+                    joined: true,
+                });
+                report.joined.push(join.listed_as.to_string());
+                report.joined_listed += 1;
+            }
+            Err(e) => {
+                let e = BackendError::from(e);
+                if fails_every_room(&e) {
+                    report.failed = Some(e);
+                    return report;
+                }
+                report
+                    .problems
+                    .push(room_problem(join.listed_as.as_str(), RoomStep::Join, &e));
+            }
+        }
+    }
+    if plan.leave.is_empty() {
+        return report;
+    }
+    let session = match backend
+        .start_user_session(user_id, account.account_id.as_deref(), purpose)
+        .await
+    {
+        Ok(session) => session,
+        Err(e) => {
+            for leave in &plan.leave {
+                report
+                    .problems
+                    .push(room_problem(&leave_name(leave), RoomStep::Leave, &e));
+            }
+            return report;
+        }
+    };
+    for leave in &plan.leave {
+        report.writes += 1;
+        match synapse.leave_room(&session.token, &leave.room_id).await {
+            Ok(()) => {
+                info!(%user_id, room = %leave_name(leave), "left the room");
+                report.records.retain(|r| r.room_id != leave.room_id);
+                report.left.push(leave_name(leave));
+            }
+            Err(e) => report
+                .problems
+                .push(room_problem(&leave_name(leave), RoomStep::Leave, &e.into())),
+        }
+    }
+    // The token expires on its own soon: a failed end is no failure of
+    // the pass.
+    if let Err(e) = backend.end_user_session(session).await {
+        warn!(%user_id, error = %e, "cannot end the token made to leave rooms; it expires on its own");
+    }
+    report
+}
+
+/// A membership to leave as Events and messages name it: its alias as
+/// listed, or its ID.
+fn leave_name(r: &ManagedRoom) -> String {
+    r.alias.clone().unwrap_or_else(|| r.room_id.clone())
 }

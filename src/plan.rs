@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use crate::account::{Account, ExternalId, Threepid, UserId};
-use crate::api::{DeletionPolicy, MatrixUserSpec, ThreepidMedium, UserType};
+use crate::api::{DeletionPolicy, ManagedRoom, MatrixUserSpec, RoomName, ThreepidMedium, UserType};
 use crate::secret::SecretString;
 
 /// The account as the spec describes it. `None` fields are not managed.
@@ -566,6 +566,131 @@ pub fn plan_deletion(
         DeletionPolicy::Erase => Ok(DeletionAction::Deactivate { erase: true }),
         _ => Ok(DeletionAction::Deactivate { erase: false }),
     }
+}
+
+/// A room to join: its ID and the name it is listed by in the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomJoin {
+    pub room_id: String,
+    pub listed_as: RoomName,
+}
+
+/// What to do with the rooms of an account (`spec.rooms`), from the rooms
+/// it is in and the memberships the operator made for it before
+/// (`status.rooms`). Only those memberships are ever left: a room the
+/// account joined on its own is never touched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomPlan {
+    pub join: Vec<RoomJoin>,
+    /// Memberships the operator made, no longer listed, the account is in.
+    pub leave: Vec<ManagedRoom>,
+    /// The memberships recorded after the plan, but for the joins and
+    /// leaves (the executor adds and drops those as they succeed).
+    pub kept: Vec<ManagedRoom>,
+    /// Listed aliases no room ID is known for: their lookup failed (the
+    /// caller reports why).
+    pub unresolved: Vec<RoomName>,
+    /// How many of the listed rooms the account is in before the plan.
+    pub joined_listed: usize,
+}
+
+/// The aliases of `listed` to look up in the directory this pass: those
+/// the records do not name a room for, and those whose recorded room the
+/// account is not in (the alias may point elsewhere by now). An account
+/// that is in every listed room costs no lookup; a deactivated one none
+/// (nothing is joined for it).
+pub fn aliases_to_resolve(
+    listed: &[RoomName],
+    recorded: &[ManagedRoom],
+    joined: &BTreeSet<String>,
+    active: bool,
+) -> Vec<RoomName> {
+    if !active {
+        return Vec::new();
+    }
+    dedup(listed.iter().filter(|name| name.is_alias()).cloned())
+        .into_iter()
+        .filter(|alias| {
+            !recorded
+                .iter()
+                .any(|r| r.alias.as_deref() == Some(alias.as_str()) && joined.contains(&r.room_id))
+        })
+        .collect()
+}
+
+/// The membership diff. `resolved` holds the aliases looked up this pass
+/// (see [`aliases_to_resolve`]); an alias not looked up names the room
+/// recorded for it. `active`: the account is not deactivated (Synapse
+/// leaves every room of a deactivated account, and would join one: the
+/// plan joins nothing for it and keeps its records for re-activation).
+pub fn plan_rooms(
+    listed: &[RoomName],
+    recorded: &[ManagedRoom],
+    joined: &BTreeSet<String>,
+    resolved: &std::collections::BTreeMap<RoomName, String>,
+    active: bool,
+) -> RoomPlan {
+    let mut out = RoomPlan::default();
+    let mut wanted = BTreeSet::new();
+    for name in listed {
+        let room_id = if name.is_alias() {
+            match resolved.get(name).cloned().or_else(|| {
+                recorded
+                    .iter()
+                    .find(|r| r.alias.as_deref() == Some(name.as_str()))
+                    .map(|r| r.room_id.clone())
+            }) {
+                Some(id) => id,
+                None => {
+                    if !out.unresolved.contains(name) {
+                        out.unresolved.push(name.clone());
+                    }
+                    continue;
+                }
+            }
+        } else {
+            name.as_str().to_string()
+        };
+        // A room listed twice (by ID and by alias) is one membership.
+        if !wanted.insert(room_id.clone()) {
+            continue;
+        }
+        let record = recorded.iter().find(|r| r.room_id == room_id);
+        let alias = name.is_alias().then(|| name.as_str().to_string());
+        let is_in = joined.contains(&room_id);
+        if is_in {
+            out.joined_listed += 1;
+        }
+        match (is_in, active, record) {
+            // In it: a membership of the operator's stays recorded; the
+            // account's own stays its own.
+            (true, _, Some(_)) => out.kept.push(ManagedRoom {
+                room_id,
+                alias,
+                joined: true,
+            }),
+            (true, _, None) => {}
+            (false, true, _) => out.join.push(RoomJoin {
+                room_id,
+                listed_as: name.clone(),
+            }),
+            // Deactivated: joined again on re-activation.
+            (false, false, Some(_)) => out.kept.push(ManagedRoom {
+                room_id,
+                alias,
+                joined: false,
+            }),
+            (false, false, None) => {}
+        }
+    }
+    for r in recorded.iter().filter(|r| !wanted.contains(&r.room_id)) {
+        // No longer listed. Not in it (left on its own, or deactivated,
+        // which left it): the record goes.
+        if active && joined.contains(&r.room_id) {
+            out.leave.push(r.clone());
+        }
+    }
+    out
 }
 
 /// The names of the fields an update sends, for events and logs (never

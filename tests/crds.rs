@@ -50,7 +50,12 @@ fn crd_schema_carries_grammar_enums_and_columns() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Ready", "User ID", "Homeserver", "Reason", "Age"]);
+    assert_eq!(columns, ["Ready", "User ID", "Homeserver", "Rooms", "Reason", "Age"]);
+    // Rooms: bounded, one entry per room, each an ID or an alias.
+    assert_eq!(spec["rooms"]["maxItems"], 50);
+    assert_eq!(spec["rooms"]["x-kubernetes-list-type"], "set");
+    assert_eq!(spec["rooms"]["items"]["maxLength"], 255);
+    assert_eq!(spec["rooms"]["items"]["pattern"], r"^(![^\s]+|#[^:\s]+:[^\s]+)$");
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["mxu"]));
 }
 

@@ -433,6 +433,16 @@ fn the_operators_own_conditions_get_the_health_of_their_standing() {
         },
         Error::TokenRefused("admin_login: HTTP 400 M_UNKNOWN: Cannot use admin API to login as self".into()),
         Error::RotationUnsupported("Synapse cannot end one token of a device".into()),
+        Error::Rooms {
+            reason: "RoomNotJoinable",
+            message: "1 of the rooms not in line (the others are joined): !x (cannot join: join_room: HTTP 403 M_FORBIDDEN: @admin:example.org not in room !x.)".into(),
+            transient: false,
+        },
+        Error::Rooms {
+            reason: "RoomNotLeft",
+            message: "1 of the rooms not in line (the others are in line): !x (cannot leave: leave_room: cannot reach the homeserver)".into(),
+            transient: true,
+        },
         Error::InvalidCaBundle {
             name: "synapse-tls".into(),
             key: "ca.crt".into(),

@@ -352,6 +352,76 @@ async fn a_token_an_answer_carries_in_an_unfit_place_is_not_taken() {
 }
 
 // ---------------------------------------------------------------------------
+// Room calls (spec.rooms): neither the admin token nor the user's
+// short-lived token leaks from an answer that echoes the request, nor does
+// an answer that names a secret as a room
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn room_calls_echoed_back_leak_neither_the_admin_token_nor_the_users_token() {
+    let in_error = |r: &Request| {
+        let body = json!({"errcode": "M_FORBIDDEN", "error": format!("not in room {}", r.echo())});
+        response(403, &[("Content-Type", "application/json")], &body.to_string())
+    };
+    for answer in [0, 1] {
+        let server = if answer == 0 {
+            LocalServer::start(in_error)
+        } else {
+            LocalServer::start(echo_page(502))
+        };
+        let client = client_of(&server.url);
+        let user = SecretString::new(BOT_TOKEN);
+        let mut errors = vec![
+            client
+                .joined_rooms(&alice())
+                .await
+                .expect_err("joined_rooms")
+                .to_string(),
+            client
+                .resolve_alias("#general:example.test")
+                .await
+                .expect_err("alias")
+                .to_string(),
+            client
+                .join_room("!room:example.test", &alice())
+                .await
+                .expect_err("join")
+                .to_string(),
+        ];
+        // A 403 "not in room" to the leave is a room left already; any
+        // other answer is an error, without the token.
+        if let Err(e) = client.leave_room(&user, "!room:example.test").await {
+            errors.push(e.to_string());
+        }
+        let received = server.received().join("\n");
+        assert!(received.contains(TOKEN) && received.contains(BOT_TOKEN), "{received}");
+        for text in errors {
+            assert_no_bot_secret(&text, PASSWORD);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_room_id_that_names_a_secret_is_not_taken() {
+    let server = LocalServer::start(|r: &Request| {
+        let body = if r.head.contains("joined_rooms") {
+            json!({"joined_rooms": [TOKEN, "!ok:example.test"], "total": 2})
+        } else {
+            json!({"room_id": TOKEN, "servers": []})
+        };
+        response(200, &[("Content-Type", "application/json")], &body.to_string())
+    });
+    let client = client_of(&server.url);
+    let rooms = client.joined_rooms(&alice()).await.expect("the rooms");
+    assert_eq!(rooms, vec!["!ok:example.test".to_string()]);
+    let e = client
+        .resolve_alias("#general:example.test")
+        .await
+        .expect_err("the token is no room ID");
+    assert_no_bot_secret(&format!("{e} {e:?}"), PASSWORD);
+}
+
+// ---------------------------------------------------------------------------
 // MAS answers that echo the request
 // ---------------------------------------------------------------------------
 

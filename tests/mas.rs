@@ -64,6 +64,59 @@ async fn a_resync_reads_only_what_the_spec_manages() {
     scenarios::a_resync_reads_only_what_the_spec_manages(&mas_standin().target()).await;
 }
 
+#[tokio::test]
+async fn rooms_joined_left_and_joined_again() {
+    scenarios::rooms_joined_left_and_joined_again(&mas_standin().target()).await;
+}
+
+/// The personal session made to leave a room is revoked once the leave is
+/// done: no token of the user outlives the pass.
+#[tokio::test]
+async fn the_session_made_to_leave_rooms_is_revoked() {
+    use matrix_user_operator::api::RoomName;
+    use matrix_user_operator::apply::sync_rooms;
+    use matrix_user_operator::plan::Desired;
+    let standin = mas_standin();
+    let t = standin.target();
+    let b = backend(&t);
+    let lp = unique("leave-session");
+    let id = matrix_user_operator::account::UserId::new(&lp, &t.server_name).unwrap();
+    let d = Desired::existing(id.clone());
+    let mut progress = matrix_user_operator::apply::Progress::default();
+    let fresh = matrix_user_operator::plan::Authority {
+        admin_allowed: true,
+        ..Default::default()
+    };
+    let account = matrix_user_operator::apply::sync_account(
+        &b,
+        &d,
+        fresh,
+        &mut matrix_user_operator::apply::Unguarded,
+        &mut progress,
+    )
+    .await
+    .expect("the account");
+    let (status, body) = t
+        .synapse_request(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&t.synapse_admin_token),
+            Some(serde_json::json!({"preset": "public_chat"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let room = RoomName(body["room_id"].as_str().unwrap().to_string());
+    let joined = sync_rooms(&b, &account, &id, std::slice::from_ref(&room), &[], "leave test").await;
+    assert_eq!(joined.joined.len(), 1, "{joined:?}");
+    let left = sync_rooms(&b, &account, &id, &[], &joined.records, "leave test").await;
+    assert_eq!(left.left.len(), 1, "{left:?}");
+    let actor = account.account_id.clone().expect("MAS's ID");
+    assert_eq!(
+        standin.personal_sessions_of(&actor),
+        vec![("leave test".to_string(), true)]
+    );
+}
+
 /// An expired admin token (MAS answers 401) is renewed once, and the call
 /// goes through.
 #[tokio::test]

@@ -169,6 +169,69 @@ async fn a_matrixuser_on_a_mas_homeserver_is_created_in_mas_and_then_in_sync() {
     assert_eq!(s["displayname"], "Through The Controller", "{s}");
 }
 
+/// `spec.rooms` through the controller on a MAS Homeserver: joined with
+/// Synapse's admin join API, recorded, and left (as the user, with a MAS
+/// personal session) when taken out of the list.
+#[tokio::test]
+async fn rooms_of_a_matrixuser_on_a_mas_homeserver_are_joined_and_left() {
+    let t = mas_standin().target();
+    let (client, fake, _) = checked_homeserver(true).await;
+    let (status, body) = t
+        .synapse_request(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&t.synapse_admin_token),
+            Some(json!({"preset": "public_chat"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let room = body["room_id"].as_str().unwrap().to_string();
+    let lp = unique("ctl-rooms");
+    let user = matrix_user_in(
+        NS,
+        &lp,
+        json!({"homeserverRef": {"name": "hs"}, "rooms": [room]}),
+        Value::Null,
+    );
+    fake.put(user.clone());
+    let pass = || async {
+        let current: MatrixUser = serde_json::from_value(fake.get(&path_of(&user)).unwrap()).unwrap();
+        let _ = reconcile_user(Arc::new(current.clone()), context(client.clone(), &[&current])).await;
+        let stored: MatrixUser = serde_json::from_value(fake.get(&path_of(&user)).unwrap()).unwrap();
+        stored
+    };
+    let joined = |body: Value| body["joined_rooms"].clone();
+    let stored = pass().await;
+    let status = stored.status.clone().unwrap();
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(c.reason, "InSync", "{}", c.message);
+    assert_eq!(status.rooms.len(), 1, "{status:?}");
+    assert_eq!(status.joined_rooms, Some(1));
+    let user_id = t.user_id(&lp);
+    let (_, body) = t
+        .synapse_admin_get(&format!("/_synapse/admin/v1/users/{user_id}/joined_rooms"))
+        .await;
+    assert_eq!(joined(body), json!([room]));
+
+    let mut obj = fake.get(&path_of(&user)).unwrap();
+    obj["spec"]["rooms"] = json!([]);
+    obj["metadata"]["generation"] = json!(2);
+    fake.put(obj);
+    let stored = pass().await;
+    let status = stored.status.clone().unwrap();
+    let c = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(c.reason, "InSync", "{}", c.message);
+    assert!(status.rooms.is_empty(), "{status:?}");
+    let (_, body) = t
+        .synapse_admin_get(&format!("/_synapse/admin/v1/users/{user_id}/joined_rooms"))
+        .await;
+    assert_eq!(joined(body), json!([]));
+    let mas = t.get_user_by_username(&lp).await.expect("the MAS user");
+    let sessions = mas_standin().personal_sessions_of(&mas.id);
+    assert_eq!(sessions.len(), 1, "one session for the leave: {sessions:?}");
+    assert!(sessions[0].1, "the leave's session is revoked: {sessions:?}");
+}
+
 // The MatrixAccessToken scenarios (tests/common/token_scenarios.rs), which
 // tests/mas_e2e.rs runs unchanged against a real MAS.
 

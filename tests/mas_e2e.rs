@@ -62,6 +62,10 @@ fn main() -> ExitCode {
             ),
             ("refusals_of_mas_mode", scenarios::refusals_of_mas_mode(t).boxed()),
             (
+                "rooms_joined_left_and_joined_again",
+                scenarios::rooms_joined_left_and_joined_again(t).boxed(),
+            ),
+            (
                 "token_issue_and_revoke_on_delete",
                 tokens::token_issue_and_revoke_on_delete(t).boxed(),
             ),

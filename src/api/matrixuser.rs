@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "User ID", type_ = "string", json_path = ".status.userId"),
     printcolumn(name = "Homeserver", type_ = "string", json_path = ".spec.homeserverRef.name"),
+    printcolumn(name = "Rooms", type_ = "integer", json_path = ".status.joinedRooms"),
     printcolumn(
         name = "Reason",
         type_ = "string",
@@ -111,6 +112,20 @@ pub struct MatrixUserSpec {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["authProvider".into(), "externalId".into()]))]
     pub external_ids: Option<Vec<ExternalIdSpec>>,
 
+    /// Rooms (and spaces, which are rooms too) the account is a member of:
+    /// each a room ID (`!abc:example.org`) or an alias (`#general:example.org`).
+    /// A listed room the account is not in is joined through Synapse's
+    /// admin API (a room that is not public needs the admin in it, with the
+    /// power to invite). A room the operator joined for this resource is
+    /// left, as the user, when it is removed from the list; rooms the
+    /// account joined on its own are never left. `[]`: none of the rooms
+    /// the operator joined. Left out: memberships are not managed. At most
+    /// 50: every room costs a join on the first pass and a line in status,
+    /// and a pass has a deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rooms_schema")]
+    pub rooms: Option<Vec<RoomName>>,
+
     /// What deleting this MatrixUser does to the account.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -119,6 +134,47 @@ pub struct MatrixUserSpec {
     /// created for this resource. Needs the Homeserver's policy.allowAdoption.
     #[serde(default)]
     pub adopt: bool,
+}
+
+/// A room ID (`!opaque` or `!opaque:server`) or a room alias
+/// (`#name:server`), as written in the spec.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(transparent)]
+pub struct RoomName(pub String);
+
+impl RoomName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is an alias (`#name:server`), which names a room by way
+    /// of the server's directory.
+    pub fn is_alias(&self) -> bool {
+        self.0.starts_with('#')
+    }
+}
+
+impl std::fmt::Display for RoomName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The most rooms a MatrixUser lists (see `spec.rooms`).
+pub const MAX_ROOMS: usize = 50;
+
+fn rooms_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": MAX_ROOMS,
+        "x-kubernetes-list-type": "set",
+        "items": {
+            "type": "string",
+            "minLength": 2,
+            "maxLength": 255,
+            "pattern": "^(![^\\s]+|#[^:\\s]+:[^\\s]+)$",
+        },
+    })
 }
 
 // Without this, schemars lists `null` among the enum values of an optional
@@ -266,6 +322,29 @@ pub struct MatrixUserStatus {
     /// cleared once its outcome is recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_creation: Option<PendingCreation>,
+    /// The room memberships the operator made for this resource (joined
+    /// because `spec.rooms` lists them): the only ones it ever leaves. A
+    /// room the account joined on its own is not here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["roomId".into()]))]
+    pub rooms: Vec<ManagedRoom>,
+    /// How many of the rooms in `spec.rooms` the account is in, as last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joined_rooms: Option<i32>,
+}
+
+/// A room membership the operator made for a MatrixUser.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedRoom {
+    /// The room's ID.
+    pub room_id: String,
+    /// The alias it was listed by in `spec.rooms`, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Whether the account was in the room when last seen (a deactivated
+    /// account has left every room; it is joined again on re-activation).
+    pub joined: bool,
 }
 
 /// A creation of an account that was asked for and whose outcome is not

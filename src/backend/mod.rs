@@ -317,6 +317,137 @@ pub trait AccountBackend: Sync {
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
 
+/// How long a token the operator makes to act as a user lives, at most:
+/// it is ended as soon as the work is done; this bounds a token whose end
+/// was lost (the operator stopped, the server did not answer).
+pub const USER_SESSION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A short-lived token of a user, made by the operator to do what only the
+/// user can (leave a room), and ended right after
+/// ([`RoomBackend::end_user_session`]). It is never written anywhere.
+#[derive(Debug)]
+pub struct UserSession {
+    pub token: crate::secret::SecretString,
+    /// MAS's ID of the personal session that holds the token.
+    mas_session: Option<String>,
+}
+
+/// Where room memberships live: in Synapse, on both backends (Synapse's
+/// admin join API works when it delegates to MAS too). Only the way to
+/// act as the user differs: Synapse's admin login API, or a MAS personal
+/// session (the same calls `MatrixAccessToken` issues and revokes with).
+pub trait RoomBackend: Sync {
+    /// Synapse's admin client.
+    fn rooms(&self) -> &SynapseClient;
+
+    /// A token of `user_id` (MAS's `account_id`, when known), valid
+    /// [`USER_SESSION_LIFETIME`] at most. `purpose` names the session
+    /// where the server shows it (MAS).
+    fn start_user_session(
+        &self,
+        user_id: &UserId,
+        account_id: Option<&str>,
+        purpose: &str,
+    ) -> impl Future<Output = Result<UserSession, BackendError>> + Send;
+
+    /// Ends a token of [`start_user_session`](Self::start_user_session).
+    fn end_user_session(&self, session: UserSession) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+impl RoomBackend for SynapseClient {
+    fn rooms(&self) -> &SynapseClient {
+        self
+    }
+
+    async fn start_user_session(
+        &self,
+        user_id: &UserId,
+        _: Option<&str>,
+        _: &str,
+    ) -> Result<UserSession, BackendError> {
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(USER_SESSION_LIFETIME);
+        let token = self.admin_login(user_id, Some(until.as_millis() as i64)).await?;
+        Ok(UserSession {
+            token,
+            mas_session: None,
+        })
+    }
+
+    async fn end_user_session(&self, session: UserSession) -> Result<(), BackendError> {
+        self.logout(&session.token).await?;
+        Ok(())
+    }
+}
+
+impl RoomBackend for MasBackend {
+    fn rooms(&self) -> &SynapseClient {
+        self.synapse()
+    }
+
+    async fn start_user_session(
+        &self,
+        user_id: &UserId,
+        account_id: Option<&str>,
+        purpose: &str,
+    ) -> Result<UserSession, BackendError> {
+        let actor = match account_id {
+            Some(id) => id.to_string(),
+            None => self
+                .mas()
+                .user_by_username(user_id.localpart())
+                .await?
+                .map(|u| u.id)
+                .ok_or_else(|| MasError::NotProvisioned {
+                    user_id: user_id.to_string(),
+                })?,
+        };
+        let lifetime = USER_SESSION_LIFETIME.as_secs() as u32;
+        let issued = self
+            .mas()
+            .create_personal_session(&actor, purpose, mas::SCOPE_CLIENT_API, Some(lifetime))
+            .await?;
+        Ok(UserSession {
+            token: issued.access_token,
+            mas_session: Some(issued.id),
+        })
+    }
+
+    async fn end_user_session(&self, session: UserSession) -> Result<(), BackendError> {
+        if let Some(id) = &session.mas_session {
+            self.mas().revoke_personal_session(id).await?;
+        }
+        Ok(())
+    }
+}
+
+impl RoomBackend for Backend {
+    fn rooms(&self) -> &SynapseClient {
+        self.synapse()
+    }
+
+    async fn start_user_session(
+        &self,
+        user_id: &UserId,
+        account_id: Option<&str>,
+        purpose: &str,
+    ) -> Result<UserSession, BackendError> {
+        match self {
+            Backend::Synapse(c) => c.start_user_session(user_id, account_id, purpose).await,
+            Backend::Mas(m) => m.start_user_session(user_id, account_id, purpose).await,
+        }
+    }
+
+    async fn end_user_session(&self, session: UserSession) -> Result<(), BackendError> {
+        match self {
+            Backend::Synapse(c) => c.end_user_session(session).await,
+            Backend::Mas(m) => m.end_user_session(session).await,
+        }
+    }
+}
+
 /// The backend of one Homeserver.
 #[derive(Clone, Debug)]
 pub enum Backend {

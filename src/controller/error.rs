@@ -102,6 +102,18 @@ pub enum Error {
     TokenRefused(String),
     #[error("{0}")]
     RotationUnsupported(String),
+    // ---- MatrixUser rooms ----
+    /// Some rooms of `spec.rooms` are not in line; the others are.
+    #[error("{message}")]
+    Rooms {
+        /// `RoomNotJoinable` (a room cannot be joined, or its alias looked
+        /// up), `RoomNotLeft` (only leaves failed).
+        reason: &'static str,
+        message: String,
+        /// Some failure is worth retrying soon (a network error, a 5xx, a
+        /// rate limit); otherwise the rooms wait for a change.
+        transient: bool,
+    },
 }
 
 /// `90s`, `2m`, `1.5s`: a duration as the flags take it.
@@ -197,6 +209,7 @@ impl Error {
             Error::TokenSecretNotOwned { .. } => "Conflict",
             Error::TokenRefused(_) => "TokenRefused",
             Error::RotationUnsupported(_) => "RotationUnsupported",
+            Error::Rooms { reason, .. } => reason,
         }
     }
 
@@ -233,6 +246,7 @@ impl Error {
             | Error::HomeserverInUse { .. }
             | Error::Panicked
             | Error::TooSlow { .. } => true,
+            Error::Rooms { transient, .. } => *transient,
             _ => false,
         }
     }

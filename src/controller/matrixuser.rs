@@ -19,7 +19,9 @@ use crate::api::{
     DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, PENDING_CREATION, PendingCreation,
     Ready, STALLED, Standing, set_condition,
 };
-use crate::apply::{Halt, PendingOutcome, Progress, Write, WriteGuard, delete_account, sync_account};
+use crate::apply::{
+    Halt, PendingOutcome, Progress, RoomStep, RoomsReport, Write, WriteGuard, delete_account, sync_account, sync_rooms,
+};
 use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
 use crate::secret::{SecretString, is_keyed, password_digest};
@@ -135,6 +137,10 @@ struct Outcome {
     /// with a keyed one.
     digest_rekeyed: bool,
     generated_secret: Option<String>,
+    /// What the pass did with the account's rooms, when it got to them.
+    rooms: Option<RoomsReport>,
+    /// The spec lists rooms (`rooms` is set).
+    rooms_listed: bool,
 }
 
 /// How many times a pass starts again on a newer copy of the MatrixUser
@@ -270,6 +276,16 @@ fn status_after(
     // recorded a newer one.
     if outcome.progress.pending_creation != PendingOutcome::Unchanged {
         status.pending_creation = None;
+    }
+    if let Some(rooms) = &outcome.rooms {
+        status.rooms = rooms.records.clone();
+        // Counted only when the rooms were read (not after a failure that
+        // left them unknown, nor once `rooms` is gone from the spec).
+        if rooms.failed.is_none() || rooms.writes > 0 {
+            status.joined_rooms = outcome
+                .rooms_listed
+                .then(|| i32::try_from(rooms.joined_listed).unwrap_or(i32::MAX));
+        }
     }
     set_condition(&mut status.conditions, ready, generation, now());
     status
@@ -647,9 +663,16 @@ async fn sync(
     // before it was cut (a create answered, a pending creation recorded)
     // is in `out` and still recorded.
     let deadline = ctx.config.reconcile_timeout;
-    let synced = sync_account(&hs.backend, &desired, authority, guard, &mut out.progress);
+    let progress = &mut out.progress;
+    let rooms_report = &mut out.rooms;
+    out.rooms_listed = user.spec.rooms.is_some();
+    let synced = async {
+        let account = sync_account(&hs.backend, &desired, authority, guard, progress).await?;
+        sync_user_rooms(user, &hs.backend, &account, &user_id, old, rooms_report).await;
+        Ok::<_, crate::apply::SyncError>(())
+    };
     let result = match tokio::time::timeout(deadline, synced).await {
-        Ok(result) => result.map(|_| ()).map_err(Error::from),
+        Ok(result) => result.map_err(Error::from).and_then(|()| rooms_result(&mut out.rooms)),
         Err(_) => {
             cut_short(&mut out.progress);
             Err(Error::TooSlow { deadline })
@@ -664,6 +687,81 @@ async fn sync(
         out.password_digest = Some(digest);
     }
     result
+}
+
+/// The rooms of an account in sync (`spec.rooms`): the membership diff
+/// against the rooms it is in, then the joins and leaves. A MatrixUser
+/// without `rooms` costs no call; its records, if it had any, are dropped
+/// (the memberships stay as they are, the account's own from then on).
+async fn sync_user_rooms(
+    user: &MatrixUser,
+    backend: &Backend,
+    account: &crate::account::Account,
+    user_id: &UserId,
+    old: &MatrixUserStatus,
+    out: &mut Option<RoomsReport>,
+) {
+    let Some(listed) = &user.spec.rooms else {
+        // Forgotten, not left.
+        if !old.rooms.is_empty() || old.joined_rooms.is_some() {
+            *out = Some(RoomsReport::default());
+        }
+        return;
+    };
+    let purpose = format!(
+        "matrix-user-operator: leaving rooms for MatrixUser {}/{}",
+        user.namespace().unwrap_or_default(),
+        user.name_any()
+    );
+    *out = Some(sync_rooms(backend, account, user_id, listed, &old.rooms, &purpose).await);
+}
+
+/// The most rooms a condition message names one by one.
+const MAX_ROOMS_NAMED: usize = 5;
+
+/// A pass's rooms as an error: the pass failed as a whole, or some rooms
+/// are not in line (each named, with what the server said).
+fn rooms_result(report: &mut Option<RoomsReport>) -> Result<(), Error> {
+    let Some(report) = report else {
+        return Ok(());
+    };
+    if let Some(e) = report.failed.take() {
+        return Err(e.into());
+    }
+    if report.problems.is_empty() {
+        return Ok(());
+    }
+    let joining = report.problems.iter().any(|p| p.step != RoomStep::Leave);
+    let mut parts: Vec<String> = report
+        .problems
+        .iter()
+        .take(MAX_ROOMS_NAMED)
+        .map(|p| {
+            let step = match p.step {
+                RoomStep::Resolve => "cannot look the alias up",
+                RoomStep::Join => "cannot join",
+                RoomStep::Leave => "cannot leave",
+            };
+            format!("{} ({step}: {})", p.room, p.error)
+        })
+        .collect();
+    if report.problems.len() > MAX_ROOMS_NAMED {
+        parts.push(format!("and {} more", report.problems.len() - MAX_ROOMS_NAMED));
+    }
+    let done = if joining {
+        "the others are joined"
+    } else {
+        "the others are in line"
+    };
+    Err(Error::Rooms {
+        reason: if joining { "RoomNotJoinable" } else { "RoomNotLeft" },
+        message: format!(
+            "{} of the rooms not in line ({done}): {}",
+            report.problems.len(),
+            parts.join("; ")
+        ),
+        transient: report.problems.iter().any(|p| p.transient),
+    })
 }
 
 /// What a pass cut off by its deadline keeps of the pending creation: a
@@ -779,6 +877,18 @@ async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
     }
     if p.writes > 0 {
         info!(user_id = %id, writes = p.writes, "synced the account");
+    }
+    // One Event per pass for the rooms joined and one for those left: at a
+    // thousand new accounts an Event per room is thousands of API calls.
+    if let Some(rooms) = &out.rooms {
+        if !rooms.joined.is_empty() {
+            let note = format!("joined {id} to {}", rooms.joined.join(", "));
+            ctx.publish(user, EventType::Normal, "JoinedRoom", note).await;
+        }
+        if !rooms.left.is_empty() {
+            let note = format!("{id} left {}", rooms.left.join(", "));
+            ctx.publish(user, EventType::Normal, "LeftRoom", note).await;
+        }
     }
 }
 
@@ -1048,6 +1158,22 @@ mod tests {
             (synapse_error(429, "M_LIMIT_EXCEEDED"), KStatus::InProgress),
             (Error::NotSettling("x".into()), KStatus::InProgress),
             (Error::Stale, KStatus::InProgress),
+            (
+                Error::Rooms {
+                    reason: "RoomNotJoinable",
+                    message: "!x: not in room".into(),
+                    transient: false,
+                },
+                KStatus::Failed,
+            ),
+            (
+                Error::Rooms {
+                    reason: "RoomNotJoinable",
+                    message: "!x: HTTP 502".into(),
+                    transient: true,
+                },
+                KStatus::InProgress,
+            ),
             (
                 Error::TooSlow {
                     deadline: Duration::from_secs(120),

@@ -982,6 +982,7 @@ fn desired_from_spec_normalises_and_keeps_unset_fields_unmanaged() {
             auth_provider: "oidc".into(),
             external_id: "Abc".into(),
         }]),
+        rooms: None,
         deletion_policy: DeletionPolicy::default(),
         adopt: false,
     };
@@ -1185,4 +1186,217 @@ fn a_pending_creation_at_the_ends_of_time_neither_overflows_nor_wraps() {
     };
     assert!(authority.owns(&a));
     assert!(authority.created_by_pending(&a));
+}
+
+// ---- rooms ----
+
+fn names(list: &[&str]) -> Vec<RoomName> {
+    list.iter().map(|n| RoomName(n.to_string())).collect()
+}
+
+fn rec(room_id: &str, alias: Option<&str>, joined: bool) -> ManagedRoom {
+    ManagedRoom {
+        room_id: room_id.into(),
+        alias: alias.map(Into::into),
+        joined,
+    }
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|i| i.to_string()).collect()
+}
+
+fn joins(p: &RoomPlan) -> Vec<(&str, &str)> {
+    p.join
+        .iter()
+        .map(|j| (j.room_id.as_str(), j.listed_as.as_str()))
+        .collect()
+}
+
+fn ids(rooms: &[ManagedRoom]) -> Vec<&str> {
+    rooms.iter().map(|r| r.room_id.as_str()).collect()
+}
+
+#[test]
+fn the_membership_diff_joins_what_is_missing_and_leaves_only_what_the_operator_joined() {
+    let resolved: std::collections::BTreeMap<RoomName, String> =
+        [(RoomName("#general:ex.org".into()), "!gen".to_string())].into();
+    struct Case {
+        name: &'static str,
+        listed: &'static [&'static str],
+        recorded: Vec<ManagedRoom>,
+        joined: &'static [&'static str],
+        active: bool,
+        join: Vec<(&'static str, &'static str)>,
+        leave: Vec<&'static str>,
+        kept: Vec<ManagedRoom>,
+        joined_listed: usize,
+    }
+    let cases = vec![
+        Case {
+            name: "a new listed room is joined, by ID or by alias",
+            listed: &["!a", "#general:ex.org"],
+            recorded: vec![],
+            joined: &[],
+            active: true,
+            join: vec![("!a", "!a"), ("!gen", "#general:ex.org")],
+            leave: vec![],
+            kept: vec![],
+            joined_listed: 0,
+        },
+        Case {
+            name: "in every listed room the operator joined: nothing to do",
+            listed: &["!a", "#general:ex.org"],
+            recorded: vec![rec("!a", None, true), rec("!gen", Some("#general:ex.org"), true)],
+            joined: &["!a", "!gen", "!own"],
+            active: true,
+            join: vec![],
+            leave: vec![],
+            kept: vec![rec("!a", None, true), rec("!gen", Some("#general:ex.org"), true)],
+            joined_listed: 2,
+        },
+        Case {
+            name: "a listed room the account is in on its own stays its own (not recorded)",
+            listed: &["!own"],
+            recorded: vec![],
+            joined: &["!own"],
+            active: true,
+            join: vec![],
+            leave: vec![],
+            kept: vec![],
+            joined_listed: 1,
+        },
+        Case {
+            name: "a room the operator joined, no longer listed, is left",
+            listed: &["!a"],
+            recorded: vec![rec("!a", None, true), rec("!b", None, true)],
+            joined: &["!a", "!b"],
+            active: true,
+            join: vec![],
+            leave: vec!["!b"],
+            kept: vec![rec("!a", None, true)],
+            joined_listed: 1,
+        },
+        Case {
+            name: "rooms: [] leaves what the operator joined, never the account's own",
+            listed: &[],
+            recorded: vec![rec("!b", None, true)],
+            joined: &["!b", "!own"],
+            active: true,
+            join: vec![],
+            leave: vec!["!b"],
+            kept: vec![],
+            joined_listed: 0,
+        },
+        Case {
+            name: "a room the account left on its own is joined again (drift)",
+            listed: &["!a"],
+            recorded: vec![rec("!a", None, true)],
+            joined: &[],
+            active: true,
+            join: vec![("!a", "!a")],
+            leave: vec![],
+            kept: vec![],
+            joined_listed: 0,
+        },
+        Case {
+            name: "an unlisted room the account left already: the record goes, nothing to leave",
+            listed: &[],
+            recorded: vec![rec("!b", None, true)],
+            joined: &[],
+            active: true,
+            join: vec![],
+            leave: vec![],
+            kept: vec![],
+            joined_listed: 0,
+        },
+        Case {
+            name: "deactivated: nothing joined, records kept for re-activation, none left",
+            listed: &["!a"],
+            recorded: vec![rec("!a", None, true), rec("!b", None, true)],
+            joined: &[],
+            active: false,
+            join: vec![],
+            leave: vec![],
+            kept: vec![rec("!a", None, false)],
+            joined_listed: 0,
+        },
+        Case {
+            name: "re-activated: the records' rooms are joined again",
+            listed: &["!a"],
+            recorded: vec![rec("!a", None, false)],
+            joined: &[],
+            active: true,
+            join: vec![("!a", "!a")],
+            leave: vec![],
+            kept: vec![],
+            joined_listed: 0,
+        },
+        Case {
+            name: "a room listed by ID and by alias is one membership",
+            listed: &["!gen", "#general:ex.org"],
+            recorded: vec![],
+            joined: &[],
+            active: true,
+            join: vec![("!gen", "!gen")],
+            leave: vec![],
+            kept: vec![],
+            joined_listed: 0,
+        },
+        Case {
+            name: "an alias that points elsewhere now: the new room joined, the old left",
+            listed: &["#general:ex.org"],
+            recorded: vec![rec("!old", Some("#general:ex.org"), true)],
+            joined: &["!old"],
+            active: true,
+            join: vec![("!gen", "#general:ex.org")],
+            leave: vec!["!old"],
+            kept: vec![],
+            joined_listed: 0,
+        },
+    ];
+    for c in cases {
+        let p = plan_rooms(&names(c.listed), &c.recorded, &set(c.joined), &resolved, c.active);
+        assert_eq!(joins(&p), c.join, "{}: join", c.name);
+        assert_eq!(ids(&p.leave), c.leave, "{}: leave", c.name);
+        assert_eq!(p.kept, c.kept, "{}: kept", c.name);
+        assert_eq!(p.joined_listed, c.joined_listed, "{}: joined_listed", c.name);
+        assert!(p.unresolved.is_empty(), "{}", c.name);
+    }
+}
+
+#[test]
+fn an_alias_not_looked_up_names_its_recorded_room_and_an_unknown_one_is_reported() {
+    let none = std::collections::BTreeMap::new();
+    // Recorded and the account is in it: no lookup, and the record stands.
+    let recorded = vec![rec("!gen", Some("#general:ex.org"), true)];
+    let listed = names(&["#general:ex.org", "#nosuch:ex.org"]);
+    let p = plan_rooms(&listed, &recorded, &set(&["!gen"]), &none, true);
+    assert_eq!(p.kept, recorded);
+    assert_eq!(p.unresolved, names(&["#nosuch:ex.org"]));
+    assert!(p.join.is_empty() && p.leave.is_empty());
+    // A failed lookup of a recorded alias holds nothing up: its record's
+    // room is joined again.
+    let p = plan_rooms(&listed[..1], &recorded, &set(&[]), &none, true);
+    assert_eq!(joins(&p), vec![("!gen", "#general:ex.org")]);
+}
+
+#[test]
+fn aliases_are_looked_up_only_when_their_room_is_not_known_to_be_joined() {
+    let listed = names(&["#a:ex.org", "#b:ex.org", "!c", "#a:ex.org"]);
+    let recorded = vec![rec("!a", Some("#a:ex.org"), true), rec("!b", Some("#b:ex.org"), true)];
+    // In both: a resync costs no lookup.
+    assert!(aliases_to_resolve(&listed, &recorded, &set(&["!a", "!b"]), true).is_empty());
+    // Left !b: its alias is looked up again (it may point elsewhere now).
+    assert_eq!(
+        aliases_to_resolve(&listed, &recorded, &set(&["!a"]), true),
+        names(&["#b:ex.org"])
+    );
+    // New: looked up once, however often listed.
+    assert_eq!(
+        aliases_to_resolve(&listed, &[], &set(&[]), true),
+        names(&["#a:ex.org", "#b:ex.org"])
+    );
+    // Deactivated: nothing is joined, nothing looked up.
+    assert!(aliases_to_resolve(&listed, &[], &set(&[]), false).is_empty());
 }

@@ -8,8 +8,8 @@
 //! HTTP APIs, not through the operator's decoding.
 
 use matrix_user_operator::account::{Account, ExternalId, Threepid, UserId};
-use matrix_user_operator::api::{DeletionPolicy, UserType};
-use matrix_user_operator::apply::{Progress, SyncError, Unguarded, delete_account, sync_account};
+use matrix_user_operator::api::{DeletionPolicy, RoomName, UserType};
+use matrix_user_operator::apply::{Progress, SyncError, Unguarded, delete_account, sync_account, sync_rooms};
 use std::sync::{Arc, Mutex};
 
 use matrix_user_operator::backend::RequestObserver;
@@ -521,4 +521,110 @@ pub async fn a_resync_reads_only_what_the_spec_manages(t: &MasTarget) {
             .collect();
         assert_eq!(made, want, "{case}: the calls of a resync");
     }
+}
+
+/// A room on the MAS-mode Synapse made by the harness admin; Synapse limits
+/// room creation per user, so a 429 is waited out.
+async fn admin_room(t: &MasTarget, preset: &str) -> String {
+    for _ in 0..60 {
+        let (status, body) = t
+            .synapse_request(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                Some(&t.synapse_admin_token),
+                Some(serde_json::json!({"preset": preset})),
+            )
+            .await;
+        if status == 429 {
+            let wait = body["retry_after_ms"].as_u64().unwrap_or(1000).min(10_000);
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            continue;
+        }
+        assert_eq!(status, 200, "createRoom: {body}");
+        return body["room_id"].as_str().expect("a room ID").to_string();
+    }
+    panic!("Synapse kept refusing to create a room (429)")
+}
+
+/// The rooms `id` is in, from Synapse's admin API, sorted.
+async fn joined_rooms(t: &MasTarget, id: &UserId) -> Vec<String> {
+    let (status, body) = t
+        .synapse_admin_get(&format!("/_synapse/admin/v1/users/{id}/joined_rooms"))
+        .await;
+    assert_eq!(status, 200, "joined_rooms: {body}");
+    let mut rooms: Vec<String> = serde_json::from_value(body["joined_rooms"].clone()).expect("a list");
+    rooms.sort();
+    rooms
+}
+
+/// Rooms in MAS mode: they live in Synapse, joined with its admin join
+/// API; a room taken out of the list is left as the user with a MAS
+/// personal session the operator makes and revokes; a manual leave is
+/// undone; deactivation leaves every room and re-activation joins the
+/// listed ones again.
+pub async fn rooms_joined_left_and_joined_again(t: &MasTarget) {
+    let b = backend(t);
+    let lp = unique("rooms");
+    let id = user_id(t, &lp);
+    let mut d = Desired::existing(id.clone());
+    d.password = Some(password(STRONG, false));
+    let (account, _) = sync_ok(&b, &d, FRESH).await;
+    let public = admin_room(t, "public_chat").await;
+    let private = admin_room(t, "private_chat").await;
+    let mut both = vec![public.clone(), private.clone()];
+    both.sort();
+    let listed = vec![RoomName(public.clone()), RoomName(private.clone())];
+    let purpose = "matrix-user-operator: mas scenario rooms";
+
+    let r = sync_rooms(&b, &account, &id, &listed, &[], purpose).await;
+    assert!(r.failed.is_none() && r.problems.is_empty(), "{r:?}");
+    assert_eq!(r.joined.len(), 2, "{r:?}");
+    assert_eq!(joined_rooms(t, &id).await, both);
+    // In line: no write.
+    let again = sync_rooms(&b, &account, &id, &listed, &r.records, purpose).await;
+    assert_eq!((again.writes, again.problems.len()), (0, 0), "{again:?}");
+
+    // The user leaves the private room on their own: joined again.
+    let token = t.login(&lp, STRONG).await.expect("a login");
+    let (status, body) = t
+        .synapse_request(
+            reqwest::Method::POST,
+            &format!("/_matrix/client/v3/rooms/{private}/leave"),
+            Some(&token),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "leave: {body}");
+    let r = sync_rooms(&b, &account, &id, &listed, &r.records, purpose).await;
+    assert_eq!(r.joined, vec![private.clone()], "{r:?}");
+    assert_eq!(joined_rooms(t, &id).await, both);
+
+    // Out of the list: left, as the user (a personal session).
+    let r = sync_rooms(&b, &account, &id, &listed[..1], &r.records, purpose).await;
+    assert!(r.problems.is_empty(), "{r:?}");
+    assert_eq!(r.left, vec![private.clone()], "{r:?}");
+    assert_eq!(joined_rooms(t, &id).await, vec![public.clone()]);
+    // The user's own session is not the one that was ended.
+    assert_eq!(t.synapse_whoami_status(&token).await, 200);
+
+    // Deactivated: Synapse leaves every room; nothing is joined.
+    d.password = Some(password(STRONG, true));
+    d.deactivated = Some(true);
+    let (gone, _) = sync_ok(&b, &d, OWNED).await;
+    assert!(gone.deactivated);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !joined_rooms(t, &id).await.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let kept = sync_rooms(&b, &gone, &id, &listed[..1], &r.records, purpose).await;
+    assert_eq!((kept.writes, kept.problems.len()), (0, 0), "{kept:?}");
+    assert!(joined_rooms(t, &id).await.is_empty());
+    assert!(kept.records.iter().all(|m| !m.joined), "{kept:?}");
+
+    // Re-activated: the listed room is joined again.
+    d.deactivated = Some(false);
+    let (back, _) = sync_ok(&b, &d, OWNED).await;
+    let r = sync_rooms(&b, &back, &id, &listed[..1], &kept.records, purpose).await;
+    assert!(r.problems.is_empty(), "{r:?}");
+    assert_eq!(joined_rooms(t, &id).await, vec![public]);
 }

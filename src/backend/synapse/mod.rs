@@ -4,6 +4,7 @@
 mod account;
 mod client;
 mod error;
+mod rooms;
 mod tokens;
 mod types;
 

@@ -177,7 +177,7 @@ impl SynapseClient {
 
     /// An ID from an answer, taken only as it is: printable ASCII, short,
     /// holding none of the request's secrets nor any this client knows.
-    fn fit_id(
+    pub(super) fn fit_id(
         &self,
         endpoint: Endpoint,
         status: u16,

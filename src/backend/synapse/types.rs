@@ -28,6 +28,14 @@ pub enum Endpoint {
     TokenWhoami,
     /// The client logout, with the token to end.
     Logout,
+    /// The rooms a user is in (admin API).
+    JoinedRooms,
+    /// An alias looked up in the room directory.
+    ResolveAlias,
+    /// The admin join API.
+    JoinRoom,
+    /// The client leave, with a token of the user.
+    LeaveRoom,
 }
 
 impl Endpoint {
@@ -47,6 +55,10 @@ impl Endpoint {
             Endpoint::Login => "login",
             Endpoint::TokenWhoami => "token_whoami",
             Endpoint::Logout => "logout",
+            Endpoint::JoinedRooms => "joined_rooms",
+            Endpoint::ResolveAlias => "resolve_alias",
+            Endpoint::JoinRoom => "join_room",
+            Endpoint::LeaveRoom => "leave_room",
         }
     }
 }

@@ -241,6 +241,11 @@ fn start() -> Result<MasStandIn, String> {
 }
 
 impl MasStandIn {
+    /// The personal sessions of the MAS user `actor`: `(human_name, revoked)`.
+    pub fn personal_sessions_of(&self, actor: &str) -> Vec<(String, bool)> {
+        self.shared.personal_sessions_of(actor)
+    }
+
     /// What a MAS test suite codes against.
     pub fn target(&self) -> MasTarget {
         let provider = self.shared.lock().providers[0].clone();

@@ -483,6 +483,16 @@ impl Shared {
     pub fn job_errors(&self) -> Vec<String> {
         self.lock().job_errors.clone()
     }
+    /// The personal sessions of the MAS user `actor`: `(human_name, revoked)`.
+    pub fn personal_sessions_of(&self, actor: &str) -> Vec<(String, bool)> {
+        self.lock()
+            .personal_sessions
+            .iter()
+            .filter(|p| p.actor_user_id == actor)
+            .map(|p| (p.human_name.clone(), p.revoked_ms.is_some()))
+            .collect()
+    }
+
     pub fn requests(&self) -> Vec<MasRequest> {
         self.lock().requests.clone()
     }
