@@ -603,3 +603,38 @@ async fn the_operator_binary_logs_no_token_nor_password_at_debug() {
         assert!(events.iter().all(|e| !e.contains(t)), "a secret in an Event");
     }
 }
+
+/// Finding 4: the Secret's current token removed by hand while a replaced
+/// one is in its grace period: the replaced one is revoked, not dropped.
+#[tokio::test]
+async fn a_replaced_token_in_its_grace_is_revoked_when_the_current_one_is_removed_by_hand() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-graceless", json!({})).await;
+    let obj = token_obj("graceless", &localpart, json!({"rotationGracePeriod": "1h"}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let first = secret_key(&fake, "graceless-token", "accessToken").unwrap();
+    let mut annotated = fake.get(&path_of(&obj)).unwrap();
+    annotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "1"});
+    fake.put(annotated);
+    reconcile(&fake, &client, &obj).await;
+    let second = secret_key(&fake, "graceless-token", "accessToken").unwrap();
+    assert_ne!(first, second);
+    assert_eq!(whoami(&first).await.0, 200, "in its grace period");
+    // Someone takes the current token out of the Secret.
+    let mut secret = fake.get(&secret_path("graceless-token")).unwrap();
+    secret["data"].as_object_mut().unwrap().remove("accessToken");
+    fake.put(secret);
+    let t = reconcile(&fake, &client, &obj).await;
+    let third = secret_key(&fake, "graceless-token", "accessToken").unwrap();
+    assert_ne!(third, second);
+    assert_eq!(whoami(&third).await.0, 200);
+    assert_eq!(
+        whoami(&first).await.0,
+        401,
+        "the replaced token is revoked, not forgotten"
+    );
+    assert_eq!(secret_key(&fake, "graceless-token", "previousAccessToken"), None);
+    assert!(t.status.unwrap().retiring.is_none());
+}

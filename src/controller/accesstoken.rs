@@ -595,9 +595,11 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         )));
     }
     // A token two rotations old goes now: only one is ever in its grace.
+    // So does a replaced token whose successor was taken out of the Secret:
+    // the write below records no previous token, so it would be forgotten
+    // and stay valid.
     if let Some(h) = held.as_ref()
         && let Some(p) = &h.previous
-        && current.is_some()
     {
         revoke_previous(&backend, p).await?;
     }
