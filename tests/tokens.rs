@@ -100,6 +100,16 @@ fn secret_key(fake: &FakeApiServer, name: &str, key: &str) -> Option<String> {
     Some(String::from_utf8(bytes).unwrap())
 }
 
+/// Makes the token in Secret `name` two minutes old, as the record says.
+fn backdate_issue(fake: &FakeApiServer, name: &str) {
+    let mut secret = fake.get(&secret_path(name)).expect("the Secret");
+    let then = std::time::SystemTime::now() - Duration::from_secs(120);
+    let then = then.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    secret["metadata"]["annotations"]["matrix-operator.io/issued-at"] =
+        json!(k8s_openapi::jiff::Timestamp::from_second(then).unwrap().to_string());
+    fake.put(secret);
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     common::mas::util::base64_decode(s).expect("base64")
 }
@@ -278,6 +288,9 @@ async fn a_token_logged_out_by_hand_is_issued_anew() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(whoami(&first).await.0, 401);
+    // A token refused moments after it was issued is not replaced at once
+    // (no loop of issues): this one has been in use a while.
+    backdate_issue(&fake, "drifting-token");
     let t = reconcile(&fake, &client, &obj).await;
     let second = secret_key(&fake, "drifting-token", "accessToken").unwrap();
     assert_ne!(first, second);
@@ -637,4 +650,58 @@ async fn a_replaced_token_in_its_grace_is_revoked_when_the_current_one_is_remove
     );
     assert_eq!(secret_key(&fake, "graceless-token", "previousAccessToken"), None);
     assert!(t.status.unwrap().retiring.is_none());
+}
+
+/// Finding 1: a server that refuses every token it issues (a user locked
+/// behind the operator's back, a broken introspection) gets no loop of
+/// issue and revoke: the token just issued is not issued anew at once, and
+/// the MatrixAccessToken says why.
+#[tokio::test]
+async fn a_server_refusing_the_token_it_just_issued_gets_no_loop_of_issues() {
+    let s = synapse();
+    let admin = s.admin_token.clone();
+    let proxy = common::proxy::Proxy::start(&s.base_url, move |seen| {
+        let user_whoami =
+            seen.path.starts_with("/_matrix/client/v3/account/whoami") && seen.bearer.as_deref() != Some(&admin);
+        if user_whoami {
+            common::proxy::Misbehave::Respond {
+                status: 401,
+                content_type: "application/json",
+                body: br#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed."}"#.to_vec(),
+            }
+        } else {
+            common::proxy::Misbehave::Forward
+        }
+    })
+    .await;
+    let (_client, fake) = FakeApiServer::start();
+    let mut hs = common::fixtures::homeserver_in(NS, "hs", json!({}));
+    hs["spec"]["url"] = json!(proxy.url);
+    fake.put(hs);
+    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let (localpart, _) = bot(&fake, "tok-loop", json!({})).await;
+    let obj = token_obj("looping", &localpart, json!({}));
+    fake.put(obj.clone());
+    let stop = run_operator(&fake, Config::default());
+    wait_until(Duration::from_secs(30), "a token in the Secret", || async {
+        secret_key(&fake, "looping-token", "accessToken").is_some()
+    })
+    .await;
+    // A window in which a loop would issue dozens.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let logins = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/_synapse/admin/v1/users/") && r.path.ends_with("/login"))
+        .count();
+    assert!(logins <= 2, "{logins} tokens issued in a few seconds: a loop");
+    let t = stored(&fake, &obj).unwrap();
+    let (status, reason, message) = ready(&t);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TokenRejected"),
+        "{message}"
+    );
+    assert_eq!(condition(&t, "Reconciling"), "True");
+    let _ = stop.send(());
 }

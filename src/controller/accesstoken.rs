@@ -62,6 +62,14 @@ pub const ROTATE_ANNOTATION: &str = "matrix-operator.io/rotate";
 /// short-lived.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(600);
 
+/// How old a token must be before the operator replaces it on its own
+/// (dead, another's, due for renewal). A token refused, or due, moments
+/// after it was issued says the server will do the same to the next one (a
+/// user locked behind the operator's back, a client API that does not take
+/// the server's tokens, an expiry shorter than `renewBefore`): issuing at
+/// once would loop, each Secret write triggering the next pass.
+pub const MIN_TOKEN_AGE: Duration = Duration::from_secs(60);
+
 // The Secret's keys, for the bot.
 const KEY_TOKEN: &str = "accessToken";
 const KEY_USER_ID: &str = "userId";
@@ -568,12 +576,36 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
                     name: token.spec.user_ref.name.clone(),
                 });
             }
-            Err(e) if e.class() == ErrorClass::Unauthorized => Decision::Reissue(
-                "the server no longer accepts the token (revoked or expired out of band): issued anew",
-            ),
+            Err(e) if e.class() == ErrorClass::Unauthorized => {
+                // MAS issues sessions to a user an admin locked in MAS,
+                // whose tokens it then refuses: say so, keep the token.
+                if let Backend::Mas(mas) = &backend
+                    && mas_locked(mas, &account).await?
+                {
+                    return Err(Error::UserLocked {
+                        name: token.spec.user_ref.name.clone(),
+                    });
+                }
+                Decision::Reissue(
+                    "the server no longer accepts the token (revoked or expired out of band): issued anew",
+                )
+            }
             Err(e) => return Err(e.into()),
         },
     };
+    let premature = match decision {
+        Decision::Reissue(_) => Some("refused by the server (or its MAS session ended)"),
+        Decision::Replace(_) => Some("said by the server to be another's"),
+        Decision::Renew(_) => Some("due for renewal (it expires within renewBefore)"),
+        _ => None,
+    };
+    if let (Some(why), Some(h)) = (premature, current)
+        && let Some(issued_at) = h.issued_at
+        && let Ok(age) = Duration::try_from(now.duration_since(issued_at))
+        && age < MIN_TOKEN_AGE
+    {
+        return Err(Error::TokenRejected { age, why: why.into() });
+    }
     let (why, keep_old) = match decision {
         Decision::Keep => {
             renew_at(out, &lifetimes);
@@ -581,7 +613,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         }
         Decision::Issue(why) | Decision::Reissue(why) => (why, false),
         Decision::Replace(why) => (why, false),
-        Decision::Rotate(why) => (why, true),
+        Decision::Rotate(why) | Decision::Renew(why) => (why, true),
     };
     if keep_old
         && let Backend::Synapse(_) = backend
@@ -683,6 +715,8 @@ enum Decision {
     Replace(&'static str),
     /// Replace it, the old one in its grace period.
     Rotate(&'static str),
+    /// Rotate it: it expires within `renewBefore`.
+    Renew(&'static str),
 }
 
 /// Whether the held (working) token is due for a rotation.
@@ -699,7 +733,7 @@ fn due(token: &MatrixAccessToken, h: &Held, l: &Lifetimes, rotation: Option<&str
     if let Some(expires) = h.expires_at
         && expires - span(l.renew_before) <= now
     {
-        return Decision::Rotate("renewed before it expires");
+        return Decision::Renew("renewed before it expires");
     }
     Decision::Keep
 }
@@ -825,6 +859,15 @@ async fn issue_mas(
         expires_at,
         session_id: Some(issued.id),
     })
+}
+
+/// Whether MAS says the account is locked.
+async fn mas_locked(mas: &MasBackend, account: &Account) -> Result<bool, Error> {
+    Ok(mas
+        .mas()
+        .user_by_username(account.user_id.localpart())
+        .await?
+        .is_some_and(|u| u.attributes.locked_at.is_some()))
 }
 
 /// A refusal of Synapse to issue (the admin's own account, an API turned

@@ -102,6 +102,13 @@ pub enum Error {
     TokenRefused(String),
     #[error("{0}")]
     RotationUnsupported(String),
+    /// The server refuses (or would renew) a token it issued moments ago.
+    #[error(
+        "the token in the Secret was issued {}s ago and is already {why}; no other is issued before it is {}s old (the server would likely do the same to it), retrying with backoff",
+        .age.as_secs(),
+        super::accesstoken::MIN_TOKEN_AGE.as_secs()
+    )]
+    TokenRejected { age: std::time::Duration, why: String },
 }
 
 /// `90s`, `2m`, `1.5s`: a duration as the flags take it.
@@ -197,6 +204,7 @@ impl Error {
             Error::TokenSecretNotOwned { .. } => "Conflict",
             Error::TokenRefused(_) => "TokenRefused",
             Error::RotationUnsupported(_) => "RotationUnsupported",
+            Error::TokenRejected { .. } => "TokenRejected",
         }
     }
 
@@ -232,7 +240,8 @@ impl Error {
             | Error::Stale
             | Error::HomeserverInUse { .. }
             | Error::Panicked
-            | Error::TooSlow { .. } => true,
+            | Error::TooSlow { .. }
+            | Error::TokenRejected { .. } => true,
             _ => false,
         }
     }

@@ -140,6 +140,17 @@ where
     }
 }
 
+/// Makes the token in Secret `name` two minutes old, as the record says.
+fn backdate_issue(fake: &FakeApiServer, name: &str) {
+    let path = format!("/api/v1/namespaces/{NS}/secrets/{name}");
+    let mut secret = fake.get(&path).expect("the Secret");
+    let then = std::time::SystemTime::now() - Duration::from_secs(120);
+    let then = then.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    secret["metadata"]["annotations"]["matrix-operator.io/issued-at"] =
+        json!(k8s_openapi::jiff::Timestamp::from_second(then).unwrap().to_string());
+    fake.put(secret);
+}
+
 fn assert_not_in_object(fake: &FakeApiServer, obj: &Value, token: &str) {
     let object = fake.get(&path_of(obj)).map(|o| o.to_string()).unwrap_or_default();
     assert!(!object.contains(token), "the token is in the object");
@@ -272,6 +283,9 @@ pub async fn token_revoked_out_of_band_is_reissued(t: &MasTarget) {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    // A token refused moments after it was issued is not replaced at once
+    // (no loop of issues): this one has been in use a while.
+    backdate_issue(&fake, "drift-token");
     let again = reconcile(&fake, &client, &obj).await.unwrap();
     let (r, message) = reason(&again);
     assert_eq!(r, "Issued", "{message}");
