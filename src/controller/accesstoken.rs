@@ -41,7 +41,7 @@ use crate::api::{
     Homeserver, MatrixAccessToken, MatrixAccessTokenStatus, MatrixUser, Ready, RetiringToken, STALLED, Standing,
     set_condition,
 };
-use crate::backend::mas::{MasBackend, bot_scope};
+use crate::backend::mas::{MasBackend, PersonalSession, bot_scope, is_id};
 use crate::backend::{Backend, ErrorClass};
 use crate::secret::SecretString;
 use crate::synapse::{ErrCode, SynapseError, UserId};
@@ -214,11 +214,90 @@ async fn read_secret(ctx: &Context, token: &MatrixAccessToken) -> Result<SecretS
     if !owned {
         return Ok(SecretState::Foreign);
     }
-    let held = held_in(&secret).map(Box::new);
+    let mut held = held_in(&secret);
+    if let Some(h) = held.as_mut() {
+        trust_status_sessions(token, h);
+    }
+    let held = held.map(Box::new);
     Ok(SecretState::Owned {
         secret: Box::new(secret),
         held,
     })
+}
+
+/// The MAS sessions to act on are those the status records (only the
+/// operator writes it): anyone who may patch Secrets in the namespace may
+/// write the Secret's annotations. An annotation is only a hint, taken when
+/// the status has none (its write after the Secret's was lost), and every
+/// session is checked with MAS before it is revoked ([`revoke_session`]).
+fn trust_status_sessions(token: &MatrixAccessToken, h: &mut Held) {
+    let status = token.status.as_ref();
+    let valid = |id: Option<String>| id.filter(|id| is_id(id));
+    if let Some(id) = valid(status.and_then(|s| s.session_id.clone())) {
+        h.session_id = Some(id);
+    }
+    h.session_id = valid(h.session_id.take());
+    if let Some(p) = h.previous.as_mut() {
+        if let Some(id) = valid(
+            status
+                .and_then(|s| s.retiring.as_ref())
+                .and_then(|r| r.session_id.clone()),
+        ) {
+            p.session_id = Some(id);
+        }
+        p.session_id = valid(p.session_id.take());
+    }
+}
+
+/// What a MAS session of this MatrixAccessToken looks like: its name, and
+/// the MAS user it acts for when known.
+struct Expected {
+    human_name: String,
+    actor: Option<String>,
+}
+
+impl Expected {
+    fn of(token: &MatrixAccessToken, actor: Option<String>) -> Self {
+        Self {
+            human_name: session_name(token),
+            actor,
+        }
+    }
+
+    fn matches(&self, s: &PersonalSession) -> bool {
+        s.human_name == self.human_name && self.actor.as_ref().is_none_or(|a| *a == s.actor_user_id)
+    }
+}
+
+/// The name of the MAS personal sessions of `token`.
+fn session_name(token: &MatrixAccessToken) -> String {
+    format!(
+        "matrix-user-operator: MatrixAccessToken {}/{}",
+        token.namespace().unwrap_or_default(),
+        token.name_any()
+    )
+}
+
+/// Revokes the MAS session `id` if it is this MatrixAccessToken's (and
+/// active): another's, named in a tampered Secret, is left alone.
+async fn revoke_session(mas: &MasBackend, id: &str, expected: &Expected) -> Result<(), Error> {
+    if !is_id(id) {
+        return Ok(());
+    }
+    match mas.mas().personal_session(id).await? {
+        None => {}
+        Some(s) if !expected.matches(&s) => {
+            warn!(
+                session = id,
+                "not revoking a MAS session the record names: it is not this MatrixAccessToken's"
+            );
+        }
+        Some(s) if s.revoked_at.is_some() => {}
+        Some(_) => {
+            mas.mas().revoke_personal_session(id).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The spec's durations, checked.
@@ -462,6 +541,7 @@ fn status_after(
 /// record it all in the Secret (`out.held`).
 async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Result<(), Error> {
     let ns = token.namespace().unwrap_or_default();
+    let mut expected = Expected::of(token, None);
     let state = read_secret(ctx, token).await?;
     let (secret, mut held) = match state {
         SecretState::Foreign => {
@@ -479,7 +559,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         && s.meta().deletion_timestamp.is_some()
     {
         if let Some(h) = &held {
-            revoke_held(ctx, &ns, h, out).await?;
+            revoke_held(ctx, &ns, h, &expected, out).await?;
         }
         release_secret(ctx, s).await?;
         out.held = None;
@@ -494,7 +574,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         Ok(account) => account,
         Err(Ok(gone)) => {
             if let (Some(s), Some(h)) = (&secret, &held) {
-                revoke_held(ctx, &ns, h, out).await?;
+                revoke_held(ctx, &ns, h, &expected, out).await?;
                 clear_secret(ctx, s).await?;
                 out.held = None;
             }
@@ -506,6 +586,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         }
         Err(Err(e)) => return Err(e),
     };
+    expected.actor = account.mas_user_id.clone();
     let lifetimes = lifetimes(token)?;
     let hs_name = account.user.spec.homeserver_ref.name.clone();
     out.homeserver = Some(hs_name.clone());
@@ -518,7 +599,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         && (h.user_id != account.user_id.as_str() || h.homeserver.as_deref() != Some(hs_name.as_str()))
         && !h.token.expose().is_empty()
     {
-        revoke_held(ctx, &ns, h, out).await?;
+        revoke_held(ctx, &ns, h, &expected, out).await?;
         if let Some(s) = &secret {
             clear_secret(ctx, s).await?;
         }
@@ -531,7 +612,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         && let Some(p) = h.previous.clone()
     {
         if p.revoke_at <= now {
-            revoke_previous(&backend, &p).await?;
+            revoke_previous(&backend, &p, &expected).await?;
             h.previous = None;
             let s = secret.as_deref().expect("held comes from the Secret");
             write_secret(ctx, token, Some(s), h, &hs.spec.url).await?;
@@ -555,7 +636,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
             .mas()
             .personal_session(session)
             .await?
-            .is_none_or(|s| s.revoked_at.is_some()),
+            .is_none_or(|s| s.revoked_at.is_some() || !expected.matches(&s)),
         _ => false,
     };
     let decision = match current {
@@ -633,11 +714,11 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
     if let Some(h) = held.as_ref()
         && let Some(p) = &h.previous
     {
-        revoke_previous(&backend, p).await?;
+        revoke_previous(&backend, p, &expected).await?;
     }
     if !keep_old && let Some(h) = current {
         // Not in use any more (dead, or another's): revoke what is left.
-        revoke_token(&backend, h).await?;
+        revoke_token(&backend, h, &expected).await?;
     }
     let issued = issue(ctx, token, &backend, &account, &lifetimes).await?;
     let mut new = Held {
@@ -664,7 +745,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         Ok(_) => {}
         Err(e) => {
             // Not recorded anywhere: it must not live on.
-            if let Err(revoke) = revoke_token(&backend, &new).await {
+            if let Err(revoke) = revoke_token(&backend, &new, &expected).await {
                 warn!(error = %revoke, "cannot revoke a token the Secret did not take");
             }
             return Err(e);
@@ -830,11 +911,7 @@ async fn issue_mas(
                 waiting: true,
             })?,
     };
-    let human_name = format!(
-        "matrix-user-operator: MatrixAccessToken {}/{}",
-        token.namespace().unwrap_or_default(),
-        token.name_any()
-    );
+    let human_name = session_name(token);
     let expires_in = l.valid_for.map(|v| v.as_secs().min(u64::from(u32::MAX)) as u32);
     let scope = bot_scope(token.spec.device_id.as_deref());
     let issued = mas
@@ -902,10 +979,10 @@ async fn managed_password(ctx: &Context, user: &MatrixUser) -> Result<SecretStri
 }
 
 /// Revokes a held token (without its predecessor).
-async fn revoke_token(backend: &Backend, h: &Held) -> Result<(), Error> {
+async fn revoke_token(backend: &Backend, h: &Held, expected: &Expected) -> Result<(), Error> {
     match (backend, &h.session_id) {
         (Backend::Mas(mas), Some(session)) => {
-            mas.mas().revoke_personal_session(session).await?;
+            revoke_session(mas, session, expected).await?;
         }
         _ if h.token.expose().is_empty() => {}
         _ => {
@@ -915,10 +992,10 @@ async fn revoke_token(backend: &Backend, h: &Held) -> Result<(), Error> {
     Ok(())
 }
 
-async fn revoke_previous(backend: &Backend, p: &Previous) -> Result<(), Error> {
+async fn revoke_previous(backend: &Backend, p: &Previous, expected: &Expected) -> Result<(), Error> {
     match (backend, &p.session_id, &p.token) {
         (Backend::Mas(mas), Some(session), _) => {
-            mas.mas().revoke_personal_session(session).await?;
+            revoke_session(mas, session, expected).await?;
         }
         (_, _, Some(t)) => {
             backend.synapse().logout(t).await?;
@@ -929,15 +1006,21 @@ async fn revoke_previous(backend: &Backend, p: &Previous) -> Result<(), Error> {
 }
 
 /// Revokes every token the Secret holds, on the Homeserver it records.
-async fn revoke_held(ctx: &Context, namespace: &str, h: &Held, out: &mut Outcome) -> Result<(), Error> {
+async fn revoke_held(
+    ctx: &Context,
+    namespace: &str,
+    h: &Held,
+    expected: &Expected,
+    out: &mut Outcome,
+) -> Result<(), Error> {
     let Some(hs) = &h.homeserver else {
         return Ok(());
     };
     let (backend, _) = backend_of(ctx, namespace, hs).await?;
     if let Some(p) = &h.previous {
-        revoke_previous(&backend, p).await?;
+        revoke_previous(&backend, p, expected).await?;
     }
-    revoke_token(&backend, h).await?;
+    revoke_token(&backend, h, expected).await?;
     if !h.token.expose().is_empty() {
         out.notes.push(("Revoked", format!("revoked {}", describe(h))));
     }
@@ -1124,7 +1207,11 @@ async fn cleanup(token: Arc<MatrixAccessToken>, ctx: &Context) -> Result<Action,
         if let Some(h) = &held
             && !skip
         {
-            revoke_held(ctx, &ns, h, &mut out).await?;
+            // The MAS user the sessions act for, if the MatrixUser says.
+            let actor = matrix_user(ctx, &token)
+                .await?
+                .and_then(|u| u.status.and_then(|s| s.mas_user_id));
+            revoke_held(ctx, &ns, h, &Expected::of(&token, actor), &mut out).await?;
         }
         release_secret(ctx, &secret).await?;
         for (reason, note) in out.notes {
