@@ -705,3 +705,41 @@ async fn a_server_refusing_the_token_it_just_issued_gets_no_loop_of_issues() {
     assert_eq!(condition(&t, "Reconciling"), "True");
     let _ = stop.send(());
 }
+
+/// Finding 7: on Synapse two MatrixAccessTokens of one device would end
+/// each other's token (a `/logout` deletes the device): the second is a
+/// Conflict, and the first's token keeps working.
+#[tokio::test]
+async fn a_second_token_for_the_same_device_on_synapse_is_a_conflict() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    fake.put(secret_in(NS, "shared-password", "password", PASSWORD));
+    let (localpart, _) = bot(
+        &fake,
+        "tok-shared",
+        json!({"password": {"secretRef": {"name": "shared-password", "key": "password"}}}),
+    )
+    .await;
+    let first = token_obj("dev-a", &localpart, json!({"deviceId": "SHAREDBOT01"}));
+    let second = token_obj("dev-b", &localpart, json!({"deviceId": "SHAREDBOT01"}));
+    fake.put(first.clone());
+    fake.put(second.clone());
+    reconcile(&fake, &client, &first).await;
+    let t = reconcile(&fake, &client, &first).await;
+    assert_eq!(ready(&t).1, "Issued", "{:?}", ready(&t));
+    let token = secret_key(&fake, "dev-a-token", "accessToken").unwrap();
+    reconcile(&fake, &client, &second).await;
+    let t = reconcile(&fake, &client, &second).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Conflict"), "{message}");
+    assert!(message.contains("dev-a"), "names the other: {message}");
+    assert_eq!(condition(&t, "Stalled"), "True");
+    assert!(secret_key(&fake, "dev-b-token", "accessToken").is_none());
+    assert_eq!(whoami(&token).await.0, 200, "the first token still works");
+    // The first keeps its token at its next pass.
+    let t = reconcile(&fake, &client, &first).await;
+    assert_eq!(ready(&t).1, "Issued", "{:?}", ready(&t));
+    assert_eq!(
+        secret_key(&fake, "dev-a-token", "accessToken").as_deref(),
+        Some(token.as_str())
+    );
+}

@@ -592,6 +592,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
     out.homeserver = Some(hs_name.clone());
     let (backend, hs) = backend_of(ctx, &ns, &hs_name).await?;
     check_spec(token, &backend, &account)?;
+    check_device_unshared(ctx, token, &backend).await?;
 
     // A token held for another account or Homeserver (the MatrixUser was
     // replaced) goes at once.
@@ -835,6 +836,40 @@ fn check_spec(token: &MatrixAccessToken, backend: &Backend, account: &Account) -
         }
     }
     Ok(())
+}
+
+/// On Synapse, one device is one MatrixAccessToken's: the `/logout` that
+/// revokes a device's token deletes the device and every token of it, so
+/// two MatrixAccessTokens of a device would end each other's. The oldest
+/// (then the first by name) keeps it; the others are a Conflict.
+async fn check_device_unshared(ctx: &Context, token: &MatrixAccessToken, backend: &Backend) -> Result<(), Error> {
+    let (Backend::Synapse(_), Some(device)) = (backend, &token.spec.device_id) else {
+        return Ok(());
+    };
+    let api: Api<MatrixAccessToken> = Api::namespaced(ctx.client.clone(), &token.namespace().unwrap_or_default());
+    let key = |t: &MatrixAccessToken| (t.metadata.creation_timestamp.clone().map(|t| t.0), t.name_any());
+    let mine = key(token);
+    let first = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|t| {
+            t.name_any() != token.name_any()
+                && t.meta().deletion_timestamp.is_none()
+                && t.spec.user_ref == token.spec.user_ref
+                && t.spec.device_id.as_deref() == Some(device.as_str())
+        })
+        .map(|t| key(&t))
+        .filter(|other| *other < mine)
+        .min();
+    match first {
+        Some((_, other)) => Err(Error::DeviceTaken {
+            device: device.clone(),
+            other,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A token just issued.

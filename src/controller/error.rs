@@ -102,6 +102,10 @@ pub enum Error {
     TokenRefused(String),
     #[error("{0}")]
     RotationUnsupported(String),
+    #[error(
+        "device {device:?} is MatrixAccessToken {other:?}'s: on Synapse, revoking a device's token deletes the device, so two MatrixAccessTokens of one device would end each other's tokens (give this one another deviceId)"
+    )]
+    DeviceTaken { device: String, other: String },
     /// The server refuses (or would renew) a token it issued moments ago.
     #[error(
         "the token in the Secret was issued {}s ago and is already {why}; no other is issued before it is {}s old (the server would likely do the same to it), retrying with backoff",
@@ -205,6 +209,7 @@ impl Error {
             Error::TokenRefused(_) => "TokenRefused",
             Error::RotationUnsupported(_) => "RotationUnsupported",
             Error::TokenRejected { .. } => "TokenRejected",
+            Error::DeviceTaken { .. } => "Conflict",
         }
     }
 
