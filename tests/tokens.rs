@@ -500,7 +500,8 @@ async fn the_admins_own_account_is_refused_and_stalls() {
         "{message}"
     );
     assert_eq!(condition(&t, "Stalled"), "True");
-    assert!(fake.get(&secret_path("self-token")).is_none());
+    // The Secret is made before the token is asked for; it holds none.
+    assert_eq!(secret_key(&fake, "self-token", "accessToken"), None);
 }
 
 #[tokio::test]
@@ -742,4 +743,89 @@ async fn a_second_token_for_the_same_device_on_synapse_is_a_conflict() {
         secret_key(&fake, "dev-a-token", "accessToken").as_deref(),
         Some(token.as_str())
     );
+}
+
+/// A Synapse behind a proxy that counts the operator's requests, and a
+/// cluster whose Homeserver `hs` points at it.
+async fn counted_synapse(fake: &FakeApiServer) -> common::proxy::Proxy {
+    let s = synapse();
+    let proxy = common::proxy::Proxy::start(&s.base_url, |_| common::proxy::Misbehave::Forward).await;
+    let mut hs = common::fixtures::homeserver_in(NS, "hs", json!({}));
+    hs["spec"]["url"] = json!(proxy.url);
+    fake.put(hs);
+    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    proxy
+}
+
+fn admin_logins(proxy: &common::proxy::Proxy) -> usize {
+    proxy
+        .seen()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/_synapse/admin/v1/users/") && r.path.ends_with("/login"))
+        .count()
+}
+
+/// A kube client through a proxy that answers 403 (a quota, an admission
+/// policy) to the Secret writes `refuse` picks.
+async fn kube_refusing(
+    fake: &FakeApiServer,
+    refuse: impl Fn(&common::proxy::Seen) -> bool + Send + Sync + 'static,
+) -> (kube::Client, common::proxy::Proxy) {
+    let proxy = common::proxy::Proxy::start(&fake.url(), move |seen| {
+        if refuse(seen) {
+            common::proxy::Misbehave::Respond {
+                status: 403,
+                content_type: "application/json",
+                body: br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"exceeded quota","reason":"Forbidden","code":403}"#.to_vec(),
+            }
+        } else {
+            common::proxy::Misbehave::Forward
+        }
+    })
+    .await;
+    let client = kube::Client::try_from(kube::Config::new(proxy.url.parse().unwrap())).unwrap();
+    (client, proxy)
+}
+
+/// Finding 5: a Secret that cannot be created gets no token issued (and
+/// revoked) at every pass: the Secret is made before the token.
+#[tokio::test]
+async fn a_secret_that_cannot_be_created_gets_no_token_issued() {
+    let (_, fake) = FakeApiServer::start();
+    let synapse_proxy = counted_synapse(&fake).await;
+    let (localpart, _) = bot(&fake, "tok-quota", json!({})).await;
+    let obj = token_obj("quota", &localpart, json!({}));
+    fake.put(obj.clone());
+    let (client, _kube) = kube_refusing(&fake, |seen| seen.method == "POST" && seen.path.contains("/secrets")).await;
+    for _ in 0..3 {
+        reconcile(&fake, &client, &obj).await;
+    }
+    let t = stored(&fake, &obj).unwrap();
+    assert_eq!(ready(&t).0, "False", "{:?}", ready(&t));
+    assert_eq!(
+        admin_logins(&synapse_proxy),
+        0,
+        "no token issued without a Secret to hold it"
+    );
+}
+
+/// Finding 8: a token the Secret does not take (its write refused) is
+/// revoked at once: recorded or revoked, never live and unrecorded.
+#[tokio::test]
+async fn a_token_the_secret_does_not_take_is_revoked() {
+    let (_, fake) = FakeApiServer::start();
+    let synapse_proxy = counted_synapse(&fake).await;
+    let (localpart, _) = bot(&fake, "tok-unrecorded", json!({})).await;
+    let obj = token_obj("unrecorded", &localpart, json!({}));
+    fake.put(obj.clone());
+    let (client, _kube) = kube_refusing(&fake, |seen| {
+        seen.method == "PATCH" && seen.path.contains("/secrets/unrecorded-token")
+    })
+    .await;
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    assert_eq!(admin_logins(&synapse_proxy), 1, "one token issued");
+    let logouts = synapse_proxy.count("/_matrix/client/v3/logout");
+    assert_eq!(logouts, 1, "and revoked, the Secret not taking it");
+    assert_eq!(secret_key(&fake, "unrecorded-token", "accessToken"), None);
 }

@@ -721,6 +721,13 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         // Not in use any more (dead, or another's): revoke what is left.
         revoke_token(&backend, h, &expected).await?;
     }
+    // The Secret exists before the token does: one that cannot be made (a
+    // quota, an admission policy, a name too long) gets no token issued and
+    // revoked at every pass.
+    let secret = match secret {
+        Some(s) => s,
+        None => Box::new(create_secret(ctx, token, BTreeMap::new(), BTreeMap::new()).await?),
+    };
     let issued = issue(ctx, token, &backend, &account, &lifetimes).await?;
     let mut new = Held {
         token: issued.token,
@@ -742,7 +749,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
             revoke_at: now + span(lifetimes.grace),
         });
     }
-    match write_secret(ctx, token, secret.as_deref(), &new, &hs.spec.url).await {
+    match write_secret(ctx, token, Some(&secret), &new, &hs.spec.url).await {
         Ok(_) => {}
         Err(e) => {
             // Not recorded anywhere: it must not live on.
@@ -822,6 +829,12 @@ fn due(token: &MatrixAccessToken, h: &Held, l: &Lifetimes, rotation: Option<&str
 
 /// What the spec asks that this backend cannot do.
 fn check_spec(token: &MatrixAccessToken, backend: &Backend, account: &Account) -> Result<(), Error> {
+    let secret_name = token.secret_name();
+    if secret_name.len() > 253 {
+        return Err(Error::InvalidSpec(format!(
+            "the Secret's name {secret_name:?} is longer than 253 characters: set a shorter spec.secretName"
+        )));
+    }
     if let (Backend::Synapse(_), Some(_)) = (backend, &token.spec.device_id) {
         if token.spec.valid_for.is_some() {
             return Err(Error::InvalidSpec(
@@ -1120,10 +1133,6 @@ async fn write_secret(
     let ns = token.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let (data, annotations) = contents(held, url);
-    let params = PostParams {
-        field_manager: Some(MANAGER.into()),
-        ..Default::default()
-    };
     let written = match existing {
         Some(existing) => {
             // A merge patch at the copy read: the keys and annotations of
@@ -1156,28 +1165,42 @@ async fn write_secret(
             api.patch(&existing.name_any(), &patch_params(), &Patch::Merge(&patch))
                 .await?
         }
-        None => {
-            let owner = token
-                .controller_owner_ref(&())
-                .ok_or_else(|| Error::InvalidSpec("the MatrixAccessToken has no uid".into()))?;
-            let mut secret = Secret {
-                data: Some(data),
-                type_: Some("Opaque".into()),
-                ..Secret::default()
-            };
-            secret.metadata.name = Some(token.secret_name());
-            secret.metadata.namespace = Some(ns.clone());
-            secret.metadata.owner_references = Some(vec![owner]);
-            secret.metadata.annotations = Some(annotations);
-            secret.metadata.finalizers = Some(vec![TOKEN_SECRET_FINALIZER.into()]);
-            secret.metadata.labels = Some(BTreeMap::from([(
-                super::secrets::GENERATED_LABEL.0.to_string(),
-                super::secrets::GENERATED_LABEL.1.to_string(),
-            )]));
-            api.create(&params, &secret).await?
-        }
+        None => create_secret(ctx, token, data, annotations).await?,
     };
     Ok(written)
+}
+
+/// Creates the Secret, owned by `token`, with its finalizer.
+async fn create_secret(
+    ctx: &Context,
+    token: &MatrixAccessToken,
+    data: BTreeMap<String, ByteString>,
+    annotations: BTreeMap<String, String>,
+) -> Result<Secret, Error> {
+    let ns = token.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let params = PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    let owner = token
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidSpec("the MatrixAccessToken has no uid".into()))?;
+    let mut secret = Secret {
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
+    secret.metadata.name = Some(token.secret_name());
+    secret.metadata.namespace = Some(ns);
+    secret.metadata.owner_references = Some(vec![owner]);
+    secret.metadata.annotations = Some(annotations);
+    secret.metadata.finalizers = Some(vec![TOKEN_SECRET_FINALIZER.into()]);
+    secret.metadata.labels = Some(BTreeMap::from([(
+        super::secrets::GENERATED_LABEL.0.to_string(),
+        super::secrets::GENERATED_LABEL.1.to_string(),
+    )]));
+    Ok(api.create(&params, &secret).await?)
 }
 
 /// Takes every token out of the Secret (they were revoked) and its
