@@ -1404,6 +1404,32 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_renewed_renew_before_its_expiry_and_not_before() {
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t = token(json!({"userRef": {"name": "u"}, "validFor": "90m", "renewBefore": "30m"}));
+        let l = lifetimes(&t).unwrap();
+        let held = |expires_in: u64| Held {
+            token: SecretString::new("syt_x"),
+            user_id: "@bot:example.org".into(),
+            device_id: None,
+            issued_at: Some(now),
+            expires_at: Some(now + span(Duration::from_secs(expires_in))),
+            session_id: None,
+            rotation: None,
+            homeserver: Some("hs".into()),
+            valid_for: Some("90m".into()),
+            previous: None,
+        };
+        assert!(matches!(due(&t, &held(31 * 60), &l, None, now), Decision::Keep));
+        assert!(matches!(due(&t, &held(30 * 60), &l, None, now), Decision::Renew(_)));
+        assert!(matches!(due(&t, &held(60), &l, None, now), Decision::Renew(_)));
+        assert!(matches!(
+            due(&t, &held(31 * 60), &l, Some("1"), now),
+            Decision::Rotate(_)
+        ));
+    }
+
+    #[test]
     fn the_secret_records_what_was_issued_and_reads_back_the_same() {
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let held = Held {
