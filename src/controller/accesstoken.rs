@@ -1203,8 +1203,8 @@ async fn create_secret(
     Ok(api.create(&params, &secret).await?)
 }
 
-/// Takes every token out of the Secret (they were revoked) and its
-/// finalizer off.
+/// Takes every token out of the Secret (they were revoked); its
+/// finalizer stays until the MatrixAccessToken goes ([`release_secret`]).
 async fn clear_secret(ctx: &Context, secret: &Secret) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
     let annotations: serde_json::Map<String, serde_json::Value> = RECORD
