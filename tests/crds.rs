@@ -240,6 +240,10 @@ fn the_token_crd_has_its_columns_and_short_name() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(columns, ["Ready", "User", "Device", "Expires", "Reason", "Age"]);
+    // kubectl renders a `date` column as the time since it, which is
+    // `<invalid>` for a time to come: the expiry is shown as it is.
+    let expires = &version["additionalPrinterColumns"][3];
+    assert_eq!(expires["type"], "string", "{expires}");
     assert!(!version["subresources"]["status"].is_null());
     let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
     for field in [

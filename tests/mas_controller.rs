@@ -254,3 +254,8 @@ async fn token_revoked_out_of_band_is_reissued() {
 async fn token_of_a_deactivated_user_is_revoked() {
     common::token_scenarios::token_of_a_deactivated_user_is_revoked(&mas_standin().target()).await;
 }
+
+#[tokio::test]
+async fn token_revokes_no_session_named_in_a_tampered_secret() {
+    common::token_scenarios::token_revokes_no_session_named_in_a_tampered_secret(&mas_standin().target()).await;
+}

@@ -81,6 +81,10 @@ fn main() -> ExitCode {
                 "token_of_a_deactivated_user_is_revoked",
                 tokens::token_of_a_deactivated_user_is_revoked(t).boxed(),
             ),
+            (
+                "token_revokes_no_session_named_in_a_tampered_secret",
+                tokens::token_revokes_no_session_named_in_a_tampered_secret(t).boxed(),
+            ),
         ];
         let mut failed = 0;
         for (name, run) in runs {

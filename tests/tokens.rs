@@ -100,6 +100,16 @@ fn secret_key(fake: &FakeApiServer, name: &str, key: &str) -> Option<String> {
     Some(String::from_utf8(bytes).unwrap())
 }
 
+/// Makes the token in Secret `name` two minutes old, as the record says.
+fn backdate_issue(fake: &FakeApiServer, name: &str) {
+    let mut secret = fake.get(&secret_path(name)).expect("the Secret");
+    let then = std::time::SystemTime::now() - Duration::from_secs(120);
+    let then = then.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    secret["metadata"]["annotations"]["matrix-operator.io/issued-at"] =
+        json!(k8s_openapi::jiff::Timestamp::from_second(then).unwrap().to_string());
+    fake.put(secret);
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     common::mas::util::base64_decode(s).expect("base64")
 }
@@ -278,6 +288,9 @@ async fn a_token_logged_out_by_hand_is_issued_anew() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(whoami(&first).await.0, 401);
+    // A token refused moments after it was issued is not replaced at once
+    // (no loop of issues): this one has been in use a while.
+    backdate_issue(&fake, "drifting-token");
     let t = reconcile(&fake, &client, &obj).await;
     let second = secret_key(&fake, "drifting-token", "accessToken").unwrap();
     assert_ne!(first, second);
@@ -288,7 +301,8 @@ async fn a_token_logged_out_by_hand_is_issued_anew() {
 
 #[tokio::test]
 async fn a_secret_of_that_name_the_token_does_not_own_is_never_written() {
-    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (client, fake) = FakeApiServer::start();
+    let synapse_proxy = counted_synapse(&fake).await;
     let (localpart, _) = bot(&fake, "tok-foreign", json!({})).await;
     fake.put(secret_in(NS, "someone-elses", "accessToken", "theirs"));
     let obj = token_obj("foreign", &localpart, json!({"secretName": "someone-elses"}));
@@ -307,14 +321,10 @@ async fn a_secret_of_that_name_the_token_does_not_own_is_never_written() {
             .all(|r| !(r.is_write() && r.path.contains("/secrets"))),
         "no write to the Secret"
     );
-    // No token was issued at all: nothing to store it in.
-    let (_, devices) = synapse()
-        .admin_get(&format!(
-            "/_synapse/admin/v2/users/{}/devices",
-            synapse().user_id(&localpart)
-        ))
-        .await;
-    assert_eq!(devices["total"], 0, "{devices}");
+    // No token was issued at all: nothing to store it in (an admin-login
+    // token has no device: count the logins).
+    assert_eq!(admin_logins(&synapse_proxy), 0);
+    assert_eq!(synapse_proxy.count("/_matrix/client/v3/login"), 0);
 }
 
 #[tokio::test]
@@ -487,7 +497,8 @@ async fn the_admins_own_account_is_refused_and_stalls() {
         "{message}"
     );
     assert_eq!(condition(&t, "Stalled"), "True");
-    assert!(fake.get(&secret_path("self-token")).is_none());
+    // The Secret is made before the token is asked for; it holds none.
+    assert_eq!(secret_key(&fake, "self-token", "accessToken"), None);
 }
 
 #[tokio::test]
@@ -602,4 +613,216 @@ async fn the_operator_binary_logs_no_token_nor_password_at_debug() {
     for t in seen.iter().map(String::as_str).chain([PASSWORD]) {
         assert!(events.iter().all(|e| !e.contains(t)), "a secret in an Event");
     }
+}
+
+/// Finding 4: the Secret's current token removed by hand while a replaced
+/// one is in its grace period: the replaced one is revoked, not dropped.
+#[tokio::test]
+async fn a_replaced_token_in_its_grace_is_revoked_when_the_current_one_is_removed_by_hand() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    let (localpart, _) = bot(&fake, "tok-graceless", json!({})).await;
+    let obj = token_obj("graceless", &localpart, json!({"rotationGracePeriod": "1h"}));
+    fake.put(obj.clone());
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    let first = secret_key(&fake, "graceless-token", "accessToken").unwrap();
+    let mut annotated = fake.get(&path_of(&obj)).unwrap();
+    annotated["metadata"]["annotations"] = json!({ROTATE_ANNOTATION: "1"});
+    fake.put(annotated);
+    reconcile(&fake, &client, &obj).await;
+    let second = secret_key(&fake, "graceless-token", "accessToken").unwrap();
+    assert_ne!(first, second);
+    assert_eq!(whoami(&first).await.0, 200, "in its grace period");
+    // Someone takes the current token out of the Secret.
+    let mut secret = fake.get(&secret_path("graceless-token")).unwrap();
+    secret["data"].as_object_mut().unwrap().remove("accessToken");
+    fake.put(secret);
+    let t = reconcile(&fake, &client, &obj).await;
+    let third = secret_key(&fake, "graceless-token", "accessToken").unwrap();
+    assert_ne!(third, second);
+    assert_eq!(whoami(&third).await.0, 200);
+    assert_eq!(
+        whoami(&first).await.0,
+        401,
+        "the replaced token is revoked, not forgotten"
+    );
+    assert_eq!(secret_key(&fake, "graceless-token", "previousAccessToken"), None);
+    assert!(t.status.unwrap().retiring.is_none());
+}
+
+/// Finding 1: a server that refuses every token it issues (a user locked
+/// behind the operator's back, a broken introspection) gets no loop of
+/// issue and revoke: the token just issued is not issued anew at once, and
+/// the MatrixAccessToken says why.
+#[tokio::test]
+async fn a_server_refusing_the_token_it_just_issued_gets_no_loop_of_issues() {
+    let s = synapse();
+    let admin = s.admin_token.clone();
+    let proxy = common::proxy::Proxy::start(&s.base_url, move |seen| {
+        let user_whoami =
+            seen.path.starts_with("/_matrix/client/v3/account/whoami") && seen.bearer.as_deref() != Some(&admin);
+        if user_whoami {
+            common::proxy::Misbehave::Respond {
+                status: 401,
+                content_type: "application/json",
+                body: br#"{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed."}"#.to_vec(),
+            }
+        } else {
+            common::proxy::Misbehave::Forward
+        }
+    })
+    .await;
+    let (_client, fake) = FakeApiServer::start();
+    let mut hs = common::fixtures::homeserver_in(NS, "hs", json!({}));
+    hs["spec"]["url"] = json!(proxy.url);
+    fake.put(hs);
+    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    let (localpart, _) = bot(&fake, "tok-loop", json!({})).await;
+    let obj = token_obj("looping", &localpart, json!({}));
+    fake.put(obj.clone());
+    let stop = run_operator(&fake, Config::default());
+    wait_until(Duration::from_secs(30), "a token in the Secret", || async {
+        secret_key(&fake, "looping-token", "accessToken").is_some()
+    })
+    .await;
+    // A window in which a loop would issue dozens.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let logins = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/_synapse/admin/v1/users/") && r.path.ends_with("/login"))
+        .count();
+    assert!(logins <= 2, "{logins} tokens issued in a few seconds: a loop");
+    let t = stored(&fake, &obj).unwrap();
+    let (status, reason, message) = ready(&t);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TokenRejected"),
+        "{message}"
+    );
+    assert_eq!(condition(&t, "Reconciling"), "True");
+    let _ = stop.send(());
+}
+
+/// Finding 7: on Synapse two MatrixAccessTokens of one device would end
+/// each other's token (a `/logout` deletes the device): the second is a
+/// Conflict, and the first's token keeps working.
+#[tokio::test]
+async fn a_second_token_for_the_same_device_on_synapse_is_a_conflict() {
+    let (client, fake) = cluster_in(&[NS], json!({}));
+    fake.put(secret_in(NS, "shared-password", "password", PASSWORD));
+    let (localpart, _) = bot(
+        &fake,
+        "tok-shared",
+        json!({"password": {"secretRef": {"name": "shared-password", "key": "password"}}}),
+    )
+    .await;
+    let first = token_obj("dev-a", &localpart, json!({"deviceId": "SHAREDBOT01"}));
+    let second = token_obj("dev-b", &localpart, json!({"deviceId": "SHAREDBOT01"}));
+    fake.put(first.clone());
+    fake.put(second.clone());
+    reconcile(&fake, &client, &first).await;
+    let t = reconcile(&fake, &client, &first).await;
+    assert_eq!(ready(&t).1, "Issued", "{:?}", ready(&t));
+    let token = secret_key(&fake, "dev-a-token", "accessToken").unwrap();
+    reconcile(&fake, &client, &second).await;
+    let t = reconcile(&fake, &client, &second).await;
+    let (status, reason, message) = ready(&t);
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Conflict"), "{message}");
+    assert!(message.contains("dev-a"), "names the other: {message}");
+    assert_eq!(condition(&t, "Stalled"), "True");
+    assert!(secret_key(&fake, "dev-b-token", "accessToken").is_none());
+    assert_eq!(whoami(&token).await.0, 200, "the first token still works");
+    // The first keeps its token at its next pass.
+    let t = reconcile(&fake, &client, &first).await;
+    assert_eq!(ready(&t).1, "Issued", "{:?}", ready(&t));
+    assert_eq!(
+        secret_key(&fake, "dev-a-token", "accessToken").as_deref(),
+        Some(token.as_str())
+    );
+}
+
+/// A Synapse behind a proxy that counts the operator's requests, and a
+/// cluster whose Homeserver `hs` points at it.
+async fn counted_synapse(fake: &FakeApiServer) -> common::proxy::Proxy {
+    let s = synapse();
+    let proxy = common::proxy::Proxy::start(&s.base_url, |_| common::proxy::Misbehave::Forward).await;
+    let mut hs = common::fixtures::homeserver_in(NS, "hs", json!({}));
+    hs["spec"]["url"] = json!(proxy.url);
+    fake.put(hs);
+    fake.put(secret_in(NS, "admin", "token", &s.admin_token));
+    proxy
+}
+
+fn admin_logins(proxy: &common::proxy::Proxy) -> usize {
+    proxy
+        .seen()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/_synapse/admin/v1/users/") && r.path.ends_with("/login"))
+        .count()
+}
+
+/// A kube client through a proxy that answers 403 (a quota, an admission
+/// policy) to the Secret writes `refuse` picks.
+async fn kube_refusing(
+    fake: &FakeApiServer,
+    refuse: impl Fn(&common::proxy::Seen) -> bool + Send + Sync + 'static,
+) -> (kube::Client, common::proxy::Proxy) {
+    let proxy = common::proxy::Proxy::start(&fake.url(), move |seen| {
+        if refuse(seen) {
+            common::proxy::Misbehave::Respond {
+                status: 403,
+                content_type: "application/json",
+                body: br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"exceeded quota","reason":"Forbidden","code":403}"#.to_vec(),
+            }
+        } else {
+            common::proxy::Misbehave::Forward
+        }
+    })
+    .await;
+    let client = kube::Client::try_from(kube::Config::new(proxy.url.parse().unwrap())).unwrap();
+    (client, proxy)
+}
+
+/// Finding 5: a Secret that cannot be created gets no token issued (and
+/// revoked) at every pass: the Secret is made before the token.
+#[tokio::test]
+async fn a_secret_that_cannot_be_created_gets_no_token_issued() {
+    let (_, fake) = FakeApiServer::start();
+    let synapse_proxy = counted_synapse(&fake).await;
+    let (localpart, _) = bot(&fake, "tok-quota", json!({})).await;
+    let obj = token_obj("quota", &localpart, json!({}));
+    fake.put(obj.clone());
+    let (client, _kube) = kube_refusing(&fake, |seen| seen.method == "POST" && seen.path.contains("/secrets")).await;
+    for _ in 0..3 {
+        reconcile(&fake, &client, &obj).await;
+    }
+    let t = stored(&fake, &obj).unwrap();
+    assert_eq!(ready(&t).0, "False", "{:?}", ready(&t));
+    assert_eq!(
+        admin_logins(&synapse_proxy),
+        0,
+        "no token issued without a Secret to hold it"
+    );
+}
+
+/// Finding 8: a token the Secret does not take (its write refused) is
+/// revoked at once: recorded or revoked, never live and unrecorded.
+#[tokio::test]
+async fn a_token_the_secret_does_not_take_is_revoked() {
+    let (_, fake) = FakeApiServer::start();
+    let synapse_proxy = counted_synapse(&fake).await;
+    let (localpart, _) = bot(&fake, "tok-unrecorded", json!({})).await;
+    let obj = token_obj("unrecorded", &localpart, json!({}));
+    fake.put(obj.clone());
+    let (client, _kube) = kube_refusing(&fake, |seen| {
+        seen.method == "PATCH" && seen.path.contains("/secrets/unrecorded-token")
+    })
+    .await;
+    reconcile(&fake, &client, &obj).await;
+    reconcile(&fake, &client, &obj).await;
+    assert_eq!(admin_logins(&synapse_proxy), 1, "one token issued");
+    let logouts = synapse_proxy.count("/_matrix/client/v3/logout");
+    assert_eq!(logouts, 1, "and revoked, the Secret not taking it");
+    assert_eq!(secret_key(&fake, "unrecorded-token", "accessToken"), None);
 }

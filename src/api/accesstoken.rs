@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "User", type_ = "string", json_path = ".status.userId"),
     printcolumn(name = "Device", type_ = "string", json_path = ".status.deviceId"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
         name = "Reason",
         type_ = "string",

@@ -41,7 +41,7 @@ use crate::api::{
     Homeserver, MatrixAccessToken, MatrixAccessTokenStatus, MatrixUser, Ready, RetiringToken, STALLED, Standing,
     set_condition,
 };
-use crate::backend::mas::{MasBackend, bot_scope};
+use crate::backend::mas::{MasBackend, PersonalSession, bot_scope, is_id};
 use crate::backend::{Backend, ErrorClass};
 use crate::secret::SecretString;
 use crate::synapse::{ErrCode, SynapseError, UserId};
@@ -61,6 +61,14 @@ pub const ROTATE_ANNOTATION: &str = "matrix-operator.io/rotate";
 /// cache). Ten minutes covers that with room, and keeps a leaked old token
 /// short-lived.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(600);
+
+/// How old a token must be before the operator replaces it on its own
+/// (dead, another's, due for renewal). A token refused, or due, moments
+/// after it was issued says the server will do the same to the next one (a
+/// user locked behind the operator's back, a client API that does not take
+/// the server's tokens, an expiry shorter than `renewBefore`): issuing at
+/// once would loop, each Secret write triggering the next pass.
+pub const MIN_TOKEN_AGE: Duration = Duration::from_secs(60);
 
 // The Secret's keys, for the bot.
 const KEY_TOKEN: &str = "accessToken";
@@ -206,11 +214,90 @@ async fn read_secret(ctx: &Context, token: &MatrixAccessToken) -> Result<SecretS
     if !owned {
         return Ok(SecretState::Foreign);
     }
-    let held = held_in(&secret).map(Box::new);
+    let mut held = held_in(&secret);
+    if let Some(h) = held.as_mut() {
+        trust_status_sessions(token, h);
+    }
+    let held = held.map(Box::new);
     Ok(SecretState::Owned {
         secret: Box::new(secret),
         held,
     })
+}
+
+/// The MAS sessions to act on are those the status records (only the
+/// operator writes it): anyone who may patch Secrets in the namespace may
+/// write the Secret's annotations. An annotation is only a hint, taken when
+/// the status has none (its write after the Secret's was lost), and every
+/// session is checked with MAS before it is revoked ([`revoke_session`]).
+fn trust_status_sessions(token: &MatrixAccessToken, h: &mut Held) {
+    let status = token.status.as_ref();
+    let valid = |id: Option<String>| id.filter(|id| is_id(id));
+    if let Some(id) = valid(status.and_then(|s| s.session_id.clone())) {
+        h.session_id = Some(id);
+    }
+    h.session_id = valid(h.session_id.take());
+    if let Some(p) = h.previous.as_mut() {
+        if let Some(id) = valid(
+            status
+                .and_then(|s| s.retiring.as_ref())
+                .and_then(|r| r.session_id.clone()),
+        ) {
+            p.session_id = Some(id);
+        }
+        p.session_id = valid(p.session_id.take());
+    }
+}
+
+/// What a MAS session of this MatrixAccessToken looks like: its name, and
+/// the MAS user it acts for when known.
+struct Expected {
+    human_name: String,
+    actor: Option<String>,
+}
+
+impl Expected {
+    fn of(token: &MatrixAccessToken, actor: Option<String>) -> Self {
+        Self {
+            human_name: session_name(token),
+            actor,
+        }
+    }
+
+    fn matches(&self, s: &PersonalSession) -> bool {
+        s.human_name == self.human_name && self.actor.as_ref().is_none_or(|a| *a == s.actor_user_id)
+    }
+}
+
+/// The name of the MAS personal sessions of `token`.
+fn session_name(token: &MatrixAccessToken) -> String {
+    format!(
+        "matrix-user-operator: MatrixAccessToken {}/{}",
+        token.namespace().unwrap_or_default(),
+        token.name_any()
+    )
+}
+
+/// Revokes the MAS session `id` if it is this MatrixAccessToken's (and
+/// active): another's, named in a tampered Secret, is left alone.
+async fn revoke_session(mas: &MasBackend, id: &str, expected: &Expected) -> Result<(), Error> {
+    if !is_id(id) {
+        return Ok(());
+    }
+    match mas.mas().personal_session(id).await? {
+        None => {}
+        Some(s) if !expected.matches(&s) => {
+            warn!(
+                session = id,
+                "not revoking a MAS session the record names: it is not this MatrixAccessToken's"
+            );
+        }
+        Some(s) if s.revoked_at.is_some() => {}
+        Some(_) => {
+            mas.mas().revoke_personal_session(id).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The spec's durations, checked.
@@ -454,6 +541,7 @@ fn status_after(
 /// record it all in the Secret (`out.held`).
 async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Result<(), Error> {
     let ns = token.namespace().unwrap_or_default();
+    let mut expected = Expected::of(token, None);
     let state = read_secret(ctx, token).await?;
     let (secret, mut held) = match state {
         SecretState::Foreign => {
@@ -471,7 +559,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         && s.meta().deletion_timestamp.is_some()
     {
         if let Some(h) = &held {
-            revoke_held(ctx, &ns, h, out).await?;
+            revoke_held(ctx, &ns, h, &expected, out).await?;
         }
         release_secret(ctx, s).await?;
         out.held = None;
@@ -486,7 +574,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         Ok(account) => account,
         Err(Ok(gone)) => {
             if let (Some(s), Some(h)) = (&secret, &held) {
-                revoke_held(ctx, &ns, h, out).await?;
+                revoke_held(ctx, &ns, h, &expected, out).await?;
                 clear_secret(ctx, s).await?;
                 out.held = None;
             }
@@ -498,11 +586,13 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         }
         Err(Err(e)) => return Err(e),
     };
+    expected.actor = account.mas_user_id.clone();
     let lifetimes = lifetimes(token)?;
     let hs_name = account.user.spec.homeserver_ref.name.clone();
     out.homeserver = Some(hs_name.clone());
     let (backend, hs) = backend_of(ctx, &ns, &hs_name).await?;
     check_spec(token, &backend, &account)?;
+    check_device_unshared(ctx, token, &backend).await?;
 
     // A token held for another account or Homeserver (the MatrixUser was
     // replaced) goes at once.
@@ -510,7 +600,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         && (h.user_id != account.user_id.as_str() || h.homeserver.as_deref() != Some(hs_name.as_str()))
         && !h.token.expose().is_empty()
     {
-        revoke_held(ctx, &ns, h, out).await?;
+        revoke_held(ctx, &ns, h, &expected, out).await?;
         if let Some(s) = &secret {
             clear_secret(ctx, s).await?;
         }
@@ -523,7 +613,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         && let Some(p) = h.previous.clone()
     {
         if p.revoke_at <= now {
-            revoke_previous(&backend, &p).await?;
+            revoke_previous(&backend, &p, &expected).await?;
             h.previous = None;
             let s = secret.as_deref().expect("held comes from the Secret");
             write_secret(ctx, token, Some(s), h, &hs.spec.url).await?;
@@ -547,7 +637,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
             .mas()
             .personal_session(session)
             .await?
-            .is_none_or(|s| s.revoked_at.is_some()),
+            .is_none_or(|s| s.revoked_at.is_some() || !expected.matches(&s)),
         _ => false,
     };
     let decision = match current {
@@ -568,12 +658,36 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
                     name: token.spec.user_ref.name.clone(),
                 });
             }
-            Err(e) if e.class() == ErrorClass::Unauthorized => Decision::Reissue(
-                "the server no longer accepts the token (revoked or expired out of band): issued anew",
-            ),
+            Err(e) if e.class() == ErrorClass::Unauthorized => {
+                // MAS issues sessions to a user an admin locked in MAS,
+                // whose tokens it then refuses: say so, keep the token.
+                if let Backend::Mas(mas) = &backend
+                    && mas_locked(mas, &account).await?
+                {
+                    return Err(Error::UserLocked {
+                        name: token.spec.user_ref.name.clone(),
+                    });
+                }
+                Decision::Reissue(
+                    "the server no longer accepts the token (revoked or expired out of band): issued anew",
+                )
+            }
             Err(e) => return Err(e.into()),
         },
     };
+    let premature = match decision {
+        Decision::Reissue(_) => Some("refused by the server (or its MAS session ended)"),
+        Decision::Replace(_) => Some("said by the server to be another's"),
+        Decision::Renew(_) => Some("due for renewal (it expires within renewBefore)"),
+        _ => None,
+    };
+    if let (Some(why), Some(h)) = (premature, current)
+        && let Some(issued_at) = h.issued_at
+        && let Ok(age) = Duration::try_from(now.duration_since(issued_at))
+        && age < MIN_TOKEN_AGE
+    {
+        return Err(Error::TokenRejected { age, why: why.into() });
+    }
     let (why, keep_old) = match decision {
         Decision::Keep => {
             renew_at(out, &lifetimes);
@@ -581,7 +695,7 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         }
         Decision::Issue(why) | Decision::Reissue(why) => (why, false),
         Decision::Replace(why) => (why, false),
-        Decision::Rotate(why) => (why, true),
+        Decision::Rotate(why) | Decision::Renew(why) => (why, true),
     };
     if keep_old
         && let Backend::Synapse(_) = backend
@@ -595,16 +709,25 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         )));
     }
     // A token two rotations old goes now: only one is ever in its grace.
+    // So does a replaced token whose successor was taken out of the Secret:
+    // the write below records no previous token, so it would be forgotten
+    // and stay valid.
     if let Some(h) = held.as_ref()
         && let Some(p) = &h.previous
-        && current.is_some()
     {
-        revoke_previous(&backend, p).await?;
+        revoke_previous(&backend, p, &expected).await?;
     }
     if !keep_old && let Some(h) = current {
         // Not in use any more (dead, or another's): revoke what is left.
-        revoke_token(&backend, h).await?;
+        revoke_token(&backend, h, &expected).await?;
     }
+    // The Secret exists before the token does: one that cannot be made (a
+    // quota, an admission policy, a name too long) gets no token issued and
+    // revoked at every pass.
+    let secret = match secret {
+        Some(s) => s,
+        None => Box::new(create_secret(ctx, token, BTreeMap::new(), BTreeMap::new()).await?),
+    };
     let issued = issue(ctx, token, &backend, &account, &lifetimes).await?;
     let mut new = Held {
         token: issued.token,
@@ -626,11 +749,11 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
             revoke_at: now + span(lifetimes.grace),
         });
     }
-    match write_secret(ctx, token, secret.as_deref(), &new, &hs.spec.url).await {
+    match write_secret(ctx, token, Some(&secret), &new, &hs.spec.url).await {
         Ok(_) => {}
         Err(e) => {
             // Not recorded anywhere: it must not live on.
-            if let Err(revoke) = revoke_token(&backend, &new).await {
+            if let Err(revoke) = revoke_token(&backend, &new, &expected).await {
                 warn!(error = %revoke, "cannot revoke a token the Secret did not take");
             }
             return Err(e);
@@ -681,6 +804,8 @@ enum Decision {
     Replace(&'static str),
     /// Replace it, the old one in its grace period.
     Rotate(&'static str),
+    /// Rotate it: it expires within `renewBefore`.
+    Renew(&'static str),
 }
 
 /// Whether the held (working) token is due for a rotation.
@@ -697,13 +822,19 @@ fn due(token: &MatrixAccessToken, h: &Held, l: &Lifetimes, rotation: Option<&str
     if let Some(expires) = h.expires_at
         && expires - span(l.renew_before) <= now
     {
-        return Decision::Rotate("renewed before it expires");
+        return Decision::Renew("renewed before it expires");
     }
     Decision::Keep
 }
 
 /// What the spec asks that this backend cannot do.
 fn check_spec(token: &MatrixAccessToken, backend: &Backend, account: &Account) -> Result<(), Error> {
+    let secret_name = token.secret_name();
+    if secret_name.len() > 253 {
+        return Err(Error::InvalidSpec(format!(
+            "the Secret's name {secret_name:?} is longer than 253 characters: set a shorter spec.secretName"
+        )));
+    }
     if let (Backend::Synapse(_), Some(_)) = (backend, &token.spec.device_id) {
         if token.spec.valid_for.is_some() {
             return Err(Error::InvalidSpec(
@@ -718,6 +849,40 @@ fn check_spec(token: &MatrixAccessToken, backend: &Backend, account: &Account) -
         }
     }
     Ok(())
+}
+
+/// On Synapse, one device is one MatrixAccessToken's: the `/logout` that
+/// revokes a device's token deletes the device and every token of it, so
+/// two MatrixAccessTokens of a device would end each other's. The oldest
+/// (then the first by name) keeps it; the others are a Conflict.
+async fn check_device_unshared(ctx: &Context, token: &MatrixAccessToken, backend: &Backend) -> Result<(), Error> {
+    let (Backend::Synapse(_), Some(device)) = (backend, &token.spec.device_id) else {
+        return Ok(());
+    };
+    let api: Api<MatrixAccessToken> = Api::namespaced(ctx.client.clone(), &token.namespace().unwrap_or_default());
+    let key = |t: &MatrixAccessToken| (t.metadata.creation_timestamp.clone().map(|t| t.0), t.name_any());
+    let mine = key(token);
+    let first = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|t| {
+            t.name_any() != token.name_any()
+                && t.meta().deletion_timestamp.is_none()
+                && t.spec.user_ref == token.spec.user_ref
+                && t.spec.device_id.as_deref() == Some(device.as_str())
+        })
+        .map(|t| key(&t))
+        .filter(|other| *other < mine)
+        .min();
+    match first {
+        Some((_, other)) => Err(Error::DeviceTaken {
+            device: device.clone(),
+            other,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A token just issued.
@@ -794,11 +959,7 @@ async fn issue_mas(
                 waiting: true,
             })?,
     };
-    let human_name = format!(
-        "matrix-user-operator: MatrixAccessToken {}/{}",
-        token.namespace().unwrap_or_default(),
-        token.name_any()
-    );
+    let human_name = session_name(token);
     let expires_in = l.valid_for.map(|v| v.as_secs().min(u64::from(u32::MAX)) as u32);
     let scope = bot_scope(token.spec.device_id.as_deref());
     let issued = mas
@@ -823,6 +984,15 @@ async fn issue_mas(
         expires_at,
         session_id: Some(issued.id),
     })
+}
+
+/// Whether MAS says the account is locked.
+async fn mas_locked(mas: &MasBackend, account: &Account) -> Result<bool, Error> {
+    Ok(mas
+        .mas()
+        .user_by_username(account.user_id.localpart())
+        .await?
+        .is_some_and(|u| u.attributes.locked_at.is_some()))
 }
 
 /// A refusal of Synapse to issue (the admin's own account, an API turned
@@ -857,10 +1027,10 @@ async fn managed_password(ctx: &Context, user: &MatrixUser) -> Result<SecretStri
 }
 
 /// Revokes a held token (without its predecessor).
-async fn revoke_token(backend: &Backend, h: &Held) -> Result<(), Error> {
+async fn revoke_token(backend: &Backend, h: &Held, expected: &Expected) -> Result<(), Error> {
     match (backend, &h.session_id) {
         (Backend::Mas(mas), Some(session)) => {
-            mas.mas().revoke_personal_session(session).await?;
+            revoke_session(mas, session, expected).await?;
         }
         _ if h.token.expose().is_empty() => {}
         _ => {
@@ -870,10 +1040,10 @@ async fn revoke_token(backend: &Backend, h: &Held) -> Result<(), Error> {
     Ok(())
 }
 
-async fn revoke_previous(backend: &Backend, p: &Previous) -> Result<(), Error> {
+async fn revoke_previous(backend: &Backend, p: &Previous, expected: &Expected) -> Result<(), Error> {
     match (backend, &p.session_id, &p.token) {
         (Backend::Mas(mas), Some(session), _) => {
-            mas.mas().revoke_personal_session(session).await?;
+            revoke_session(mas, session, expected).await?;
         }
         (_, _, Some(t)) => {
             backend.synapse().logout(t).await?;
@@ -884,15 +1054,21 @@ async fn revoke_previous(backend: &Backend, p: &Previous) -> Result<(), Error> {
 }
 
 /// Revokes every token the Secret holds, on the Homeserver it records.
-async fn revoke_held(ctx: &Context, namespace: &str, h: &Held, out: &mut Outcome) -> Result<(), Error> {
+async fn revoke_held(
+    ctx: &Context,
+    namespace: &str,
+    h: &Held,
+    expected: &Expected,
+    out: &mut Outcome,
+) -> Result<(), Error> {
     let Some(hs) = &h.homeserver else {
         return Ok(());
     };
     let (backend, _) = backend_of(ctx, namespace, hs).await?;
     if let Some(p) = &h.previous {
-        revoke_previous(&backend, p).await?;
+        revoke_previous(&backend, p, expected).await?;
     }
-    revoke_token(&backend, h).await?;
+    revoke_token(&backend, h, expected).await?;
     if !h.token.expose().is_empty() {
         out.notes.push(("Revoked", format!("revoked {}", describe(h))));
     }
@@ -957,10 +1133,6 @@ async fn write_secret(
     let ns = token.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let (data, annotations) = contents(held, url);
-    let params = PostParams {
-        field_manager: Some(MANAGER.into()),
-        ..Default::default()
-    };
     let written = match existing {
         Some(existing) => {
             // A merge patch at the copy read: the keys and annotations of
@@ -993,32 +1165,46 @@ async fn write_secret(
             api.patch(&existing.name_any(), &patch_params(), &Patch::Merge(&patch))
                 .await?
         }
-        None => {
-            let owner = token
-                .controller_owner_ref(&())
-                .ok_or_else(|| Error::InvalidSpec("the MatrixAccessToken has no uid".into()))?;
-            let mut secret = Secret {
-                data: Some(data),
-                type_: Some("Opaque".into()),
-                ..Secret::default()
-            };
-            secret.metadata.name = Some(token.secret_name());
-            secret.metadata.namespace = Some(ns.clone());
-            secret.metadata.owner_references = Some(vec![owner]);
-            secret.metadata.annotations = Some(annotations);
-            secret.metadata.finalizers = Some(vec![TOKEN_SECRET_FINALIZER.into()]);
-            secret.metadata.labels = Some(BTreeMap::from([(
-                super::secrets::GENERATED_LABEL.0.to_string(),
-                super::secrets::GENERATED_LABEL.1.to_string(),
-            )]));
-            api.create(&params, &secret).await?
-        }
+        None => create_secret(ctx, token, data, annotations).await?,
     };
     Ok(written)
 }
 
-/// Takes every token out of the Secret (they were revoked) and its
-/// finalizer off.
+/// Creates the Secret, owned by `token`, with its finalizer.
+async fn create_secret(
+    ctx: &Context,
+    token: &MatrixAccessToken,
+    data: BTreeMap<String, ByteString>,
+    annotations: BTreeMap<String, String>,
+) -> Result<Secret, Error> {
+    let ns = token.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let params = PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    let owner = token
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::InvalidSpec("the MatrixAccessToken has no uid".into()))?;
+    let mut secret = Secret {
+        data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
+    secret.metadata.name = Some(token.secret_name());
+    secret.metadata.namespace = Some(ns);
+    secret.metadata.owner_references = Some(vec![owner]);
+    secret.metadata.annotations = Some(annotations);
+    secret.metadata.finalizers = Some(vec![TOKEN_SECRET_FINALIZER.into()]);
+    secret.metadata.labels = Some(BTreeMap::from([(
+        super::secrets::GENERATED_LABEL.0.to_string(),
+        super::secrets::GENERATED_LABEL.1.to_string(),
+    )]));
+    Ok(api.create(&params, &secret).await?)
+}
+
+/// Takes every token out of the Secret (they were revoked); its
+/// finalizer stays until the MatrixAccessToken goes ([`release_secret`]).
 async fn clear_secret(ctx: &Context, secret: &Secret) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
     let annotations: serde_json::Map<String, serde_json::Value> = RECORD
@@ -1079,7 +1265,11 @@ async fn cleanup(token: Arc<MatrixAccessToken>, ctx: &Context) -> Result<Action,
         if let Some(h) = &held
             && !skip
         {
-            revoke_held(ctx, &ns, h, &mut out).await?;
+            // The MAS user the sessions act for, if the MatrixUser says.
+            let actor = matrix_user(ctx, &token)
+                .await?
+                .and_then(|u| u.status.and_then(|s| s.mas_user_id));
+            revoke_held(ctx, &ns, h, &Expected::of(&token, actor), &mut out).await?;
         }
         release_secret(ctx, &secret).await?;
         for (reason, note) in out.notes {
@@ -1211,6 +1401,32 @@ mod tests {
             let e = lifetimes(&token(bad.clone())).err().unwrap_or_else(|| panic!("{bad}"));
             assert_eq!(e.reason(), "InvalidSpec", "{bad}");
         }
+    }
+
+    #[test]
+    fn a_token_is_renewed_renew_before_its_expiry_and_not_before() {
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t = token(json!({"userRef": {"name": "u"}, "validFor": "90m", "renewBefore": "30m"}));
+        let l = lifetimes(&t).unwrap();
+        let held = |expires_in: u64| Held {
+            token: SecretString::new("syt_x"),
+            user_id: "@bot:example.org".into(),
+            device_id: None,
+            issued_at: Some(now),
+            expires_at: Some(now + span(Duration::from_secs(expires_in))),
+            session_id: None,
+            rotation: None,
+            homeserver: Some("hs".into()),
+            valid_for: Some("90m".into()),
+            previous: None,
+        };
+        assert!(matches!(due(&t, &held(31 * 60), &l, None, now), Decision::Keep));
+        assert!(matches!(due(&t, &held(30 * 60), &l, None, now), Decision::Renew(_)));
+        assert!(matches!(due(&t, &held(60), &l, None, now), Decision::Renew(_)));
+        assert!(matches!(
+            due(&t, &held(31 * 60), &l, Some("1"), now),
+            Decision::Rotate(_)
+        ));
     }
 
     #[test]

@@ -114,6 +114,17 @@ pub enum Error {
         /// rate limit); otherwise the rooms wait for a change.
         transient: bool,
     },
+    #[error(
+        "device {device:?} is MatrixAccessToken {other:?}'s: on Synapse, revoking a device's token deletes the device, so two MatrixAccessTokens of one device would end each other's tokens (give this one another deviceId)"
+    )]
+    DeviceTaken { device: String, other: String },
+    /// The server refuses (or would renew) a token it issued moments ago.
+    #[error(
+        "the token in the Secret was issued {}s ago and is already {why}; no other is issued before it is {}s old (the server would likely do the same to it), retrying with backoff",
+        .age.as_secs(),
+        super::accesstoken::MIN_TOKEN_AGE.as_secs()
+    )]
+    TokenRejected { age: std::time::Duration, why: String },
 }
 
 /// `90s`, `2m`, `1.5s`: a duration as the flags take it.
@@ -210,6 +221,8 @@ impl Error {
             Error::TokenRefused(_) => "TokenRefused",
             Error::RotationUnsupported(_) => "RotationUnsupported",
             Error::Rooms { reason, .. } => reason,
+            Error::TokenRejected { .. } => "TokenRejected",
+            Error::DeviceTaken { .. } => "Conflict",
         }
     }
 
@@ -245,7 +258,8 @@ impl Error {
             | Error::Stale
             | Error::HomeserverInUse { .. }
             | Error::Panicked
-            | Error::TooSlow { .. } => true,
+            | Error::TooSlow { .. }
+            | Error::TokenRejected { .. } => true,
             Error::Rooms { transient, .. } => *transient,
             _ => false,
         }

@@ -23,6 +23,9 @@ pub struct Seen {
     pub path: String,
     /// How many requests to this path (query left out) came before this one.
     pub earlier: usize,
+    /// The bearer token it carries, if any (to tell the admin's requests
+    /// from a user's).
+    pub bearer: Option<String>,
 }
 
 /// What the proxy does with one request.
@@ -112,10 +115,17 @@ async fn handle(
         let mut all = recording.lock().unwrap();
         let bare = path.split('?').next().unwrap_or_default();
         let earlier = all.iter().filter(|s| s.path.split('?').next() == Some(bare)).count();
+        let bearer = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
         let seen = Seen {
             method: req.method().to_string(),
             path: path.clone(),
             earlier,
+            bearer,
         };
         all.push(seen.clone());
         seen

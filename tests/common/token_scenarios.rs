@@ -140,6 +140,17 @@ where
     }
 }
 
+/// Makes the token in Secret `name` two minutes old, as the record says.
+fn backdate_issue(fake: &FakeApiServer, name: &str) {
+    let path = format!("/api/v1/namespaces/{NS}/secrets/{name}");
+    let mut secret = fake.get(&path).expect("the Secret");
+    let then = std::time::SystemTime::now() - Duration::from_secs(120);
+    let then = then.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    secret["metadata"]["annotations"]["matrix-operator.io/issued-at"] =
+        json!(k8s_openapi::jiff::Timestamp::from_second(then).unwrap().to_string());
+    fake.put(secret);
+}
+
 fn assert_not_in_object(fake: &FakeApiServer, obj: &Value, token: &str) {
     let object = fake.get(&path_of(obj)).map(|o| o.to_string()).unwrap_or_default();
     assert!(!object.contains(token), "the token is in the object");
@@ -272,6 +283,9 @@ pub async fn token_revoked_out_of_band_is_reissued(t: &MasTarget) {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    // A token refused moments after it was issued is not replaced at once
+    // (no loop of issues): this one has been in use a while.
+    backdate_issue(&fake, "drift-token");
     let again = reconcile(&fake, &client, &obj).await.unwrap();
     let (r, message) = reason(&again);
     assert_eq!(r, "Issued", "{message}");
@@ -301,4 +315,50 @@ pub async fn token_of_a_deactivated_user_is_revoked(t: &MasTarget) {
     assert_eq!(r, "UserDeactivated", "{message}");
     assert!(!session(t, &session_id).await["revoked_at"].is_null());
     assert_eq!(secret_key(&fake, "deact-token", "accessToken"), None);
+}
+
+/// Finding 2: the session IDs in the Secret's annotations are anyone's
+/// who may patch Secrets in the namespace. One pointed at another bot's
+/// session (as its previous one, its grace over, and as its current one)
+/// makes the operator revoke nothing but its own sessions.
+pub async fn token_revokes_no_session_named_in_a_tampered_secret(t: &MasTarget) {
+    let (client, fake) = cluster(t).await;
+    let (victim_user, _, _) = bot(t, &fake, "mxat-victim").await;
+    let (own_user, _, _) = bot(t, &fake, "mxat-tamper").await;
+    let victim = token_obj("victim", &victim_user, json!({}));
+    let own = token_obj("tamper", &own_user, json!({}));
+    fake.put(victim.clone());
+    fake.put(own.clone());
+    for obj in [&victim, &own] {
+        reconcile(&fake, &client, obj).await;
+        reconcile(&fake, &client, obj).await;
+    }
+    let victim_session = stored(&fake, &victim).unwrap().status.unwrap().session_id.unwrap();
+    let own_session = stored(&fake, &own).unwrap().status.unwrap().session_id.unwrap();
+    let path = format!("/api/v1/namespaces/{NS}/secrets/tamper-token");
+    let mut secret = fake.get(&path).unwrap();
+    let annotations = secret["metadata"]["annotations"].as_object_mut().unwrap();
+    annotations.insert("matrix-operator.io/session-id".into(), json!(victim_session));
+    annotations.insert("matrix-operator.io/previous-session-id".into(), json!(victim_session));
+    annotations.insert(
+        "matrix-operator.io/previous-revoke-at".into(),
+        json!("2020-01-01T00:00:00Z"),
+    );
+    fake.put(secret);
+    reconcile(&fake, &client, &own).await;
+    assert!(
+        session(t, &victim_session).await["revoked_at"].is_null(),
+        "another's session named as the previous one is not revoked"
+    );
+    let api: Api<MatrixAccessToken> = Api::namespaced(client.clone(), NS);
+    api.delete("tamper", &Default::default()).await.unwrap();
+    assert!(reconcile(&fake, &client, &own).await.is_none(), "gone once revoked");
+    assert!(
+        session(t, &victim_session).await["revoked_at"].is_null(),
+        "another's session named in the Secret is not revoked"
+    );
+    assert!(
+        !session(t, &own_session).await["revoked_at"].is_null(),
+        "its own session is revoked"
+    );
 }

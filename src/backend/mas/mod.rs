@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 pub use client::{CreateOutcome, MasClient, MasConfig, MasEmail, MasLink, MasProvider, MasUser, Resource};
 pub use error::{MasEndpoint, MasError};
-pub use personal::{IssuedSession, PersonalSession, Revoked, SCOPE_CLIENT_API, SCOPE_DEVICE_PREFIX, bot_scope};
+pub use personal::{IssuedSession, PersonalSession, Revoked, SCOPE_CLIENT_API, SCOPE_DEVICE_PREFIX, bot_scope, is_id};
 
 use crate::account::{Account, ExternalId, Threepid, UserId};
 use crate::backend::{AccountBackend, Applied, BackendError, Created, Parts, Unsupported};

@@ -34,6 +34,11 @@ pub fn bot_scope(device_id: Option<&str>) -> String {
 /// A personal session's attributes, as the operator reads them.
 #[derive(Clone, Debug, Deserialize)]
 pub struct PersonalSession {
+    /// The MAS user the session acts for.
+    #[serde(default)]
+    pub actor_user_id: String,
+    #[serde(default)]
+    pub human_name: String,
     #[serde(default)]
     pub revoked_at: Option<String>,
     #[serde(default)]
