@@ -790,10 +790,11 @@ where
         }))
         .watches_stream(
             watch::objects_only(
-                watch::events(secrets_api, watcher::Config::default())
-                    .reflect(secret_cache)
-                    .inspect(fan_out_secret)
-                    .touched_objects(),
+                watch::touched_after_first_listing(
+                    watch::events(secrets_api, watcher::Config::default())
+                        .reflect(secret_cache)
+                        .inspect(fan_out_secret),
+                ),
                 "Secret",
             ),
             move |secret| users_of_secret(&by_secret, &homeservers_for_secrets, &secret),
