@@ -422,34 +422,38 @@ fn sha256(password: &SecretString) -> [u8; 32] {
 /// next reconcile (one whose status changes at every pass, such as a
 /// Homeserver behind two Synapse versions, would loop without backoff).
 fn acted_on<K: Resource>(obj: &K) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let meta = obj.meta();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    meta.generation.hash(&mut h);
-    meta.finalizers.hash(&mut h);
-    meta.deletion_timestamp.is_some().hash(&mut h);
-    meta.annotations.hash(&mut h);
-    Some(h.finish())
+    Some(metadata_fingerprint(obj.meta(), |_| true, |_| true))
 }
 
 /// [`acted_on`] for a MatrixUser, but for what a pass writes itself: its
 /// finalizer and its pending-creation record, added by the pass's first
 /// write (which must not set off another pass, and its admin GET).
 fn acted_on_user(user: &MatrixUser) -> Option<u64> {
+    Some(metadata_fingerprint(
+        user.meta(),
+        |finalizer| finalizer != FINALIZER,
+        |annotation| annotation != crate::api::PENDING_CREATION,
+    ))
+}
+
+/// A hash of the generation, the deletion mark, and the finalizers and
+/// annotations that `finalizer` and `annotation` keep.
+fn metadata_fingerprint(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    finalizer: impl Fn(&str) -> bool,
+    annotation: impl Fn(&str) -> bool,
+) -> u64 {
     use std::hash::{Hash, Hasher};
-    let meta = user.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     meta.generation.hash(&mut h);
-    for f in meta.finalizers.iter().flatten().filter(|f| *f != FINALIZER) {
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    for f in meta.finalizers.iter().flatten().filter(|f| finalizer(f)) {
         f.hash(&mut h);
     }
-    meta.deletion_timestamp.is_some().hash(&mut h);
-    for (k, v) in meta.annotations.iter().flatten() {
-        if k != crate::api::PENDING_CREATION {
-            (k, v).hash(&mut h);
-        }
+    for (k, v) in meta.annotations.iter().flatten().filter(|(k, _)| annotation(k)) {
+        (k, v).hash(&mut h);
     }
-    Some(h.finish())
+    h.finish()
 }
 
 /// What the MatrixUsers of a Homeserver read of it (see
