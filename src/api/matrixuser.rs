@@ -134,6 +134,23 @@ pub struct MatrixUserSpec {
     /// created for this resource. Needs the Homeserver's policy.allowAdoption.
     #[serde(default)]
     pub adopt: bool,
+
+    /// `Manage` (the default) makes the account match the spec. `Observe`
+    /// never writes to the homeserver: it only reports whether the account
+    /// matches (`Ready` reason `InSync`, else `Drifted` or `NotFound`), and
+    /// deleting an observed MatrixUser only lets go of the account.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
+}
+
+/// Whether the operator writes to the account or only watches it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum ManagementPolicy {
+    /// Create, change, deactivate and re-activate the account as the spec says.
+    #[default]
+    Manage,
+    /// Read the account and report drift; never write to the homeserver.
+    Observe,
 }
 
 /// A room ID (`!opaque` or `!opaque:server`) or a room alias

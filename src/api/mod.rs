@@ -11,8 +11,9 @@ pub use conditions::{
 };
 pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus, MasSpec};
 pub use matrixuser::{
-    DeletionPolicy, ExternalIdSpec, HomeserverRef, ManagedRoom, MatrixUser, MatrixUserSpec, MatrixUserStatus,
-    PENDING_CREATION, PasswordSpec, PendingCreation, RoomName, SecretKeyRef, ThreepidMedium, ThreepidSpec, UserType,
+    DeletionPolicy, ExternalIdSpec, HomeserverRef, ManagedRoom, ManagementPolicy, MatrixUser, MatrixUserSpec,
+    MatrixUserStatus, PENDING_CREATION, PasswordSpec, PendingCreation, RoomName, SecretKeyRef, ThreepidMedium,
+    ThreepidSpec, UserType,
 };
 
 /// The API group of every kind here.

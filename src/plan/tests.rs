@@ -985,6 +985,7 @@ fn desired_from_spec_normalises_and_keeps_unset_fields_unmanaged() {
         rooms: None,
         deletion_policy: DeletionPolicy::default(),
         adopt: false,
+        management_policy: Default::default(),
     };
     let d = desired_from_spec(&spec, user_id(), None);
     assert_eq!(
