@@ -525,6 +525,12 @@ impl Drop for Operator {
 // ---------------------------------------------------------------------------
 // The world
 
+/// The labels Flux puts on every object it applies (Argo CD and Helm put
+/// theirs): the objects of the bench are as a GitOps tool leaves them.
+fn gitops_labels() -> Value {
+    json!({"kustomize.toolkit.fluxcd.io/name": "matrix-users", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"})
+}
+
 fn user_name(i: usize) -> String {
     format!("u{i}")
 }
@@ -846,14 +852,14 @@ async fn run_once(
             &fake,
             o.apply,
             json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": format!("{name}-password"), "namespace": NS},
+            "metadata": {"name": format!("{name}-password"), "namespace": NS, "labels": gitops_labels()},
             "stringData": {"password": format!("password-{i}-of-{lp}")}}),
         );
         create_as_user(
             &fake,
             o.apply,
             json!({"apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
-            "metadata": {"name": name, "namespace": NS},
+            "metadata": {"name": name, "namespace": NS, "labels": gitops_labels()},
             "spec": {"homeserverRef": {"name": "hs"}, "localpart": lp, "displayName": format!("User {i}"),
                      "password": {"secretRef": {"name": format!("{name}-password"), "key": "password"}}}}),
         );

@@ -416,6 +416,28 @@ impl MatrixUser {
         }
     }
 
+    /// Drops the pending-creation annotation when it records nothing any
+    /// more (settled: its account is the one in status), so that a cached
+    /// copy does not keep it: [`Self::pending_creation`] reads the same
+    /// without it.
+    pub fn forget_settled_record(&mut self) {
+        let recorded = self
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(PENDING_CREATION));
+        let legacy = self.status.as_ref().is_some_and(|s| s.pending_creation.is_some());
+        if !recorded || legacy || self.pending_creation().is_some() {
+            return;
+        }
+        if let Some(annotations) = self.metadata.annotations.as_mut() {
+            annotations.remove(PENDING_CREATION);
+            if annotations.is_empty() {
+                self.metadata.annotations = None;
+            }
+        }
+    }
+
     /// The localpart this resource names: `spec.localpart` or else its
     /// name, borrowed.
     pub fn effective_localpart(&self) -> &str {

@@ -69,11 +69,15 @@ const OWN_ANNOTATIONS: &str = "matrix-operator.io/";
 
 /// Keeps of an object's metadata only what the operator reads: no
 /// `managedFields` (on every object a real API server returns, several
-/// KiB each once kubectl, Argo CD or Flux applied it), and of the
+/// KiB each once kubectl, Argo CD or Flux applied it), no labels (the
+/// operator selects nothing by label; Flux, Argo CD and Helm put several on
+/// every object they apply, and the operator on every Secret it makes: a
+/// map of them costs ≈0.6 KiB however few they are), and of the
 /// annotations only the operator's own (`kubectl.kubernetes.io/last-applied-configuration`
 /// alone holds a copy of the whole object, a Secret's data included).
 pub fn keep_what_is_read(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
+    meta.labels = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|key, _| key.starts_with(OWN_ANNOTATIONS));
         if annotations.is_empty() {
@@ -82,14 +86,37 @@ pub fn keep_what_is_read(meta: &mut ObjectMeta) {
     }
 }
 
-/// The objects of a watch as the operator keeps them (see
-/// [`keep_what_is_read`]), before any cache or trigger sees them.
+/// A watched kind, and what of its objects the operator keeps in its
+/// caches: the metadata it reads (see [`keep_what_is_read`]) and, for some
+/// kinds, less.
+pub trait Kept: Resource {
+    fn keep_what_is_read(&mut self) {
+        keep_what_is_read(self.meta_mut());
+    }
+}
+
+impl Kept for crate::api::Homeserver {}
+impl Kept for crate::api::MatrixAccessToken {}
+impl Kept for kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret> {}
+
+impl Kept for crate::api::MatrixUser {
+    /// A settled pending-creation record stays on the object (removing it
+    /// would cost a write per account) but says nothing any more: it is
+    /// not kept.
+    fn keep_what_is_read(&mut self) {
+        keep_what_is_read(self.meta_mut());
+        self.forget_settled_record();
+    }
+}
+
+/// The objects of a watch as the operator keeps them (see [`Kept`]),
+/// before any cache or trigger sees them.
 pub fn as_kept<K, S>(stream: S) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>
 where
-    K: Resource,
+    K: Kept,
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
-    stream.modify(|obj: &mut K| keep_what_is_read(obj.meta_mut()))
+    stream.modify(|obj: &mut K| obj.keep_what_is_read())
 }
 
 /// The watch events of `api`, relisting when the resourceVersion expired,
@@ -99,7 +126,7 @@ pub fn events<K>(
     config: watcher::Config,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Kept + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     as_kept(
         futures::stream::repeat(())
@@ -128,7 +155,7 @@ pub fn touched_into_when<K>(
     fingerprint: fn(&K) -> u64,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Kept + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
 {
     objects_only(
@@ -225,7 +252,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::MatrixUser;
+    use crate::api::{MatrixUser, PENDING_CREATION};
     use kube::runtime::reflector::{self, ObjectRef};
     use serde_json::json;
 
@@ -284,6 +311,56 @@ mod tests {
         );
         // What the triggers see is what the cache holds.
         assert!(passed.iter().all(|u| u.metadata.managed_fields.is_none()));
+    }
+
+    #[tokio::test]
+    async fn cached_objects_keep_no_labels_and_no_settled_pending_creation_record() {
+        let user = |name: &str, record_of: &str, status: serde_json::Value| -> MatrixUser {
+            let record = json!({"userId": record_of, "requestedAt": 1_000}).to_string();
+            serde_json::from_value(json!({
+                "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+                "metadata": {"name": name, "namespace": "chat",
+                    "labels": {"kustomize.toolkit.fluxcd.io/name": "users", "kustomize.toolkit.fluxcd.io/namespace": "flux-system"},
+                    "annotations": {PENDING_CREATION: record, "matrix-operator.io/skip-cleanup": "true"}},
+                "spec": {"homeserverRef": {"name": "hs"}},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let settled = user(
+            "settled",
+            "@settled:example.org",
+            json!({"userId": "@settled:example.org", "accountCreationTs": 1_000}),
+        );
+        let pending = user("pending", "@pending:example.org", json!({}));
+        let other_account = user(
+            "other",
+            "@other:example.org",
+            json!({"userId": "@someone-else:example.org", "accountCreationTs": 1_000}),
+        );
+        let expected: Vec<_> = [&settled, &pending, &other_account]
+            .map(|u| u.pending_creation())
+            .into();
+        let events = futures::stream::iter([settled, pending, other_account].map(|u| Ok(watcher::Event::Apply(u))));
+        let (store, writer) = reflector::store::<MatrixUser>();
+        let passed: Vec<MatrixUser> = as_kept(events)
+            .reflect(writer)
+            .applied_objects()
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let cached = |name: &str| store.get(&ObjectRef::new(name).within("chat")).unwrap();
+        for (name, pending_creation) in ["settled", "pending", "other"].into_iter().zip(expected) {
+            assert_eq!(cached(name).metadata.labels, None, "{name}");
+            // What the operator reads of the record is the same.
+            assert_eq!(cached(name).pending_creation(), pending_creation, "{name}");
+        }
+        let annotations = |name: &str| cached(name).metadata.annotations.clone().unwrap_or_default();
+        assert!(!annotations("settled").contains_key(PENDING_CREATION));
+        assert!(annotations("settled").contains_key("matrix-operator.io/skip-cleanup"));
+        assert!(annotations("pending").contains_key(PENDING_CREATION));
+        assert!(annotations("other").contains_key(PENDING_CREATION));
+        assert!(passed.iter().all(|u| u.metadata.labels.is_none()));
     }
 
     #[tokio::test]
