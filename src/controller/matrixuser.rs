@@ -224,9 +224,11 @@ async fn publish_failure(ctx: &Context, user: &MatrixUser, old: &MatrixUserStatu
 /// The requeue after a pass.
 fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result<Action, Error> {
     match result {
+        // The resync clock looks at it again (see `resync`): no requeue
+        // held per MatrixUser.
         Ok(()) => {
             ctx.reset_backoff(user);
-            Ok(ctx.resync(user))
+            Ok(Action::await_change())
         }
         // The Homeserver is being checked or retried: its status change
         // triggers this MatrixUser again; the backoff covers a missed one
@@ -237,7 +239,7 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
             // Waits for a change of the spec, a Secret or the Homeserver
             // (all watched), and is looked at again at the next resync.
             ctx.reset_backoff(user);
-            Ok(ctx.resync(user))
+            Ok(Action::await_change())
         }
     }
 }

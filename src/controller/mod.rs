@@ -11,6 +11,7 @@ mod homeserver;
 mod index;
 mod matrixuser;
 mod ownership;
+mod resync;
 mod secrets;
 mod transport;
 mod watch;
@@ -781,8 +782,11 @@ where
     .predicate_filter(acted_on_user, kube::runtime::PredicateConfig::default());
     let by_homeserver = cache.clone();
     let by_secret = cache;
+    let resyncs = resync::due_in(store.clone(), ctx.config.resync_interval);
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
+        // Each MatrixUser once per resync interval, at its own phase.
+        .reconcile_on(resyncs)
         .watches_stream(
             watch::touched_into_when(homeservers_api.clone(), homeserver_cache, "Homeserver", read_by_users),
             move |hs: Homeserver| users_of_homeserver(&by_homeserver, &hs),
