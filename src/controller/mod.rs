@@ -782,7 +782,8 @@ where
     .predicate_filter(acted_on_user, kube::runtime::PredicateConfig::default());
     let by_homeserver = cache.clone();
     let by_secret = cache;
-    let resyncs = resync::due_in(store.clone(), ctx.config.resync_interval);
+    let looks = resync::LastLooks::default();
+    let resyncs = resync::due_in(store.clone(), ctx.config.resync_interval, looks.clone());
     let users = Controller::for_stream(users_stream, store)
         .with_config(controller_config.clone())
         // Each MatrixUser once per resync interval, at its own phase.
@@ -809,7 +810,18 @@ where
         )
         .graceful_shutdown_on(shutdown.clone())
         .run(
-            |user, ctx| contained(reconcile_user(user.clone(), ctx), "MatrixUser", user),
+            move |user, ctx| {
+                let looks = looks.clone();
+                async move {
+                    let outcome = contained(reconcile_user(user.clone(), ctx), "MatrixUser", user.clone()).await;
+                    // Looked at and settled: the resync clock skips it for
+                    // half an interval.
+                    if matches!(&outcome, Ok(action) if *action == Action::await_change()) {
+                        looks.looked_at(user.as_ref());
+                    }
+                    outcome
+                }
+            },
             matrixuser::error_policy,
             ctx.clone(),
         )

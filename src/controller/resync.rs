@@ -4,7 +4,13 @@
 //! controller's scheduler. A scheduled requeue holds two copies of the
 //! object's reference (≈0.5 KiB) for the whole interval: 5 MiB at 10,000
 //! MatrixUsers, for what a phase computed from the uid gives as well.
+//! As with a requeue, an object looked at (after a change, say) less than
+//! half an interval before its phase comes is skipped then: its next look
+//! comes 0.5 to 1.5 intervals after the last.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
@@ -36,11 +42,60 @@ fn now() -> f64 {
         .as_secs_f64()
 }
 
+/// When each object was last looked at (seconds since the Unix epoch), by
+/// a hash of its namespace and name: a few bytes per object.
+#[derive(Clone, Default)]
+pub struct LastLooks(Arc<Mutex<HashMap<u64, f64>>>);
+
+impl LastLooks {
+    fn key<K: Resource>(obj: &K) -> u64 {
+        // Fixed keys: a collision only skips one resync of one object.
+        let mut hasher = std::hash::DefaultHasher::new();
+        (obj.meta().namespace.as_deref(), obj.meta().name.as_deref()).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, f64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `obj` was looked at (and found in sync, or waiting for a change).
+    pub fn looked_at<K: Resource>(&self, obj: &K) {
+        self.lock().insert(Self::key(obj), now());
+    }
+
+    fn since<K: Resource>(&self, obj: &K, at: f64) -> bool {
+        self.lock().get(&Self::key(obj)).is_some_and(|t| *t > at)
+    }
+}
+
+/// Of `objects`, those due in the window `(from, to]` of the wall clock
+/// for a resync every `interval` seconds, but not those `looks` says were
+/// looked at less than half an interval before `to`.
+fn due_among<K>(objects: &[Arc<K>], (from, to): (f64, f64), interval: f64, looks: &LastLooks) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()>,
+{
+    objects
+        .iter()
+        .filter(|obj| {
+            let phase = phase_of(obj.meta().uid.as_deref(), &Context::failure_key(obj.as_ref()));
+            due(from, to, interval, phase) && !looks.since(obj.as_ref(), to - interval / 2.0)
+        })
+        .map(|obj| ObjectRef::from_obj(obj.as_ref()))
+        .collect()
+}
+
 /// The objects of `store` due for their resync, as their phases come:
-/// every object once per `interval`. What the stream hands on goes to the
+/// every object once per `interval`, unless `looks` says it was looked at
+/// less than half an interval before. What the stream hands on goes to the
 /// controller's queue like a watch event (an object already queued is
 /// looked at once).
-pub fn due_in<K>(store: Store<K>, interval: Duration) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
+pub fn due_in<K>(
+    store: Store<K>,
+    interval: Duration,
+    looks: LastLooks,
+) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
@@ -48,21 +103,20 @@ where
     let seconds = interval.as_secs_f64().max(0.001);
     let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    futures::stream::unfold((clock, now()), move |(mut clock, from)| {
-        let store = store.clone();
+    futures::stream::unfold((clock, now(), 0u32), move |(mut clock, from, ticks)| {
+        let (store, looks) = (store.clone(), looks.clone());
         async move {
             clock.tick().await;
             let to = now();
-            let due: Vec<ObjectRef<K>> = store
-                .state()
-                .iter()
-                .filter(|obj| {
-                    let phase = phase_of(obj.meta().uid.as_deref(), &Context::failure_key(obj.as_ref()));
-                    due(from, to, seconds, phase)
-                })
-                .map(|obj| ObjectRef::from_obj(obj.as_ref()))
-                .collect();
-            Some((futures::stream::iter(due), (clock, to.max(from))))
+            let objects = store.state();
+            let due = due_among(&objects, (from, to), seconds, &looks);
+            // Once an interval, what is kept of objects that went goes.
+            if ticks % 64 == 63 {
+                let present: std::collections::HashSet<u64> =
+                    objects.iter().map(|o| LastLooks::key(o.as_ref())).collect();
+                looks.lock().retain(|k, _| present.contains(k));
+            }
+            Some((futures::stream::iter(due), (clock, to.max(from), ticks.wrapping_add(1))))
         }
     })
     .flatten()
@@ -136,7 +190,8 @@ mod tests {
             writer.apply_watcher_event(&watcher::Event::Apply(user));
         }
         let mut seen = std::collections::BTreeSet::new();
-        let mut due = Box::pin(due_in(store, Duration::from_secs(1)));
+        let looks = LastLooks::default();
+        let mut due = Box::pin(due_in(store, Duration::from_secs(1), looks));
         // A guard against hanging only: every phase of a one-second interval
         // comes within the next second.
         tokio::time::timeout(Duration::from_secs(30), async {
@@ -148,5 +203,39 @@ mod tests {
         .await
         .expect("every object due within its interval");
         assert_eq!(seen, names.iter().cloned().collect());
+    }
+
+    #[test]
+    fn an_object_looked_at_less_than_half_an_interval_before_its_phase_is_skipped_then() {
+        use crate::api::MatrixUser;
+        let user = |name: &str| -> Arc<MatrixUser> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+                    "metadata": {"name": name, "namespace": "chat", "uid": format!("uid-{name}")},
+                    "spec": {"homeserverRef": {"name": "hs"}},
+                }))
+                .unwrap(),
+            )
+        };
+        let objects = vec![user("never"), user("lately"), user("long-ago")];
+        let looks = LastLooks::default();
+        let interval = 600.0;
+        let to = 1_800_000_600.0;
+        looks
+            .lock()
+            .insert(LastLooks::key(objects[1].as_ref()), to - 0.4 * interval);
+        looks
+            .lock()
+            .insert(LastLooks::key(objects[2].as_ref()), to - 0.6 * interval);
+        // A window of a whole interval holds every phase.
+        let due: Vec<String> = due_among(&objects, (to - interval, to), interval, &looks)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(due, ["never", "long-ago"]);
+        // Looks at objects that went are forgotten at the next pruning, not
+        // before: `since` still reads them.
+        assert!(looks.since(objects[1].as_ref(), to - interval));
     }
 }
