@@ -3,7 +3,7 @@
 //! raw JSON of `GET /_synapse/admin/v2/users/<id>`, independent of the
 //! library's own decoding.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

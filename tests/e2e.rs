@@ -49,7 +49,7 @@
 //! `E2E_RESTART_APISERVER='docker restart kind-control-plane'` (for kind) to
 //! include the API server restart.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -4,7 +4,7 @@
 //! refuses bad values, and the rendered RBAC, args and pod pass the same
 //! checks as deploy/ (`tests/common/deploy_checks.rs`).
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::collections::BTreeSet;
 
@@ -217,7 +217,11 @@ fn selectors_select_the_pods() {
 #[test]
 fn deployment_args_exist_in_run_help() {
     for (what, values) in variants() {
-        check_args(&format!("chart, {what}"), &args(&rendered(values)));
+        check_args(
+            env!("CARGO_BIN_EXE_matrix-user-operator"),
+            &format!("chart, {what}"),
+            &args(&rendered(values)),
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 //! `tests/mas_e2e.rs` runs unchanged against a real MAS; the tests after
 //! them use knobs only the stand-in has.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use common::mas::mas_standin;
 use common::mas_scenarios::{self as scenarios, STRONG, backend, unique};

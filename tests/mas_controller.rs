@@ -2,7 +2,7 @@
 //! in-process MAS stand-in in front of a real MAS-mode Synapse, and the
 //! fake Kubernetes API server.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 

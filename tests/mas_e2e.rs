@@ -12,7 +12,7 @@
 //! Without `MAS_URL` the suite is skipped with one line. Every run creates
 //! new users (MAS cannot delete users), named `<scenario>-<hex>`.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::process::ExitCode;
 

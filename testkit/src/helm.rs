@@ -30,9 +30,10 @@ use super::venv::{self, output_text, target_dir};
 pub const HELM_SDK_VERSION: &str = "0.2.2";
 
 /// The chart under test.
-pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/matrix-user-operator");
+/// (`CARGO_MANIFEST_DIR` is the kit's directory, `testkit/` in the repository.)
+pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/helm/matrix-user-operator");
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/helm_sdk.py");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/helm_sdk.py");
 
 static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 

@@ -6,7 +6,7 @@
 //! `set_unavailable`) take [`EXCLUSIVE`] for writing; all others hold it for
 //! reading, so no test sees another's knob.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
