@@ -2,7 +2,7 @@
 //! Deployment is locked down and passes only flags the binary has, and the
 //! RBAC allows exactly the API calls the code makes (recorded from the code
 //! running against the fake API server, not listed by hand). The checks are
-//! in `tests/common/deploy_checks.rs`, shared with the Helm chart's tests.
+//! in `testkit/src/deploy_checks.rs`, shared with the Helm chart's tests.
 
 use matrix_user_operator_testkit as common;
 

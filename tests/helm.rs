@@ -1,8 +1,8 @@
 //! The Helm chart `deploy/helm/matrix-user-operator/`, loaded, linted and
-//! rendered by Helm's own SDK (`tests/common/helm.rs`): it installs what
+//! rendered by Helm's own SDK (`testkit/src/helm.rs`): it installs what
 //! deploy/ installs, each value does what values.yaml says, the schema
 //! refuses bad values, and the rendered RBAC, args and pod pass the same
-//! checks as deploy/ (`tests/common/deploy_checks.rs`).
+//! checks as deploy/ (`testkit/src/deploy_checks.rs`).
 
 use matrix_user_operator_testkit as common;
 

@@ -1,4 +1,4 @@
-//! The MAS scenarios (`tests/common/mas_scenarios.rs`) against a real MAS
+//! The MAS scenarios (`testkit/src/mas_scenarios.rs`) against a real MAS
 //! and the Synapse that delegates to it — the same functions `tests/mas.rs`
 //! runs against the stand-in.
 //!

@@ -9,11 +9,11 @@
 //! and, on the first run only, PyPI: `helm-python-sdk==HELM_SDK_VERSION` (a
 //! prebuilt wheel; nothing is compiled) is installed into
 //! `<target>/helm-sdk-venv-<version>/` once, as the Synapse harness installs
-//! Synapse (`tests/common/venv.rs`: lock, marker, install log). Nothing is
+//! Synapse (`testkit/src/venv.rs`: lock, marker, install log). Nothing is
 //! skipped: if any of this is missing, every test that renders panics with a
 //! message naming what is missing.
 //!
-//! Each call runs `tests/common/helm_sdk.py` with one JSON request.
+//! Each call runs `testkit/src/helm_sdk.py` with one JSON request.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -68,7 +68,7 @@ pub struct HelmError {
     pub message: String,
 }
 
-/// Runs one request of `tests/common/helm_sdk.py`.
+/// Runs one request of `testkit/src/helm_sdk.py`.
 fn call(request: Value) -> Result<Value, HelmError> {
     let python = python();
     let mut child = Command::new(python)

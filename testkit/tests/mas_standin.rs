@@ -1,4 +1,4 @@
-//! Tests of the MAS stand-in (tests/common/mas) against its real MAS-mode
+//! Tests of the MAS stand-in (testkit/src/mas) against its real MAS-mode
 //! Synapse: one test per row of /work/shared/mas/README.md where practical.
 //! They share one stand-in and one Synapse; every test makes its own users.
 //!

@@ -1,4 +1,4 @@
-//! Smoke test for the Synapse test harness in `tests/common/synapse.rs`.
+//! Smoke test for the Synapse test harness in `testkit/src/synapse.rs`.
 
 use matrix_user_operator_testkit as common;
 
