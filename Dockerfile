@@ -7,6 +7,7 @@ COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src src
 COPY tests tests
 COPY benches benches
+COPY testkit testkit
 RUN cargo build --release --locked --bin matrix-user-operator \
  && strip target/release/matrix-user-operator
 

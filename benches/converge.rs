@@ -1,6 +1,6 @@
 //! Convergence and steady-state cost of the operator, against a real
 //! Synapse and the in-process FAKE Kubernetes API server
-//! (tests/common/fake_kube), with the operator binary as a process of its
+//! (testkit/src/fake_kube), with the operator binary as a process of its
 //! own (so its RSS and CPU time are its own):
 //!
 //!   cargo bench --bench converge                       # bcrypt 4 and 12, N = 100 and 1,000
@@ -30,8 +30,7 @@
 //! be shared and noisy; every process (Synapse, the operator, this one with
 //! the fake API server and the proxy) shares its cores.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use matrix_user_operator_testkit as common;
 #[path = "converge/mas.rs"]
 mod mas;
 
@@ -1176,7 +1175,7 @@ fn main() {
 fn synapse_mode(o: &Options, runtime: &tokio::runtime::Runtime) {
     println!(
         "converge: Synapse {} (SQLite) on 127.0.0.1 behind a counting proxy; Kubernetes is the in-process FAKE \
-         API server (tests/common/fake_kube), the operator the real binary against it; {} CPUs shared by all",
+         API server (testkit/src/fake_kube), the operator the real binary against it; {} CPUs shared by all",
         common::SYNAPSE_VERSION,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );

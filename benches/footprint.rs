@@ -6,8 +6,7 @@
 //! the idle process, and the time of a resync pass over in-sync users against
 //! the bare minimum a drift check needs (one admin GET per user).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! The library's Synapse client and sync loop against a real Synapse
-//! (see `tests/common/synapse.rs`). Every check of Synapse's state reads the
+//! (see `testkit/src/synapse.rs`). Every check of Synapse's state reads the
 //! raw JSON of `GET /_synapse/admin/v2/users/<id>`, independent of the
 //! library's own decoding.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};

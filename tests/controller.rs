@@ -1,7 +1,7 @@
 //! Controller tests: reconcile against the fake Kubernetes API server and a
 //! real Synapse.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 

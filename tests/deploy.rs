@@ -2,9 +2,9 @@
 //! Deployment is locked down and passes only flags the binary has, and the
 //! RBAC allows exactly the API calls the code makes (recorded from the code
 //! running against the fake API server, not listed by hand). The checks are
-//! in `tests/common/deploy_checks.rs`, shared with the Helm chart's tests.
+//! in `testkit/src/deploy_checks.rs`, shared with the Helm chart's tests.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::collections::BTreeSet;
 
@@ -42,7 +42,11 @@ fn every_overlay_renders_and_parses() {
 #[test]
 fn deployment_args_exist_in_run_help() {
     for dir in [".", "overlays/ha", "overlays/single-namespace"] {
-        check_args(&format!("deploy/{dir}"), &args(&kustomize(dir)));
+        check_args(
+            env!("CARGO_BIN_EXE_matrix-user-operator"),
+            &format!("deploy/{dir}"),
+            &args(&kustomize(dir)),
+        );
     }
 }
 

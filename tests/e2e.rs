@@ -16,7 +16,7 @@
 //!   deletes, and `<namespace>-c`, the second namespace of
 //!   `ownership_across_namespaces`;
 //! - starts a real Synapse on 127.0.0.1 (the test harness in
-//!   `tests/common/synapse.rs`) and the operator binary as a local child
+//!   `testkit/src/synapse.rs`) and the operator binary as a local child
 //!   process (`run --namespace <ns>,<ns>-b,<ns>-c --resync-interval 5s
 //!   --health-addr 0`), which reaches Synapse at its 127.0.0.1 URL; the
 //!   operator's output goes to `target/tmp/<namespace>-operator.log`, printed
@@ -49,7 +49,7 @@
 //! `E2E_RESTART_APISERVER='docker restart kind-control-plane'` (for kind) to
 //! include the API server restart.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -4,7 +4,7 @@
 //! record. Against the fake API server and a real Synapse, the slow one
 //! being a proxy on 127.0.0.1 in front of it that holds some calls.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

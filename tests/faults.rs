@@ -6,7 +6,7 @@
 //! The tests share one Synapse and some of them disturb the world (a
 //! stopped process, an API server going down), so they run one at a time.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -838,4 +838,52 @@ async fn a_server_version_that_flaps_sets_off_no_checks_or_reconciles() {
         more_user_reads, 0,
         "MatrixUser reconciles set off by the Homeserver's status"
     );
+}
+
+/// A test of the fake API server (testkit/tests/fake_kube.rs has the others)
+/// that needs the operator binary, which only the operator's own tests see.
+#[tokio::test]
+async fn the_fake_api_server_serves_the_operator_binary_and_outlives_a_killed_one() {
+    let (client, fake) = FakeApiServer::start();
+    let users: kube::Api<MatrixUser> = kube::Api::namespaced(client, NS);
+    let dir = std::env::temp_dir().join(format!("fake-kube-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+        .args(["run", "--health-addr=0", "--leader-election=off", "--namespace", NS])
+        .env("KUBECONFIG", fake.kubeconfig_file(&dir))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watching = async {
+        while !fake
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/matrixusers") && r.query.contains("watch=true"))
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), watching)
+        .await
+        .expect("the operator watches MatrixUsers");
+    // SIGKILL, mid-watch.
+    operator.kill().unwrap();
+    operator.wait().unwrap();
+    fake.put(json!({
+        "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+        "metadata": {"name": "after", "namespace": NS},
+        "spec": {"homeserverRef": {"name": "hs"}},
+    }));
+    let names: Vec<String> = users
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|u| u.name_any())
+        .collect();
+    assert_eq!(names, vec!["after"]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 const ARGOCD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/argocd");
 const KINDS: [&str; 3] = ["MatrixUser", "Homeserver", "MatrixAccessToken"];

@@ -1,10 +1,10 @@
 //! The Helm chart `deploy/helm/matrix-user-operator/`, loaded, linted and
-//! rendered by Helm's own SDK (`tests/common/helm.rs`): it installs what
+//! rendered by Helm's own SDK (`testkit/src/helm.rs`): it installs what
 //! deploy/ installs, each value does what values.yaml says, the schema
 //! refuses bad values, and the rendered RBAC, args and pod pass the same
-//! checks as deploy/ (`tests/common/deploy_checks.rs`).
+//! checks as deploy/ (`testkit/src/deploy_checks.rs`).
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::collections::BTreeSet;
 
@@ -217,7 +217,11 @@ fn selectors_select_the_pods() {
 #[test]
 fn deployment_args_exist_in_run_help() {
     for (what, values) in variants() {
-        check_args(&format!("chart, {what}"), &args(&rendered(values)));
+        check_args(
+            env!("CARGO_BIN_EXE_matrix-user-operator"),
+            &format!("chart, {what}"),
+            &args(&rendered(values)),
+        );
     }
 }
 

@@ -6,7 +6,7 @@
 //! ID that echoes a secret. The clients must stop at their bounds with an
 //! error naming them, never panic, and keep no secret.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

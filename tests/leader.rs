@@ -2,7 +2,7 @@
 //! takes over. Run against the fake API server (Leases) and a real Synapse
 //! (the work a leader does).
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,7 +3,7 @@
 //! and URLs that are not a Synapse at all. Each misbehaving server here is a
 //! hand-rolled HTTP/1.1 server on 127.0.0.1; no Synapse is needed.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

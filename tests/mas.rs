@@ -1,10 +1,10 @@
 //! The MAS backend against the in-process MAS stand-in
-//! (`tests/common/mas/`) and the real Synapse it provisions, in MAS mode.
-//! The scenarios are `tests/common/mas_scenarios.rs`, which
+//! (`testkit/src/mas/`) and the real Synapse it provisions, in MAS mode.
+//! The scenarios are `testkit/src/mas_scenarios.rs`, which
 //! `tests/mas_e2e.rs` runs unchanged against a real MAS; the tests after
 //! them use knobs only the stand-in has.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use common::mas::mas_standin;
 use common::mas_scenarios::{self as scenarios, STRONG, backend, unique};

@@ -2,7 +2,7 @@
 //! in-process MAS stand-in in front of a real MAS-mode Synapse, and the
 //! fake Kubernetes API server.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 
@@ -232,7 +232,7 @@ async fn rooms_of_a_matrixuser_on_a_mas_homeserver_are_joined_and_left() {
     assert!(sessions[0].1, "the leave's session is revoked: {sessions:?}");
 }
 
-// The MatrixAccessToken scenarios (tests/common/token_scenarios.rs), which
+// The MatrixAccessToken scenarios (testkit/src/token_scenarios.rs), which
 // tests/mas_e2e.rs runs unchanged against a real MAS.
 
 #[tokio::test]

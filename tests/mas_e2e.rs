@@ -1,4 +1,4 @@
-//! The MAS scenarios (`tests/common/mas_scenarios.rs`) against a real MAS
+//! The MAS scenarios (`testkit/src/mas_scenarios.rs`) against a real MAS
 //! and the Synapse that delegates to it — the same functions `tests/mas.rs`
 //! runs against the stand-in.
 //!
@@ -12,7 +12,7 @@
 //! Without `MAS_URL` the suite is skipped with one line. Every run creates
 //! new users (MAS cannot delete users), named `<scenario>-<hex>`.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::process::ExitCode;
 

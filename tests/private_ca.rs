@@ -3,7 +3,7 @@
 //! against the fake API server, and the real Synapse behind a TLS proxy on
 //! 127.0.0.1 whose certificate a CA made here signed.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 use std::time::Duration;

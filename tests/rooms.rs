@@ -6,7 +6,7 @@
 //! resync, deactivation and re-activation, and what a resync costs.
 //! Every check of Synapse's side reads its own API.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 use std::time::Duration;

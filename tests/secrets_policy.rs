@@ -5,7 +5,7 @@
 //! (`object`, `oldObject`, `request`), admits the writes the operator makes
 //! and refuses the others.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use common::deploy_checks::reference_secrets_policy;
 use kube::core::cel::{KubeCelExt, cel};

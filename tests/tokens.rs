@@ -3,7 +3,7 @@
 //! drift, a foreign Secret, the MatrixUser deactivated or deleted first,
 //! a device token from the managed password, and namespace deletion.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! MAS mode of the convergence bench (`--backend mas`): the Homeserver has
 //! `spec.mas`, so accounts are created in MAS's admin API and their profile
-//! in Synapse's. Against the MAS stand-in of tests/common/mas (and the real
+//! in Synapse's. Against the MAS stand-in of testkit/src/mas (and the real
 //! MAS-mode Synapse it provisions), or against a real MAS when `MAS_URL`,
 //! `MAS_CLIENT_ID`, `MAS_CLIENT_SECRET`, `MAS_SYNAPSE_URL`,
 //! `MAS_SYNAPSE_ADMIN_TOKEN` and `MAS_SERVER_NAME` are set (as for
@@ -246,7 +246,7 @@ pub(crate) fn run(o: &Options, runtime: &tokio::runtime::Runtime) {
         None => {
             let t = common::mas::mas_standin().target();
             let what = format!(
-                "the MAS {} stand-in (tests/common/mas, in this process) at {} with a real Synapse {} (SQLite) \
+                "the MAS {} stand-in (testkit/src/mas, in this process) at {} with a real Synapse {} (SQLite) \
                  in MAS mode at {}",
                 common::mas::MAS_VERSION,
                 t.mas_url,

@@ -20,11 +20,10 @@
 //!   admin API answers); [`MasStandIn::wait_for_synapse_jobs`];
 //! - [`MasStandIn::set_down`] (connections dropped) and
 //!   [`MasStandIn::set_unavailable`] (503);
-//! - [`MasStandIn::requests`] / [`MasStandIn::admin_writes`] /
-//!   [`MasStandIn::clear_requests`]: the request log (no bodies, no secrets);
+//! - [`MasStandIn::requests`] / [`MasStandIn::clear_requests`]: the request
+//!   log (no bodies, no secrets);
 //! - [`MasStandIn::synapse_job_errors`]: Synapse calls that failed;
-//! - [`MasStandIn::issue_compatibility_token`], [`MasStandIn::add_client`],
-//!   [`MasStandIn::add_upstream_provider`].
+//! - [`MasStandIn::issue_compatibility_token`].
 //!
 //! [`mas_standin()`] starts one stand-in and its Synapse per test binary
 //! (the Synapse is separate from [`super::synapse()`]'s, same venv). Test
@@ -272,16 +271,6 @@ impl MasStandIn {
         &self.synapse.base_url
     }
 
-    /// Process ID of its Synapse (for SIGSTOP/SIGCONT fault tests).
-    pub fn synapse_pid(&self) -> u32 {
-        self.synapse.pid
-    }
-
-    /// The last `lines` lines of the Synapse's logs.
-    pub fn synapse_log_tail(&self, lines: usize) -> String {
-        log_tails(&self.synapse.data_dir, lines)
-    }
-
     /// ULID of the startup admin (`mas-admin`, MAS `admin: true`).
     pub fn admin_user_id(&self) -> &str {
         &self.admin_user_id
@@ -294,39 +283,6 @@ impl MasStandIn {
             self.other_client.client_id.clone(),
             self.other_client.client_secret.clone(),
         )
-    }
-
-    /// Registers another OAuth client (`admin`: listed in
-    /// `policy.data.admin_clients`). Returns `(client_id, client_secret)`.
-    pub fn add_client(&self, admin: bool) -> (String, String) {
-        let client = OAuthClient {
-            client_id: util::ulid(),
-            client_secret: util::random_alnum(32),
-            admin,
-        };
-        let pair = (client.client_id.clone(), client.client_secret.clone());
-        self.shared
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(client);
-        pair
-    }
-
-    /// Configures another upstream OAuth provider; returns its ULID.
-    pub fn add_upstream_provider(&self, human_name: &str, enabled: bool) -> String {
-        let now = util::now_ms();
-        let provider = UpstreamProvider {
-            id: util::ulid(),
-            issuer: Some(format!("https://{}.example.test", util::random_alnum(8).to_lowercase())),
-            human_name: Some(human_name.to_owned()),
-            brand_name: None,
-            created_ms: now,
-            disabled_ms: (!enabled).then_some(now),
-        };
-        let id = provider.id.clone();
-        self.shared.lock().providers.push(provider);
-        id
     }
 
     /// ULID of the disabled upstream provider.
@@ -359,11 +315,6 @@ impl MasStandIn {
     /// Every request received, oldest first.
     pub fn requests(&self) -> Vec<MasRequest> {
         self.shared.requests()
-    }
-
-    /// The admin-API writes received (non-GET under `/api/admin/`).
-    pub fn admin_writes(&self) -> Vec<MasRequest> {
-        self.requests().into_iter().filter(MasRequest::is_admin_write).collect()
     }
 
     pub fn clear_requests(&self) {

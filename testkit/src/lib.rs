@@ -1,7 +1,6 @@
-//! Shared helpers for the integration tests.
+//! The test kit of the operator's integration tests and benches.
 //!
-//! Use from a test file with `mod common;` and then `common::synapse()`.
-#![allow(dead_code)]
+//! Use from a test file with `use matrix_user_operator_testkit as common;` and then `common::synapse()`.
 
 pub mod deploy_checks;
 pub mod fake_kube;
@@ -14,5 +13,4 @@ pub mod synapse;
 pub mod token_scenarios;
 pub mod venv;
 
-#[allow(unused_imports)] // not every test binary uses every item
 pub use synapse::{SERVER_NAME, SYNAPSE_VERSION, SynapseServer, synapse};

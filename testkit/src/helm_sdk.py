@@ -1,4 +1,4 @@
-"""Helm's own Go SDK (helm-python-sdk) for tests/common/helm.rs.
+"""Helm's own Go SDK (helm-python-sdk) for testkit/src/helm.rs.
 
 Reads one JSON request on stdin, writes one JSON answer on stdout:
 {"ok": result} or {"error": {"type": "HelmValuesError", "message": "..."}}

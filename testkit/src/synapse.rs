@@ -183,11 +183,6 @@ impl SynapseServer {
         self.admin_request(reqwest::Method::POST, path, Some(body)).await
     }
 
-    /// `DELETE base_url + path` with the admin token.
-    pub async fn admin_delete(&self, path: &str) -> (u16, Value) {
-        self.admin_request(reqwest::Method::DELETE, path, None).await
-    }
-
     /// Any method with the admin token. The response body is parsed as JSON;
     /// an empty body is `Value::Null`, a non-JSON body a `Value::String`.
     pub async fn admin_request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -536,7 +531,7 @@ fn start_once(venv: &Path, runs: &Path, extra_overrides: &Value) -> Result<Synap
     let overrides_text = serde_yaml::to_string(&overrides).map_err(|e| e.to_string())?;
     fs::write(
         &overrides_yaml,
-        format!("# Test overrides written by tests/common/synapse.rs\n{overrides_text}"),
+        format!("# Test overrides written by testkit/src/synapse.rs\n{overrides_text}"),
     )
     .map_err(|e| format!("writing {}: {e}", overrides_yaml.display()))?;
 

@@ -27,7 +27,9 @@ use serde_json::{Value, json};
 use super::fake_kube::{FakeApiServer, Recorded};
 use super::synapse;
 
-pub const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+/// The repository's deploy/ (`CARGO_MANIFEST_DIR` is the kit's directory,
+/// `testkit/` in the repository).
+pub const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 
 /// `kubectl kustomize deploy/<dir>`, as documents.
 pub fn kustomize(dir: &str) -> Vec<Value> {
@@ -89,18 +91,17 @@ pub fn watched_namespaces(args: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn run_help() -> String {
-    let help = Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
+fn run_help(operator: &str) -> String {
+    let help = Command::new(operator).args(["run", "--help"]).output().unwrap();
     String::from_utf8(help.stdout).unwrap()
 }
 
 /// `args` is `run` and flags of `run --help` in `--flag=value` form, and the
-/// binary accepts them up to the point where it needs a cluster.
-pub fn check_args(what: &str, args: &[String]) {
-    let help = run_help();
+/// binary accepts them up to the point where it needs a cluster. `operator`
+/// is the binary (`env!("CARGO_BIN_EXE_matrix-user-operator")`, which only the
+/// operator's own tests see).
+pub fn check_args(operator: &str, what: &str, args: &[String]) {
+    let help = run_help(operator);
     assert_eq!(args[0], "run", "{what}: {args:?}");
     for arg in &args[1..] {
         assert!(
@@ -113,7 +114,7 @@ pub fn check_args(what: &str, args: &[String]) {
             "{what}: {flag} is not in `run --help`:\n{help}"
         );
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
+    let out = Command::new(operator)
         .args(args)
         .env("KUBECONFIG", "/nonexistent")
         .env_remove("KUBERNETES_SERVICE_HOST")

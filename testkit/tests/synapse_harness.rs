@@ -1,6 +1,6 @@
-//! Smoke test for the Synapse test harness in `tests/common/synapse.rs`.
+//! Smoke test for the Synapse test harness in `testkit/src/synapse.rs`.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::io::Write;
 

@@ -9,11 +9,11 @@
 //! and, on the first run only, PyPI: `helm-python-sdk==HELM_SDK_VERSION` (a
 //! prebuilt wheel; nothing is compiled) is installed into
 //! `<target>/helm-sdk-venv-<version>/` once, as the Synapse harness installs
-//! Synapse (`tests/common/venv.rs`: lock, marker, install log). Nothing is
+//! Synapse (`testkit/src/venv.rs`: lock, marker, install log). Nothing is
 //! skipped: if any of this is missing, every test that renders panics with a
 //! message naming what is missing.
 //!
-//! Each call runs `tests/common/helm_sdk.py` with one JSON request.
+//! Each call runs `testkit/src/helm_sdk.py` with one JSON request.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,9 +30,10 @@ use super::venv::{self, output_text, target_dir};
 pub const HELM_SDK_VERSION: &str = "0.2.2";
 
 /// The chart under test.
-pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/helm/matrix-user-operator");
+/// (`CARGO_MANIFEST_DIR` is the kit's directory, `testkit/` in the repository.)
+pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/helm/matrix-user-operator");
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/helm_sdk.py");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/helm_sdk.py");
 
 static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
@@ -67,7 +68,7 @@ pub struct HelmError {
     pub message: String,
 }
 
-/// Runs one request of `tests/common/helm_sdk.py`.
+/// Runs one request of `testkit/src/helm_sdk.py`.
 fn call(request: Value) -> Result<Value, HelmError> {
     let python = python();
     let mut child = Command::new(python)

@@ -2,7 +2,7 @@
 //! depends on it: checked here through a kube client, as the operator
 //! talks to it.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::time::Duration;
 
@@ -649,47 +649,6 @@ async fn a_watch_that_times_out_ends_with_a_bookmark_of_the_current_version() {
         other => panic!("{other:?}"),
     }
     assert!(events.next().await.is_none(), "and ends");
-}
-
-#[tokio::test]
-async fn the_operator_binary_runs_against_it_and_it_outlives_a_killed_one() {
-    let (client, fake) = FakeApiServer::start();
-    let dir = std::env::temp_dir().join(format!("fake-kube-bin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"))
-        .args(["run", "--health-addr=0", "--leader-election=off", "--namespace", NS])
-        .env("KUBECONFIG", fake.kubeconfig_file(&dir))
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let watching = async {
-        while !fake
-            .requests()
-            .iter()
-            .any(|r| r.path.ends_with("/matrixusers") && r.query.contains("watch=true"))
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), watching)
-        .await
-        .expect("the operator watches MatrixUsers");
-    // SIGKILL, mid-watch.
-    operator.kill().unwrap();
-    operator.wait().unwrap();
-    fake.put(user("after"));
-    let names: Vec<String> = users(&client, NS)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|u| u.metadata.name.unwrap())
-        .collect();
-    assert_eq!(names, vec!["after"]);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Field selectors parse as the API server parses them (apimachinery's

@@ -172,12 +172,15 @@ pub fn ensure_venv(target: &Path, spec: &Venv) -> Result<PathBuf, String> {
     Ok(venv)
 }
 
-/// `$CARGO_TARGET_DIR`, or `<crate>/target`.
+/// `$CARGO_TARGET_DIR`, or the workspace's `target/` (the repository's: the
+/// kit is its `testkit/`), shared by the kit's and the operator's tests.
 pub fn target_dir() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the kit sits in the workspace");
     match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => manifest_dir.join(dir), // join keeps absolute paths
-        _ => manifest_dir.join("target"),
+        Some(dir) if !dir.is_empty() => workspace.join(dir), // join keeps absolute paths
+        _ => workspace.join("target"),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Tests of the MAS stand-in (tests/common/mas) against its real MAS-mode
+//! Tests of the MAS stand-in (testkit/src/mas) against its real MAS-mode
 //! Synapse: one test per row of /work/shared/mas/README.md where practical.
 //! They share one stand-in and one Synapse; every test makes its own users.
 //!
@@ -6,7 +6,7 @@
 //! `set_unavailable`) take [`EXCLUSIVE`] for writing; all others hold it for
 //! reading, so no test sees another's knob.
 
-mod common;
+use matrix_user_operator_testkit as common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
