@@ -84,19 +84,21 @@ pub enum Write {
     Claim,
 }
 
-/// Why a [`WriteGuard`] stopped a sync; the guard keeps the details.
+/// A stop of a [`WriteGuard`] that says no more than that it stopped: the
+/// stop of guards with no reason to give (tests, tools).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Halt;
 
 /// The caller's checks before the executor writes to the homeserver: that
 /// what the sync is based on is current, and for a create, a pending
-/// creation record made durable first.
-pub trait WriteGuard: Send {
+/// creation record made durable first. `S` is why a guard stops a sync:
+/// it comes back to the caller in [`SyncError::Halted`].
+pub trait WriteGuard<S = Halt>: Send {
     /// Called before the first write of a sync, before every create and
     /// before an existing account is taken as the resource's own.
     /// For a create it returns the pending creation it recorded. An error
     /// stops the sync before the write.
-    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, Halt>>;
+    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, S>>;
 }
 
 /// A guard that checks nothing and records no pending creation: for callers
@@ -109,8 +111,10 @@ impl WriteGuard for Unguarded {
     }
 }
 
+/// Why a sync did not bring the account in line. `S`: why the caller's
+/// guard stopped it (see [`WriteGuard`]).
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
+pub enum SyncError<S = Halt> {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
@@ -122,12 +126,13 @@ pub enum SyncError {
     Unsupported(String),
     #[error("the account does not settle: after {MAX_ROUNDS} rounds it still differs in {fields:?}")]
     NotSettling { fields: Vec<&'static str> },
-    /// The caller's guard stopped the sync before a write.
+    /// The caller's guard stopped the sync before a write, for the reason
+    /// it gives.
     #[error("stopped before writing")]
-    Halted,
+    Halted(S),
 }
 
-impl From<BackendError> for SyncError {
+impl<S> From<BackendError> for SyncError<S> {
     fn from(e: BackendError) -> Self {
         match e {
             BackendError::Synapse(e) => SyncError::Synapse(e),
@@ -138,13 +143,13 @@ impl From<BackendError> for SyncError {
 
 /// Brings the account in line with `desired`. On success, returns the
 /// account as the backend reports it, matching the spec.
-pub async fn sync_account<B: AccountBackend>(
+pub async fn sync_account<B: AccountBackend, S>(
     backend: &B,
     desired: &Desired,
     mut authority: Authority,
-    guard: &mut dyn WriteGuard,
+    guard: &mut dyn WriteGuard<S>,
     progress: &mut Progress,
-) -> Result<Account, SyncError> {
+) -> Result<Account, SyncError<S>> {
     let mut desired = desired.clone();
     if let Err(unsupported) = backend.prepare(&mut desired).await? {
         return Err(SyncError::Unsupported(unsupported.0));
@@ -178,10 +183,7 @@ pub async fn sync_account<B: AccountBackend>(
             .await?;
         let plan = plan::plan(&desired, account.as_ref(), authority, &owners)?;
         if plan.created_by_pending || plan.adopt {
-            guard
-                .before_write(Write::Claim)
-                .await
-                .map_err(|Halt| SyncError::Halted)?;
+            guard.before_write(Write::Claim).await.map_err(SyncError::Halted)?;
             guarded = true;
             let created_at = account.as_ref().and_then(|a| a.creation_ts);
             authority.owned = true;
@@ -208,10 +210,7 @@ pub async fn sync_account<B: AccountBackend>(
             (Some(Action::Create), _) => {
                 // A create of this ID asked for before, never answered.
                 let earlier_unanswered = authority.pending_creation.is_some();
-                let pending = guard
-                    .before_write(Write::Create)
-                    .await
-                    .map_err(|Halt| SyncError::Halted)?;
+                let pending = guard.before_write(Write::Create).await.map_err(SyncError::Halted)?;
                 guarded = true;
                 authority.pending_creation = pending;
                 progress.writes += 1;
@@ -270,10 +269,7 @@ pub async fn sync_account<B: AccountBackend>(
             (_, None) => unreachable!("plan() creates a missing account"),
         };
         if !guarded {
-            guard
-                .before_write(Write::Update)
-                .await
-                .map_err(|Halt| SyncError::Halted)?;
+            guard.before_write(Write::Update).await.map_err(SyncError::Halted)?;
             guarded = true;
         }
         last_fields = plan::changed_fields(&changes);

@@ -1456,3 +1456,35 @@ async fn a_registered_accounts_creation_time_is_confirmed_by_the_next_read() {
     );
     assert_eq!(p.writes, 0, "{p:?}");
 }
+
+/// Stops every sync before its first write, for a reason of its own.
+struct Refusing(&'static str);
+
+impl WriteGuard<&'static str> for Refusing {
+    fn before_write(&mut self, _: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, &'static str>> {
+        let reason = self.0;
+        Box::pin(async move { Err(reason) })
+    }
+}
+
+#[tokio::test]
+async fn a_guards_reason_to_stop_comes_back_in_the_syncs_error_and_nothing_is_written() {
+    let s = synapse();
+    let c = client(s);
+    let (_, id) = new_user(s, "guard-stop");
+    let mut progress = Progress::default();
+    let result = sync_account(
+        &c,
+        &desired(&id),
+        FRESH,
+        &mut Refusing("the copy is stale"),
+        &mut progress,
+    )
+    .await;
+    assert!(
+        matches!(result, Err(SyncError::Halted("the copy is stale"))),
+        "{result:?}"
+    );
+    assert_eq!(progress.writes, 0, "{progress:?}");
+    assert_eq!(raw(s, &id).await.0, 404, "nothing created");
+}

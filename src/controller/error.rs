@@ -1,5 +1,4 @@
 use crate::api::{Ready, Standing};
-use crate::apply::SyncError;
 use crate::backend::mas::MasError;
 use crate::backend::{BackendError, ErrorClass};
 use crate::plan::Refusal;
@@ -141,21 +140,6 @@ impl From<BackendError> for Error {
         match e {
             BackendError::Synapse(e) => Error::Synapse(e),
             BackendError::Mas(e) => Error::Mas(e),
-        }
-    }
-}
-
-impl From<SyncError> for Error {
-    fn from(e: SyncError) -> Self {
-        match e {
-            SyncError::Refused(r) => Error::Refused(r),
-            SyncError::Synapse(s) => Error::Synapse(s),
-            SyncError::Mas(m) => Error::Mas(m),
-            SyncError::Unsupported(message) => Error::InvalidSpec(message),
-            // The guard that halted keeps the reason; reaching this means
-            // it kept none, which is a stale object at worst.
-            SyncError::Halted => Error::Stale,
-            e @ SyncError::NotSettling { .. } => Error::NotSettling(e.to_string()),
         }
     }
 }

@@ -20,7 +20,8 @@ use crate::api::{
     Ready, STALLED, Standing, set_condition,
 };
 use crate::apply::{
-    Halt, PendingOutcome, Progress, RoomStep, RoomsReport, Write, WriteGuard, delete_account, sync_account, sync_rooms,
+    PendingOutcome, Progress, RoomStep, RoomsReport, SyncError, Write, WriteGuard, delete_account, sync_account,
+    sync_rooms,
 };
 use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
@@ -179,11 +180,10 @@ async fn apply_once(user: Arc<MatrixUser>, ctx: &Context) -> Pass {
         ..Outcome::default()
     };
     let mut guard = Guard::new(ctx, &user);
-    let result = sync(&user, ctx, &old, &mut outcome, &mut guard).await;
-    let result = match (result, guard.stop.take()) {
-        (_, Some(Stop::Stale(fresh))) => return Pass::Restart(fresh),
-        (_, Some(Stop::Failed(e))) => Err(e),
-        (result, None) => result,
+    let result = match sync(&user, ctx, &old, &mut outcome, &mut guard).await {
+        Ok(()) => Ok(()),
+        Err(Stop::Stale(fresh)) => return Pass::Restart(fresh),
+        Err(Stop::Failed(e)) => Err(e),
     };
     let ready = match &result {
         Ok(()) => Ready::ok("InSync", format!("{} is in line with the spec", display_id(&outcome))),
@@ -349,12 +349,38 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
-/// Why a guard stopped a sync.
+/// Why a sync stopped: the guard found the copy stale, or it failed.
+#[derive(Debug)]
 enum Stop {
     /// The copy of the MatrixUser is older than the API server's: nothing
     /// was written.
     Stale(Box<MatrixUser>),
     Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl From<crate::synapse::InvalidUserId> for Stop {
+    fn from(e: crate::synapse::InvalidUserId) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
+impl From<SyncError<Stop>> for Stop {
+    fn from(e: SyncError<Stop>) -> Self {
+        match e {
+            SyncError::Halted(stop) => stop,
+            SyncError::Refused(r) => Stop::Failed(Error::Refused(r)),
+            SyncError::Synapse(e) => Stop::Failed(Error::Synapse(e)),
+            SyncError::Mas(e) => Stop::Failed(Error::Mas(e)),
+            SyncError::Unsupported(message) => Stop::Failed(Error::InvalidSpec(message)),
+            e @ SyncError::NotSettling { .. } => Stop::Failed(Error::NotSettling(e.to_string())),
+        }
+    }
 }
 
 /// The MatrixUser side of [`WriteGuard`]: before the first write to the
@@ -373,7 +399,6 @@ struct Guard<'a> {
     server_name: Option<String>,
     confirmed: bool,
     wrote_status: bool,
-    stop: Option<Stop>,
     /// Whether the copy as last written has the finalizer.
     has_finalizer: bool,
     /// The pending-creation record as last written.
@@ -391,7 +416,6 @@ impl<'a> Guard<'a> {
             server_name: None,
             confirmed: false,
             wrote_status: false,
-            stop: None,
             has_finalizer: has_finalizer(user),
             record: user.pending_creation(),
         }
@@ -474,14 +498,8 @@ impl<'a> Guard<'a> {
         Ok(())
     }
 
-    /// Stops the sync: the copy is stale, or the check itself failed.
-    fn halt(&mut self, stop: Stop) -> Halt {
-        self.stop = Some(stop);
-        Halt
-    }
-
     /// Whether the copy the sync is based on is still the API server's.
-    async fn confirm(&mut self) -> Result<(), Halt> {
+    async fn confirm(&mut self) -> Result<(), Stop> {
         if self.confirmed {
             return Ok(());
         }
@@ -500,25 +518,25 @@ impl<'a> Guard<'a> {
                 self.confirmed = true;
                 Ok(())
             }
-            Ok(fresh) => Err(self.halt(Stop::Stale(Box::new(fresh)))),
-            Err(e) => Err(self.halt(Stop::Failed(e.into()))),
+            Ok(fresh) => Err(Stop::Stale(Box::new(fresh))),
+            Err(e) => Err(Stop::Failed(e.into())),
         }
     }
 
     /// Stops the sync after a refused write: on a conflict, with the newer
     /// copy to start again on.
-    async fn stale_or_failed(&mut self, e: kube::Error) -> Halt {
+    async fn stale_or_failed(&self, e: kube::Error) -> Stop {
         if is_conflict(&e) {
             match self.fetch().await {
-                Ok(fresh) => self.halt(Stop::Stale(Box::new(fresh))),
-                Err(e) => self.halt(Stop::Failed(e.into())),
+                Ok(fresh) => Stop::Stale(Box::new(fresh)),
+                Err(e) => Stop::Failed(e.into()),
             }
         } else {
-            self.halt(Stop::Failed(e.into()))
+            Stop::Failed(e.into())
         }
     }
 
-    async fn record_pending_creation(&mut self) -> Result<Option<plan::PendingCreation>, Halt> {
+    async fn record_pending_creation(&mut self) -> Result<Option<plan::PendingCreation>, Stop> {
         let Some(user_id) = self.user_id() else {
             return Ok(None);
         };
@@ -561,8 +579,8 @@ impl<'a> Guard<'a> {
     }
 }
 
-impl WriteGuard for Guard<'_> {
-    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<plan::PendingCreation>, Halt>> {
+impl WriteGuard<Stop> for Guard<'_> {
+    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<plan::PendingCreation>, Stop>> {
         Box::pin(async move {
             match write {
                 Write::Update => self.confirm().await.map(|()| None),
@@ -572,10 +590,8 @@ impl WriteGuard for Guard<'_> {
                     let Some(user_id) = self.user_id() else {
                         return Ok(None);
                     };
-                    match ownership::other_claimant(self.ctx, self.user, &user_id).await {
-                        Ok(()) => Ok(None),
-                        Err(e) => Err(self.halt(Stop::Failed(e))),
-                    }
+                    ownership::other_claimant(self.ctx, self.user, &user_id).await?;
+                    Ok(None)
                 }
             }
         })
@@ -599,7 +615,7 @@ async fn sync(
     old: &MatrixUserStatus,
     out: &mut Outcome,
     guard: &mut Guard<'_>,
-) -> Result<(), Error> {
+) -> Result<(), Stop> {
     let hs = ready_homeserver(ctx, homeserver_of(ctx, user).await?.as_ref()).await?;
     guard.server_name = Some(hs.server_name.clone());
     let name = user.name_any();
@@ -609,7 +625,8 @@ async fn sync(
     if hs.admin_user_id.as_deref() == Some(user_id.as_str()) {
         return Err(Error::InvalidSpec(format!(
             "{user_id} is the account of the Homeserver's admin token, which the operator does not manage"
-        )));
+        ))
+        .into());
     }
     ownership::check_unique(ctx, user, &user_id, out.owned)?;
     for t in user.spec.threepids.iter().flatten() {
@@ -629,7 +646,7 @@ async fn sync(
                     value
                 }
                 (None, false) => {
-                    return Err(Error::InvalidSpec("password needs secretRef or generate: true".into()));
+                    return Err(Error::InvalidSpec("password needs secretRef or generate: true".into()).into());
                 }
             };
             check_password(&value, p.secret_ref.as_ref().map(|r| (r.name.as_str(), r.key.as_str())))?;
@@ -669,13 +686,14 @@ async fn sync(
     let synced = async {
         let account = sync_account(&hs.backend, &desired, authority, guard, progress).await?;
         sync_user_rooms(user, &hs.backend, &account, &user_id, old, rooms_report).await;
-        Ok::<_, crate::apply::SyncError>(())
+        Ok::<_, SyncError<Stop>>(())
     };
     let result = match tokio::time::timeout(deadline, synced).await {
-        Ok(result) => result.map_err(Error::from).and_then(|()| rooms_result(&mut out.rooms)),
+        Ok(Ok(())) => rooms_result(&mut out.rooms).map_err(Stop::Failed),
+        Ok(Err(e)) => Err(Stop::from(e)),
         Err(_) => {
             cut_short(&mut out.progress);
-            Err(Error::TooSlow { deadline })
+            Err(Stop::Failed(Error::TooSlow { deadline }))
         }
     };
     out.owned |= out.progress.created || out.progress.adopted;
