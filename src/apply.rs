@@ -9,10 +9,8 @@ use tracing::{debug, info, warn};
 
 use crate::account::{Account, UserId};
 use crate::api::{DeletionPolicy, ManagedRoom, RoomName};
-use crate::backend::mas::MasError;
 use crate::backend::{AccountBackend, BackendError, ErrorClass, Parts, RoomBackend};
 use crate::plan::{self, Action, Authority, DeletionAction, Desired, PendingCreation, Refusal, Untouched};
-use crate::synapse::SynapseError;
 
 /// Rounds of read-plan-act before giving up on an account that does not
 /// settle: create, update, one repair of a partly applied update, verify.
@@ -118,9 +116,7 @@ pub enum SyncError<S = Halt> {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
-    Synapse(#[from] SynapseError),
-    #[error(transparent)]
-    Mas(#[from] MasError),
+    Backend(#[from] BackendError),
     /// The backend cannot manage the spec as it is.
     #[error("{0}")]
     Unsupported(String),
@@ -130,15 +126,6 @@ pub enum SyncError<S = Halt> {
     /// it gives.
     #[error("stopped before writing")]
     Halted(S),
-}
-
-impl<S> From<BackendError> for SyncError<S> {
-    fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::Synapse(e) => SyncError::Synapse(e),
-            BackendError::Mas(e) => SyncError::Mas(e),
-        }
-    }
 }
 
 /// Brings the account in line with `desired`. On success, returns the

@@ -16,6 +16,7 @@ use matrix_user_operator::api::{DeletionPolicy, MatrixUserSpec, UserType};
 use matrix_user_operator::apply::{
     Halt, PendingOutcome, Progress, SyncError, Unguarded, Write, WriteGuard, delete_account, sync_account,
 };
+use matrix_user_operator::backend::BackendError;
 use matrix_user_operator::plan::{
     Authority, DeletionAction, Desired, DesiredPassword, PendingCreation, Refusal, Untouched, desired_from_spec,
 };
@@ -1175,7 +1176,7 @@ async fn non_admin_token_is_forbidden() {
     let mut d = desired(&id);
     d.displayname = Some("Self Service".into());
     match sync(&c, &d, OWNED).await {
-        (Err(SyncError::Synapse(e)), p) => {
+        (Err(SyncError::Backend(BackendError::Synapse(e))), p) => {
             assert_eq!(e.class(), ErrorClass::Forbidden, "{e:?}");
             assert_eq!(p.writes, 0);
         }
@@ -1401,7 +1402,7 @@ async fn a_wrong_registration_secret_creates_nothing_and_says_so() {
     let mut d = desired(&id);
     d.password = Some(password("wrong secret password", false, false));
     let (result, p) = sync(&c, &d, FRESH).await;
-    let Err(SyncError::Synapse(e)) = result else {
+    let Err(SyncError::Backend(BackendError::Synapse(e))) = result else {
         panic!("expected Synapse's refusal, got {result:?}");
     };
     assert_eq!(e.class(), ErrorClass::Forbidden, "{e:?}");

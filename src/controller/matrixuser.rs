@@ -375,8 +375,7 @@ impl From<SyncError<Stop>> for Stop {
         match e {
             SyncError::Halted(stop) => stop,
             SyncError::Refused(r) => Stop::Failed(Error::Refused(r)),
-            SyncError::Synapse(e) => Stop::Failed(Error::Synapse(e)),
-            SyncError::Mas(e) => Stop::Failed(Error::Mas(e)),
+            SyncError::Backend(e) => Stop::Failed(Error::Backend(e)),
             SyncError::Unsupported(message) => Stop::Failed(Error::InvalidSpec(message)),
             e @ SyncError::NotSettling { .. } => Stop::Failed(Error::NotSettling(e.to_string())),
         }
@@ -1104,7 +1103,7 @@ mod tests {
     }
 
     fn synapse_error(status: u16, errcode: &str) -> Error {
-        Error::Synapse(SynapseError::Api {
+        Error::from(SynapseError::Api {
             endpoint: Endpoint::PutUser,
             status,
             errcode: ErrCode::parse(errcode),
