@@ -163,47 +163,49 @@ pub async fn run(
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
-    let (readers, writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
-    let indexes: Vec<UserIndex> = scopes.iter().map(|_| UserIndex::default()).collect();
-    let (homeserver_readers, homeserver_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
-    let (secret_readers, secret_writers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| reflector::store()).unzip();
-    let watched = scopes
-        .iter()
-        .zip(&readers)
-        .zip(homeserver_readers.iter().zip(&secret_readers))
-        .map(|((namespace, users), (homeservers, secrets))| WatchedScope {
+    // Each scope's watches fill its caches: the readers go to the Context
+    // and to the other scopes, the writers to the scope's own controllers.
+    let mut watched = Vec::new();
+    let mut all_scopes = Vec::new();
+    let mut own = Vec::new();
+    for namespace in &scopes {
+        let (users, users_writer) = reflector::store();
+        let (homeservers, homeservers_writer) = reflector::store();
+        let (secrets, secrets_writer) = reflector::store();
+        let index = UserIndex::default();
+        // A MatrixUser's rivals may live in another scope: each scope's
+        // controller also takes the rivals the others find for it.
+        let (rival_sender, rivals) = tokio::sync::mpsc::unbounded_channel();
+        all_scopes.push((
+            UserCache {
+                store: users.clone(),
+                index,
+            },
+            rival_sender,
+        ));
+        watched.push(WatchedScope {
             namespace: namespace.clone(),
-            users: users.clone(),
-            homeservers: homeservers.clone(),
-            secrets: secrets.clone(),
-        })
-        .collect();
+            users,
+            homeservers,
+            secrets,
+        });
+        own.push((users_writer, (homeservers_writer, secrets_writer), rivals));
+    }
+    let readers: Vec<_> = watched.iter().map(|w| w.users.clone()).collect();
+    let indexes = all_scopes.iter().map(|(cache, _)| cache.index.clone()).collect();
     let ctx = Arc::new(
         Context::with_scopes(client.clone(), config.clone(), readers.clone(), metrics)
             .with_watches(watched)
-            .with_user_indexes(indexes.clone()),
+            .with_user_indexes(indexes),
     );
-    // A MatrixUser's rivals may live in another scope: each scope's
-    // controller also takes the rivals the others find for it.
-    let (senders, receivers): (Vec<_>, Vec<_>) = scopes.iter().map(|_| tokio::sync::mpsc::unbounded_channel()).unzip();
-    let caches: Vec<UserCache> = readers
-        .iter()
-        .zip(&indexes)
-        .map(|(store, index)| UserCache {
-            store: store.clone(),
-            index: index.clone(),
-        })
-        .collect();
-    let all_scopes = Arc::new(caches.into_iter().zip(senders).collect::<Vec<_>>());
+    let all_scopes = Arc::new(all_scopes);
     let controllers: Vec<_> = scopes
         .iter()
-        .zip(writers)
-        .zip(homeserver_writers.into_iter().zip(secret_writers))
-        .zip(receivers)
+        .zip(own)
         .enumerate()
-        .map(|(index, (((scope, writer), caches), rivals))| {
+        .map(|(index, (namespace, (writer, caches, rivals)))| {
             let scope = Scope {
-                namespace: scope.as_deref(),
+                namespace: namespace.as_deref(),
                 index,
                 all: all_scopes.clone(),
                 rivals,
