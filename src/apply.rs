@@ -9,10 +9,10 @@ use tracing::{debug, info, warn};
 
 use crate::account::{Account, UserId};
 use crate::api::{DeletionPolicy, ManagedRoom, RoomName};
-use crate::backend::mas::MasError;
 use crate::backend::{AccountBackend, BackendError, ErrorClass, Parts, RoomBackend};
+pub use crate::plan::ownership::PendingOutcome;
+use crate::plan::ownership::{Claim, CreateAnswer, Ownership};
 use crate::plan::{self, Action, Authority, DeletionAction, Desired, PendingCreation, Refusal, Untouched};
-use crate::synapse::SynapseError;
 
 /// Rounds of read-plan-act before giving up on an account that does not
 /// settle: create, update, one repair of a partly applied update, verify.
@@ -52,25 +52,6 @@ pub struct Progress {
     pub writes: usize,
 }
 
-/// What became of the pending creation record during a sync.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PendingOutcome {
-    /// No create was asked for: the record is as it was.
-    #[default]
-    Unchanged,
-    /// A create was asked for under this record and its answer never came
-    /// (a timeout, say): keep the record, the account may be this one's.
-    Unanswered(PendingCreation),
-    /// The create was answered and made the account, but the answer did not
-    /// say when (shared-secret registration): keep the record until a read
-    /// does, so that it still tells this account from one of the same ID
-    /// made at another time.
-    Unconfirmed(PendingCreation),
-    /// Settled: the account was created (and is owned now), or it existed
-    /// already and is not this resource's creation.
-    Settled,
-}
-
 /// A write the executor is about to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
@@ -84,19 +65,21 @@ pub enum Write {
     Claim,
 }
 
-/// Why a [`WriteGuard`] stopped a sync; the guard keeps the details.
+/// A stop of a [`WriteGuard`] that says no more than that it stopped: the
+/// stop of guards with no reason to give (tests, tools).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Halt;
 
 /// The caller's checks before the executor writes to the homeserver: that
 /// what the sync is based on is current, and for a create, a pending
-/// creation record made durable first.
-pub trait WriteGuard: Send {
+/// creation record made durable first. `S` is why a guard stops a sync:
+/// it comes back to the caller in [`SyncError::Halted`].
+pub trait WriteGuard<S = Halt>: Send {
     /// Called before the first write of a sync, before every create and
     /// before an existing account is taken as the resource's own.
     /// For a create it returns the pending creation it recorded. An error
     /// stops the sync before the write.
-    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, Halt>>;
+    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, S>>;
 }
 
 /// A guard that checks nothing and records no pending creation: for callers
@@ -109,46 +92,43 @@ impl WriteGuard for Unguarded {
     }
 }
 
+/// Why a sync did not bring the account in line. `S`: why the caller's
+/// guard stopped it (see [`WriteGuard`]).
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
+pub enum SyncError<S = Halt> {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
-    Synapse(#[from] SynapseError),
-    #[error(transparent)]
-    Mas(#[from] MasError),
+    Backend(#[from] BackendError),
     /// The backend cannot manage the spec as it is.
     #[error("{0}")]
     Unsupported(String),
     #[error("the account does not settle: after {MAX_ROUNDS} rounds it still differs in {fields:?}")]
     NotSettling { fields: Vec<&'static str> },
-    /// The caller's guard stopped the sync before a write.
+    /// The caller's guard stopped the sync before a write, for the reason
+    /// it gives.
     #[error("stopped before writing")]
-    Halted,
-}
-
-impl From<BackendError> for SyncError {
-    fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::Synapse(e) => SyncError::Synapse(e),
-            BackendError::Mas(e) => SyncError::Mas(e),
-        }
-    }
+    Halted(S),
 }
 
 /// Brings the account in line with `desired`. On success, returns the
 /// account as the backend reports it, matching the spec.
-pub async fn sync_account<B: AccountBackend>(
+///
+/// Each round reads the account, plans, asks the guard, and acts; the
+/// ownership transitions are [`Ownership`]'s, recorded in `progress` as
+/// they happen (a sync cut off by its caller keeps what it found out).
+pub async fn sync_account<B: AccountBackend, S>(
     backend: &B,
     desired: &Desired,
-    mut authority: Authority,
-    guard: &mut dyn WriteGuard,
+    authority: Authority,
+    guard: &mut dyn WriteGuard<S>,
     progress: &mut Progress,
-) -> Result<Account, SyncError> {
+) -> Result<Account, SyncError<S>> {
     let mut desired = desired.clone();
     if let Err(unsupported) = backend.prepare(&mut desired).await? {
         return Err(SyncError::Unsupported(unsupported.0));
     }
+    let mut own = Ownership::new(authority);
     let mut last_fields = Vec::new();
     let mut waited = Duration::ZERO;
     let mut guarded = false;
@@ -166,114 +146,79 @@ pub async fn sync_account<B: AccountBackend>(
     // This sync created the account: it has no sessions yet.
     let mut created_now = false;
     for _ in 0..MAX_ROUNDS {
+        // Read.
         let account = match answered.take() {
             Some(account) => account,
             None => backend.read(&desired.user_id, parts).await?,
         };
         if let Some(account) = &account {
-            confirm_creation(account, &mut authority, progress);
+            own.observed(account);
+            progress.record(&own.claim);
         }
+        // Plan.
         let owners = backend
             .owners(account.as_ref(), plan::lookups(&desired, account.as_ref()))
             .await?;
-        let plan = plan::plan(&desired, account.as_ref(), authority, &owners)?;
-        if plan.created_by_pending || plan.adopt {
-            guard
-                .before_write(Write::Claim)
-                .await
-                .map_err(|Halt| SyncError::Halted)?;
+        let plan = plan::plan(&desired, account.as_ref(), own.authority, &owners)?;
+        // Guard, and claim.
+        if Ownership::claims(&plan) {
+            guard.before_write(Write::Claim).await.map_err(SyncError::Halted)?;
             guarded = true;
-            let created_at = account.as_ref().and_then(|a| a.creation_ts);
-            authority.owned = true;
-            authority.owned_creation_ts = created_at;
-            progress.creation_ts = created_at;
-            progress.account_id = account.as_ref().and_then(|a| a.account_id.clone());
+            own.claimed(&plan, account.as_ref());
+            progress.record(&own.claim);
             if plan.created_by_pending {
                 info!(user_id = %desired.user_id, "recognised the account a pending creation made");
-                authority.pending_creation = None;
-                progress.pending_creation = PendingOutcome::Settled;
-                progress.created = true;
             } else {
                 info!(user_id = %desired.user_id, "adopting an existing account");
-                progress.adopted = true;
             }
         }
+        // Act.
         let (changes, account) = match (plan.action, account) {
             (None, Some(account)) => {
-                progress.creation_ts = account.creation_ts;
-                progress.account_id = account.account_id.clone();
+                own.in_line(&account);
+                progress.record(&own.claim);
                 return Ok(account);
             }
             (Some(Action::Update(changes)), Some(account)) => (changes, account),
             (Some(Action::Create), _) => {
-                // A create of this ID asked for before, never answered.
-                let earlier_unanswered = authority.pending_creation.is_some();
-                let pending = guard
-                    .before_write(Write::Create)
-                    .await
-                    .map_err(|Halt| SyncError::Halted)?;
+                let pending = guard.before_write(Write::Create).await.map_err(SyncError::Halted)?;
                 guarded = true;
-                authority.pending_creation = pending;
+                own.create_asked(pending);
                 progress.writes += 1;
                 let created = match backend.create(&desired).await {
                     Ok(created) => created,
                     Err(e) => {
-                        if e.is_refusal() && !earlier_unanswered {
-                            // A refusal (M_USER_IN_USE to the loser of two
-                            // creates, say): this request created nothing,
-                            // and no earlier one of ours may have (a refusal
-                            // after an unanswered create may be that create's
-                            // doing: the record stays).
-                            authority.pending_creation = None;
-                            progress.pending_creation = PendingOutcome::Settled;
-                        } else if let Some(p) = pending {
-                            // No answer (or see above): whether the account
-                            // was created is unknown; the next round's read
-                            // tells, under the record.
-                            progress.pending_creation = PendingOutcome::Unanswered(p);
-                        }
+                        // A refusal (M_USER_IN_USE to the loser of two
+                        // creates, say) created nothing.
+                        own.create_failed(e.is_refusal());
+                        progress.record(&own.claim);
                         wait_if_rate_limited(e, &mut waited).await?;
                         continue;
                     }
                 };
-                authority.pending_creation = None;
-                progress.pending_creation = PendingOutcome::Settled;
+                own.create_answered(CreateAnswer {
+                    created: created.created,
+                    creation_ts: created.creation_ts,
+                    account_id: created.account_id.clone(),
+                });
+                progress.record(&own.claim);
                 if created.created {
                     info!(user_id = %desired.user_id, "created the account");
-                    authority.owned = true;
-                    authority.owned_creation_ts = created.creation_ts;
-                    progress.creation_ts = created.creation_ts;
-                    progress.account_id = created.account_id.clone();
-                    progress.created = true;
                     created_now = true;
                     if !created.fields.is_empty() {
                         progress.updates.push(created.fields);
                     }
-                    if created.password
-                        && let Some(p) = desired.password.as_mut()
-                    {
-                        p.applied = true;
-                        progress.password_applied = true;
-                    }
-                    if created.creation_ts.is_none()
-                        && let Some(p) = pending
-                    {
-                        authority.pending_creation = Some(p);
-                        progress.pending_creation = PendingOutcome::Unconfirmed(p);
+                    if created.password {
+                        password_applied(&mut desired, progress);
                     }
                 }
-                // Otherwise it appeared meanwhile, untouched by the create;
-                // the next round decides whether it may be adopted.
                 answered = created.account.map(Some);
                 continue;
             }
             (_, None) => unreachable!("plan() creates a missing account"),
         };
         if !guarded {
-            guard
-                .before_write(Write::Update)
-                .await
-                .map_err(|Halt| SyncError::Halted)?;
+            guard.before_write(Write::Update).await.map_err(SyncError::Halted)?;
             guarded = true;
         }
         last_fields = plan::changed_fields(&changes);
@@ -281,11 +226,8 @@ pub async fn sync_account<B: AccountBackend>(
         let applied = backend.apply(&desired.user_id, &account, &changes, created_now).await;
         progress.writes += applied.writes;
         progress.updates.extend(applied.fields);
-        if applied.password
-            && let Some(p) = desired.password.as_mut()
-        {
-            p.applied = true;
-            progress.password_applied = true;
+        if applied.password {
+            password_applied(&mut desired, progress);
         }
         match applied.deactivated {
             Some(true) => progress.deactivated = true,
@@ -307,19 +249,22 @@ pub async fn sync_account<B: AccountBackend>(
     Err(SyncError::NotSettling { fields: last_fields })
 }
 
-/// Records the creation time of an owned account whose create did not say
-/// it, once a read shows an account created under the pending record (an
-/// account made at any other time is not this one: [`Authority::owns`]).
-fn confirm_creation(account: &Account, authority: &mut Authority, progress: &mut Progress) {
-    if authority.owned
-        && authority.owned_creation_ts.is_none()
-        && let Some(ts) = account.creation_ts
-        && authority.pending_creation.is_some_and(|p| p.covers(ts))
-    {
-        authority.owned_creation_ts = Some(ts);
-        authority.pending_creation = None;
-        progress.creation_ts = Some(ts);
-        progress.pending_creation = PendingOutcome::Settled;
+/// The desired password was set: the next round does not send it again.
+fn password_applied(desired: &mut Desired, progress: &mut Progress) {
+    if let Some(p) = desired.password.as_mut() {
+        p.applied = true;
+        progress.password_applied = true;
+    }
+}
+
+impl Progress {
+    /// Records what the sync found out about the account's ownership.
+    fn record(&mut self, claim: &Claim) {
+        self.created = claim.created;
+        self.adopted = claim.adopted;
+        self.pending_creation = claim.pending_creation;
+        self.creation_ts = claim.creation_ts;
+        self.account_id = claim.account_id.clone();
     }
 }
 

@@ -13,6 +13,8 @@ use crate::account::{Account, ExternalId, Threepid, UserId};
 use crate::api::{DeletionPolicy, ManagedRoom, MatrixUserSpec, RoomName, ThreepidMedium, UserType};
 use crate::secret::SecretString;
 
+pub mod ownership;
+
 /// The account as the spec describes it. `None` fields are not managed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Desired {

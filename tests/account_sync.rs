@@ -16,6 +16,7 @@ use matrix_user_operator::api::{DeletionPolicy, MatrixUserSpec, UserType};
 use matrix_user_operator::apply::{
     Halt, PendingOutcome, Progress, SyncError, Unguarded, Write, WriteGuard, delete_account, sync_account,
 };
+use matrix_user_operator::backend::BackendError;
 use matrix_user_operator::plan::{
     Authority, DeletionAction, Desired, DesiredPassword, PendingCreation, Refusal, Untouched, desired_from_spec,
 };
@@ -1175,7 +1176,7 @@ async fn non_admin_token_is_forbidden() {
     let mut d = desired(&id);
     d.displayname = Some("Self Service".into());
     match sync(&c, &d, OWNED).await {
-        (Err(SyncError::Synapse(e)), p) => {
+        (Err(SyncError::Backend(BackendError::Synapse(e))), p) => {
             assert_eq!(e.class(), ErrorClass::Forbidden, "{e:?}");
             assert_eq!(p.writes, 0);
         }
@@ -1401,7 +1402,7 @@ async fn a_wrong_registration_secret_creates_nothing_and_says_so() {
     let mut d = desired(&id);
     d.password = Some(password("wrong secret password", false, false));
     let (result, p) = sync(&c, &d, FRESH).await;
-    let Err(SyncError::Synapse(e)) = result else {
+    let Err(SyncError::Backend(BackendError::Synapse(e))) = result else {
         panic!("expected Synapse's refusal, got {result:?}");
     };
     assert_eq!(e.class(), ErrorClass::Forbidden, "{e:?}");
@@ -1455,4 +1456,36 @@ async fn a_registered_accounts_creation_time_is_confirmed_by_the_next_read() {
         }
     );
     assert_eq!(p.writes, 0, "{p:?}");
+}
+
+/// Stops every sync before its first write, for a reason of its own.
+struct Refusing(&'static str);
+
+impl WriteGuard<&'static str> for Refusing {
+    fn before_write(&mut self, _: Write) -> BoxFuture<'_, Result<Option<PendingCreation>, &'static str>> {
+        let reason = self.0;
+        Box::pin(async move { Err(reason) })
+    }
+}
+
+#[tokio::test]
+async fn a_guards_reason_to_stop_comes_back_in_the_syncs_error_and_nothing_is_written() {
+    let s = synapse();
+    let c = client(s);
+    let (_, id) = new_user(s, "guard-stop");
+    let mut progress = Progress::default();
+    let result = sync_account(
+        &c,
+        &desired(&id),
+        FRESH,
+        &mut Refusing("the copy is stale"),
+        &mut progress,
+    )
+    .await;
+    assert!(
+        matches!(result, Err(SyncError::Halted("the copy is stale"))),
+        "{result:?}"
+    );
+    assert_eq!(progress.writes, 0, "{progress:?}");
+    assert_eq!(raw(s, &id).await.0, 404, "nothing created");
 }

@@ -154,6 +154,27 @@ impl BackendError {
         }
     }
 
+    /// Which server answered (or did not): `Synapse` or `MAS`.
+    pub fn server(&self) -> &'static str {
+        match self {
+            BackendError::Synapse(_) => "Synapse",
+            BackendError::Mas(_) => "MAS",
+        }
+    }
+
+    /// Worth retrying: the network, a 5xx, a race, a rate limit.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.class(), ErrorClass::Transient | ErrorClass::RateLimited(_))
+    }
+
+    /// No answer came: the server could not be reached, or went silent.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Synapse(SynapseError::Transport { .. }) | BackendError::Mas(MasError::Transport { .. })
+        )
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self.class() {
             ErrorClass::RateLimited(d) => d,

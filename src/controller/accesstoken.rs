@@ -29,7 +29,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -100,11 +100,7 @@ pub async fn reconcile_token(token: Arc<MatrixAccessToken>, ctx: Arc<Context>) -
         }
     })
     .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
-        other => Error::InvalidSpec(other.to_string()),
-    });
+    .map_err(Error::from);
     let outcome = if result.is_ok() { "success" } else { "error" };
     ctx.metrics.reconciled("MatrixAccessToken", outcome, started.elapsed());
     result
@@ -971,7 +967,7 @@ async fn issue_mas(
                 status: 400 | 403 | 404 | 405 | 410 | 422,
                 ..
             } => Error::TokenRefused(e.to_string()),
-            _ => Error::Mas(e),
+            _ => Error::from(e),
         })?;
     let expires_at = issued
         .expires_at
@@ -1004,7 +1000,7 @@ fn refused_synapse(e: SynapseError) -> Error {
             errcode,
             ..
         } if *errcode != ErrCode::LimitExceeded => Error::TokenRefused(e.to_string()),
-        _ => Error::Synapse(e),
+        _ => Error::from(e),
     }
 }
 

@@ -209,57 +209,39 @@ impl Context {
                 s.homeservers.get(&ObjectRef::new(name).within(ns)).is_some()
             })
         };
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(kind, ns, name), _| match kind.as_str() {
-                "MatrixUser" => !user_gone(ns, name),
-                "Homeserver" => !homeserver_gone(ns, name),
-                _ => true,
-            });
-        self.synapse_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(ns, name), _| !homeserver_gone(ns, name));
-        self.mas_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(ns, name), _| !homeserver_gone(ns, name));
+        self.failures.retain(|kind, ns, name| match kind {
+            "MatrixUser" => !user_gone(ns, name),
+            "Homeserver" => !homeserver_gone(ns, name),
+            _ => true,
+        });
+        self.synapse_clients.retain(|ns, name| !homeserver_gone(ns, name));
+        self.mas_clients.retain(|ns, name| !homeserver_gone(ns, name));
         self.secret_values.retain(|ns, name| {
             !gone(&secrets_ready, ns, &|s| {
                 s.secrets.get(&ObjectRef::new(name).within(ns)).is_some()
             })
         });
         self.metrics.retain_users(|ns, name| !user_gone(ns, name));
-        self.digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(ns, name), _| !user_gone(ns, name));
+        self.digests.retain(|ns, name| !user_gone(ns, name));
     }
 
     /// Forgets what is kept for the Homeserver `name` of `namespace` (its
     /// deletion finished).
     pub(super) fn forget_homeserver(&self, namespace: &str, name: &str) {
-        let key = (namespace.to_string(), name.to_string());
-        self.synapse_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
-        self.mas_clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.synapse_clients.remove(namespace, name);
+        self.mas_clients.remove(namespace, name);
         self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&("Homeserver".to_string(), key.0, key.1));
+            .reset(&("Homeserver".to_string(), namespace.to_string(), name.to_string()));
     }
 
     /// The sizes of the per-object maps, to see that they do not grow.
     pub fn cache_sizes(&self) -> CacheSizes {
         CacheSizes {
-            failures: self.failures.lock().unwrap_or_else(|p| p.into_inner()).len(),
-            synapse_clients: self.synapse_clients.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            failures: self.failures.len(),
+            synapse_clients: self.synapse_clients.len(),
             secret_values: self.secret_values.len(),
             user_metrics: self.metrics.tracked_users(),
-            digests: self.digests.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            digests: self.digests.len(),
         }
     }
 }

@@ -1,9 +1,9 @@
 use crate::api::{Ready, Standing};
-use crate::apply::SyncError;
 use crate::backend::mas::MasError;
 use crate::backend::{BackendError, ErrorClass};
 use crate::plan::Refusal;
 use crate::synapse::{Endpoint, InvalidUserId, SynapseError};
+use kube::runtime::finalizer;
 
 /// Why a reconcile did not bring its resource in line. Each variant is one
 /// failure site; [`Error::reason`] is the condition reason and Event reason,
@@ -43,10 +43,9 @@ pub enum Error {
     DuplicateUser { user_id: String, other: String },
     #[error("Secret {name:?} exists and is not owned by this MatrixUser; it is left alone")]
     CredentialsSecretNotOwned { name: String },
-    #[error("Synapse: {0}")]
-    Synapse(#[from] SynapseError),
-    #[error("MAS: {0}")]
-    Mas(#[from] MasError),
+    /// A call to Synapse or MAS failed; the message says which.
+    #[error("{server}: {0}", server = .0.server())]
+    Backend(#[from] BackendError),
     #[error("the account does not settle: {0}")]
     NotSettling(String),
     #[error("the homeserver says its server name is {actual:?}, but spec.serverName is {expected:?}")]
@@ -136,26 +135,26 @@ fn seconds(d: std::time::Duration) -> String {
     }
 }
 
-impl From<BackendError> for Error {
-    fn from(e: BackendError) -> Self {
-        match e {
-            BackendError::Synapse(e) => Error::Synapse(e),
-            BackendError::Mas(e) => Error::Mas(e),
-        }
+impl From<SynapseError> for Error {
+    fn from(e: SynapseError) -> Self {
+        Error::Backend(e.into())
     }
 }
 
-impl From<SyncError> for Error {
-    fn from(e: SyncError) -> Self {
+impl From<MasError> for Error {
+    fn from(e: MasError) -> Self {
+        Error::Backend(e.into())
+    }
+}
+
+/// What went wrong around kube's finalizer helper: the reconcile's own
+/// error, or the finalizer's patch.
+impl From<finalizer::Error<Error>> for Error {
+    fn from(e: finalizer::Error<Error>) -> Self {
         match e {
-            SyncError::Refused(r) => Error::Refused(r),
-            SyncError::Synapse(s) => Error::Synapse(s),
-            SyncError::Mas(m) => Error::Mas(m),
-            SyncError::Unsupported(message) => Error::InvalidSpec(message),
-            // The guard that halted keeps the reason; reaching this means
-            // it kept none, which is a stale object at worst.
-            SyncError::Halted => Error::Stale,
-            e @ SyncError::NotSettling { .. } => Error::NotSettling(e.to_string()),
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
+            other => Error::InvalidSpec(other.to_string()),
         }
     }
 }
@@ -179,29 +178,13 @@ impl Error {
             Error::DuplicateUser { .. } | Error::CredentialsSecretNotOwned { .. } => "Conflict",
             // A wrong registration shared secret (403 "HMAC incorrect"), or a
             // Synapse with shared-secret registration off.
-            Error::Synapse(SynapseError::Api {
+            Error::Backend(BackendError::Synapse(SynapseError::Api {
                 endpoint: Endpoint::Register | Endpoint::RegisterNonce,
                 status: 400 | 403,
                 ..
-            }) => "RegistrationRefused",
-            Error::Synapse(e) => match e.class() {
-                ErrorClass::Unauthorized => "Unauthorized",
-                ErrorClass::Forbidden => "NotAdmin",
-                ErrorClass::Conflict => "Conflict",
-                ErrorClass::Transient if matches!(e, SynapseError::Transport { .. }) => "Unreachable",
-                ErrorClass::NotSynapse => "NotSynapse",
-                _ => "SynapseError",
-            },
-            Error::Mas(e) if e.is_password_refused() => "PasswordRejected",
-            Error::Mas(e) => match e.class() {
-                ErrorClass::Unauthorized => "Unauthorized",
-                ErrorClass::Forbidden => "NotAdmin",
-                ErrorClass::Conflict => "Conflict",
-                ErrorClass::Transient if matches!(e, MasError::Transport { .. }) => "Unreachable",
-                ErrorClass::NotSynapse => "NotMAS",
-                ErrorClass::Invalid => "InvalidSpec",
-                _ => "MASError",
-            },
+            })) => "RegistrationRefused",
+            Error::Backend(BackendError::Mas(e)) if e.is_password_refused() => "PasswordRejected",
+            Error::Backend(e) => backend_reason(e),
             Error::DelegatesToMas { .. } => "DelegatesToMAS",
             Error::NotDelegatingToMas => "NotDelegatingToMAS",
             Error::NotSettling(_) => "SynapseError",
@@ -251,8 +234,7 @@ impl Error {
     /// the spec, a Secret or the Homeserver.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Synapse(e) => e.is_transient(),
-            Error::Mas(e) => e.is_transient(),
+            Error::Backend(e) => e.is_transient(),
             Error::Kube(e) => !is_refused(e),
             Error::NotSettling(_)
             | Error::Stale
@@ -268,13 +250,27 @@ impl Error {
     /// How long Synapse asked to wait, if it did.
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
-            Error::Synapse(e) => e.retry_after(),
-            Error::Mas(e) => match e.class() {
-                ErrorClass::RateLimited(d) => d,
-                _ => None,
-            },
+            Error::Backend(e) => e.retry_after(),
             _ => None,
         }
+    }
+}
+
+/// The reason of a failed call by its class; the names of the server's
+/// own failures say which server it was.
+fn backend_reason(e: &BackendError) -> &'static str {
+    let mas = matches!(e, BackendError::Mas(_));
+    match e.class() {
+        ErrorClass::Unauthorized => "Unauthorized",
+        ErrorClass::Forbidden => "NotAdmin",
+        ErrorClass::Conflict => "Conflict",
+        ErrorClass::Transient if e.is_transport() => "Unreachable",
+        ErrorClass::NotSynapse if mas => "NotMAS",
+        ErrorClass::NotSynapse => "NotSynapse",
+        // MAS checks what it is sent (an email, a username) itself.
+        ErrorClass::Invalid if mas => "InvalidSpec",
+        _ if mas => "MASError",
+        _ => "SynapseError",
     }
 }
 
@@ -347,7 +343,7 @@ mod tests {
         assert!(lost.is_transient());
         assert_eq!(lost.reason(), "KubernetesError");
     }
-    use crate::synapse::{BodySummary, Endpoint};
+    use crate::synapse::{BodySummary, Endpoint, ErrCode};
 
     fn page(status: u16) -> SynapseError {
         SynapseError::UnexpectedResponse {
@@ -366,7 +362,7 @@ mod tests {
             endpoint: Endpoint::PutUser,
             status: 308,
         };
-        for e in [Error::Synapse(page(404)), Error::Synapse(redirected)] {
+        for e in [Error::from(page(404)), Error::from(redirected)] {
             assert_eq!(e.reason(), "NotSynapse", "{e}");
             assert!(!e.is_transient(), "{e}");
         }
@@ -401,8 +397,112 @@ mod tests {
     }
 
     #[test]
+    fn each_backends_failures_have_their_reasons_messages_and_waits() {
+        use crate::backend::mas::MasEndpoint;
+        let synapse = |status, errcode: &str, endpoint| SynapseError::Api {
+            endpoint,
+            status,
+            errcode: ErrCode::parse(errcode),
+            message: "m".into(),
+            retry_after: (status == 429).then(|| std::time::Duration::from_secs(7)),
+        };
+        let mas = |status, endpoint| MasError::Api {
+            endpoint,
+            status,
+            title: "t".into(),
+        };
+        let mas_page = |status| MasError::UnexpectedResponse {
+            endpoint: MasEndpoint::GetUser,
+            status,
+            body: BodySummary {
+                content_type: None,
+                len: 1,
+            },
+        };
+        let wait = Some(std::time::Duration::from_secs(7));
+        let cases: Vec<(Error, &str, bool, Option<std::time::Duration>)> = vec![
+            (
+                synapse(401, "M_UNKNOWN_TOKEN", Endpoint::GetUser).into(),
+                "Unauthorized",
+                false,
+                None,
+            ),
+            (
+                synapse(403, "M_FORBIDDEN", Endpoint::GetUser).into(),
+                "NotAdmin",
+                false,
+                None,
+            ),
+            (
+                synapse(409, "M_UNKNOWN", Endpoint::PutUser).into(),
+                "Conflict",
+                false,
+                None,
+            ),
+            (
+                synapse(400, "M_INVALID_PARAM", Endpoint::PutUser).into(),
+                "SynapseError",
+                false,
+                None,
+            ),
+            (
+                synapse(429, "M_LIMIT_EXCEEDED", Endpoint::PutUser).into(),
+                "SynapseError",
+                true,
+                wait,
+            ),
+            (
+                synapse(403, "M_FORBIDDEN", Endpoint::Register).into(),
+                "RegistrationRefused",
+                false,
+                None,
+            ),
+            (
+                synapse(400, "M_UNKNOWN", Endpoint::RegisterNonce).into(),
+                "RegistrationRefused",
+                false,
+                None,
+            ),
+            (page(404).into(), "NotSynapse", false, None),
+            (SynapseError::NoRegistrationSecret.into(), "SynapseError", false, None),
+            (mas(401, MasEndpoint::GetUser).into(), "Unauthorized", false, None),
+            (mas(403, MasEndpoint::GetUser).into(), "NotAdmin", false, None),
+            (mas(409, MasEndpoint::AddEmail).into(), "Conflict", false, None),
+            (mas(400, MasEndpoint::AddEmail).into(), "InvalidSpec", false, None),
+            (
+                mas(400, MasEndpoint::SetPassword).into(),
+                "PasswordRejected",
+                false,
+                None,
+            ),
+            (mas(404, MasEndpoint::GetUser).into(), "MASError", false, None),
+            (mas(503, MasEndpoint::GetUser).into(), "MASError", true, None),
+            (mas(429, MasEndpoint::GetUser).into(), "MASError", true, None),
+            (mas_page(200).into(), "NotMAS", false, None),
+            (
+                MasError::NotProvisioned {
+                    user_id: "@a:example.org".into(),
+                }
+                .into(),
+                "MASError",
+                true,
+                None,
+            ),
+        ];
+        for (e, reason, transient, retry_after) in cases {
+            assert_eq!(e.reason(), reason, "{e}");
+            assert_eq!(e.is_transient(), transient, "{e}");
+            assert_eq!(e.retry_after(), retry_after, "{e}");
+        }
+        let e = Error::from(synapse(400, "M_INVALID_PARAM", Endpoint::PutUser));
+        assert_eq!(e.to_string(), "Synapse: put_user: HTTP 400 M_INVALID_PARAM: m");
+        let e = Error::from(mas(400, MasEndpoint::AddEmail));
+        assert_eq!(e.to_string(), "MAS: mas_add_email: HTTP 400: t");
+    }
+
+    #[test]
     fn a_proxy_error_page_stays_a_transient_synapse_error() {
-        let e = Error::Synapse(page(502));
+        let e = Error::from(page(502));
         assert_eq!(e.reason(), "SynapseError");
         assert!(e.is_transient());
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
@@ -38,11 +38,7 @@ pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Res
         }
     })
     .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
-        other => Error::InvalidSpec(other.to_string()),
-    });
+    .map_err(Error::from);
     let outcome = if result.is_ok() { "success" } else { "error" };
     ctx.metrics.reconciled("Homeserver", outcome, started.elapsed());
     result

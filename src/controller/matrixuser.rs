@@ -20,12 +20,23 @@ use crate::api::{
     Ready, STALLED, Standing, set_condition,
 };
 use crate::apply::{
-    Halt, PendingOutcome, Progress, RoomStep, RoomsReport, Write, WriteGuard, delete_account, sync_account, sync_rooms,
+    PendingOutcome, Progress, RoomStep, RoomsReport, SyncError, Write, WriteGuard, delete_account, sync_account,
+    sync_rooms,
 };
 use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
 use crate::secret::{SecretString, is_keyed, password_digest};
 use crate::synapse::UserId;
+
+mod cleanup;
+mod guard;
+mod rooms;
+mod status;
+
+use cleanup::cleanup;
+use guard::{Guard, Stop, is_conflict};
+use rooms::{rooms_result, sync_user_rooms};
+use status::{display_id, now, publish_failure, publish_progress, record_status};
 
 /// Put on every MatrixUser so its deletion policy runs before it goes.
 pub const FINALIZER: &str = "matrix-operator.io/cleanup";
@@ -179,11 +190,10 @@ async fn apply_once(user: Arc<MatrixUser>, ctx: &Context) -> Pass {
         ..Outcome::default()
     };
     let mut guard = Guard::new(ctx, &user);
-    let result = sync(&user, ctx, &old, &mut outcome, &mut guard).await;
-    let result = match (result, guard.stop.take()) {
-        (_, Some(Stop::Stale(fresh))) => return Pass::Restart(fresh),
-        (_, Some(Stop::Failed(e))) => Err(e),
-        (result, None) => result,
+    let result = match sync(&user, ctx, &old, &mut outcome, &mut guard).await {
+        Ok(()) => Ok(()),
+        Err(Stop::Stale(fresh)) => return Pass::Restart(fresh),
+        Err(Stop::Failed(e)) => Err(e),
     };
     let ready = match &result {
         Ok(()) => Ready::ok("InSync", format!("{} is in line with the spec", display_id(&outcome))),
@@ -202,23 +212,6 @@ async fn apply_once(user: Arc<MatrixUser>, ctx: &Context) -> Pass {
     publish_progress(ctx, &user, &outcome).await;
     publish_failure(ctx, &user, &old, &ready).await;
     Pass::Done(recorded.and_then(|()| settle(ctx, &user, result)))
-}
-
-/// Publishes the Warning Event of a failure that is new: a reason or
-/// standing not shown before (a new message alone is not news). Waiting
-/// for a Homeserver that is being checked is no failure.
-async fn publish_failure(ctx: &Context, user: &MatrixUser, old: &MatrixUserStatus, ready: &Ready) {
-    if ready.is_ready() || (ready.standing == Standing::Reconciling && ready.reason == "HomeserverNotReady") {
-        return;
-    }
-    let before = crate::api::ready_condition(&old.conditions).map(|c| (c.status.as_str(), c.reason.as_str()));
-    let shown = before == Some(("False", ready.reason))
-        && crate::api::is_true(&old.conditions, STALLED) == (ready.standing == Standing::Stalled);
-    if !shown {
-        warn!(reason = ready.reason, message = %ready.message, "not in sync");
-        ctx.publish(user, EventType::Warning, ready.reason, ready.message.clone())
-            .await;
-    }
 }
 
 /// The requeue after a pass.
@@ -244,364 +237,13 @@ fn settle(ctx: &Context, user: &MatrixUser, result: Result<(), Error>) -> Result
     }
 }
 
-/// The status a pass leaves, built on `base` (the status as last read or
-/// written). Ownership, once recorded, is never dropped: only a new
-/// creation or adoption replaces it.
-fn status_after(
-    base: &MatrixUserStatus,
-    outcome: &Outcome,
-    ready: &Ready,
-    generation: Option<i64>,
-) -> MatrixUserStatus {
-    let mut status = base.clone();
-    status.observed_generation = generation;
-    if outcome.owned
-        && let Some(id) = &outcome.user_id
-    {
-        if status.user_id.as_deref() != Some(id.as_str()) {
-            status.account_creation_ts = None;
-            status.mas_user_id = None;
-        }
-        status.user_id = Some(id.to_string());
-        if let Some(ts) = outcome.progress.creation_ts {
-            status.account_creation_ts = Some(ts);
-        }
-        if let Some(mas_id) = &outcome.progress.account_id {
-            status.mas_user_id = Some(mas_id.clone());
-        }
-    }
-    if outcome.progress.password_applied || outcome.digest_rekeyed {
-        status.password_digest = outcome.password_digest.clone();
-    }
-    // The record is kept in an annotation (see `PENDING_CREATION`); what
-    // an older release kept in status goes once the pass settled it or
-    // recorded a newer one.
-    if outcome.progress.pending_creation != PendingOutcome::Unchanged {
-        status.pending_creation = None;
-    }
-    if let Some(rooms) = &outcome.rooms {
-        status.rooms = rooms.records.clone();
-        // Counted only when the rooms were read (not after a failure that
-        // left them unknown, nor once `rooms` is gone from the spec).
-        if rooms.failed.is_none() || rooms.writes > 0 {
-            status.joined_rooms = outcome
-                .rooms_listed
-                .then(|| i32::try_from(rooms.joined_listed).unwrap_or(i32::MAX));
-        }
-    }
-    set_condition(&mut status.conditions, ready, generation, now());
-    status
-}
-
-/// Writes the status of a pass, on the copy of the MatrixUser it was based
-/// on (a resourceVersion precondition): a copy older than the last status
-/// write is never written over. On a conflict, a pass that wrote nothing
-/// starts again on the newer copy (returned); one that wrote records what
-/// it did on the newer copy's status.
-async fn record_status(
-    user: &MatrixUser,
-    guard: &mut Guard<'_>,
-    outcome: &Outcome,
-    ready: &Ready,
-) -> Result<Option<MatrixUser>, Error> {
-    let generation = user.metadata.generation;
-    let wrote = outcome.progress.writes > 0 || guard.wrote_status;
-    let mut status = status_after(&guard.base, outcome, ready, generation);
-    let mut attempt = 1;
-    loop {
-        let settled_without_account = outcome.progress.pending_creation == PendingOutcome::Settled
-            && outcome.user_id.as_ref().is_some_and(|id| {
-                status.user_id.as_deref() != Some(id.as_str()) || status.account_creation_ts.is_none()
-            });
-        let metadata = match (&outcome.user_id, settled_without_account) {
-            (Some(id), true) => guard.drop_record(id.as_str()).await,
-            _ => Ok(()),
-        };
-        let written = match metadata.and(guard.ensure_finalizer().await) {
-            Ok(()) if status == guard.base => return Ok(None),
-            Ok(()) => guard.write(&status).await,
-            Err(e) => Err(e),
-        };
-        match written {
-            Ok(()) => return Ok(None),
-            Err(e) if is_conflict(&e) => {
-                let fresh = guard.fetch().await?;
-                if !wrote {
-                    return Ok(Some(fresh));
-                }
-                guard.rebase(&fresh);
-                status = status_after(&guard.base, outcome, ready, generation);
-            }
-            // A new account is the resource's own only once status.userId
-            // says so: try harder before giving up on recording it.
-            Err(e) if status.user_id != guard.base.user_id && attempt < OWNERSHIP_WRITE_ATTEMPTS => {
-                warn!(error = %e, attempt, "cannot record the status; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        attempt += 1;
-        if attempt > OWNERSHIP_WRITE_ATTEMPTS + MAX_RESTARTS as u64 {
-            return Err(Error::Stale);
-        }
-    }
-}
-
-fn is_conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 409)
-}
-
-/// Why a guard stopped a sync.
-enum Stop {
-    /// The copy of the MatrixUser is older than the API server's: nothing
-    /// was written.
-    Stale(Box<MatrixUser>),
-    Failed(Error),
-}
-
-/// The MatrixUser side of [`WriteGuard`]: before the first write to the
-/// homeserver, the copy of the MatrixUser is checked against the API
-/// server; before a create, the pending creation is recorded in status;
-/// before an existing account is taken as the resource's own, no other
-/// MatrixUser may own or be creating it.
-struct Guard<'a> {
-    ctx: &'a Context,
-    user: &'a MatrixUser,
-    api: Api<MatrixUser>,
-    /// The status as last read or written, and the resourceVersion it has.
-    base: MatrixUserStatus,
-    resource_version: Option<String>,
-    /// Known once the Homeserver is: the server part of the Matrix ID.
-    server_name: Option<String>,
-    confirmed: bool,
-    wrote_status: bool,
-    stop: Option<Stop>,
-    /// Whether the copy as last written has the finalizer.
-    has_finalizer: bool,
-    /// The pending-creation record as last written.
-    record: Option<PendingCreation>,
-}
-
-impl<'a> Guard<'a> {
-    fn new(ctx: &'a Context, user: &'a MatrixUser) -> Self {
-        Self {
-            ctx,
-            user,
-            api: Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default()),
-            base: user.status.clone().unwrap_or_default(),
-            resource_version: user.resource_version(),
-            server_name: None,
-            confirmed: false,
-            wrote_status: false,
-            stop: None,
-            has_finalizer: has_finalizer(user),
-            record: user.pending_creation(),
-        }
-    }
-
-    /// Writes the MatrixUser's metadata on the copy the sync is based on
-    /// (a resourceVersion precondition): the finalizer where it is missing,
-    /// and, when `record` is given, the pending-creation record (`None`:
-    /// removed). One write, which also confirms the copy is current.
-    async fn write_metadata(&mut self, record: Option<Option<&PendingCreation>>) -> Result<(), kube::Error> {
-        let mut meta = serde_json::json!({ "resourceVersion": self.resource_version });
-        if !self.has_finalizer {
-            let mut finalizers = self.user.finalizers().to_vec();
-            finalizers.push(FINALIZER.to_string());
-            meta["finalizers"] = serde_json::json!(finalizers);
-        }
-        if let Some(record) = record {
-            let value = record
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(kube::Error::SerdeError)?;
-            let mut annotations = serde_json::Map::new();
-            annotations.insert(PENDING_CREATION.to_string(), serde_json::json!(value));
-            meta["annotations"] = serde_json::Value::Object(annotations);
-        }
-        let patch = serde_json::json!({ "metadata": meta });
-        let written = self
-            .api
-            .patch(&self.user.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        self.resource_version = written.resource_version();
-        self.has_finalizer = true;
-        if let Some(record) = record {
-            self.record = record.cloned();
-        }
-        Ok(())
-    }
-
-    /// Adds the finalizer where the pass wrote nothing that carried it:
-    /// every MatrixUser a pass looked at goes through its deletion policy.
-    async fn ensure_finalizer(&mut self) -> Result<(), kube::Error> {
-        if self.has_finalizer {
-            return Ok(());
-        }
-        self.write_metadata(None).await
-    }
-
-    /// Drops a pending-creation record that the pass settled without an
-    /// account of its own (a create refused outright), so that no later
-    /// pass takes an account of that ID as one it made.
-    async fn drop_record(&mut self, user_id: &str) -> Result<(), kube::Error> {
-        if self.record.as_ref().is_some_and(|r| r.user_id == user_id) {
-            self.write_metadata(Some(None)).await?;
-        }
-        Ok(())
-    }
-
-    async fn fetch(&self) -> Result<MatrixUser, kube::Error> {
-        self.api.get(&self.user.name_any()).await
-    }
-
-    fn rebase(&mut self, fresh: &MatrixUser) {
-        self.base = fresh.status.clone().unwrap_or_default();
-        self.resource_version = fresh.resource_version();
-        self.has_finalizer = has_finalizer(fresh);
-        self.record = fresh.pending_creation();
-    }
-
-    async fn write(&mut self, status: &MatrixUserStatus) -> Result<(), kube::Error> {
-        let written = patch_status_at(
-            &self.api,
-            &self.user.name_any(),
-            status,
-            self.resource_version.as_deref(),
-        )
-        .await?;
-        self.base = status.clone();
-        self.resource_version = written.resource_version();
-        self.wrote_status = true;
-        Ok(())
-    }
-
-    /// Stops the sync: the copy is stale, or the check itself failed.
-    fn halt(&mut self, stop: Stop) -> Halt {
-        self.stop = Some(stop);
-        Halt
-    }
-
-    /// Whether the copy the sync is based on is still the API server's.
-    async fn confirm(&mut self) -> Result<(), Halt> {
-        if self.confirmed {
-            return Ok(());
-        }
-        if !self.has_finalizer {
-            // Adding the finalizer at the resourceVersion read confirms it.
-            return match self.write_metadata(None).await {
-                Ok(()) => {
-                    self.confirmed = true;
-                    Ok(())
-                }
-                Err(e) => Err(self.stale_or_failed(e).await),
-            };
-        }
-        match self.fetch().await {
-            Ok(fresh) if fresh.resource_version() == self.resource_version => {
-                self.confirmed = true;
-                Ok(())
-            }
-            Ok(fresh) => Err(self.halt(Stop::Stale(Box::new(fresh)))),
-            Err(e) => Err(self.halt(Stop::Failed(e.into()))),
-        }
-    }
-
-    /// Stops the sync after a refused write: on a conflict, with the newer
-    /// copy to start again on.
-    async fn stale_or_failed(&mut self, e: kube::Error) -> Halt {
-        if is_conflict(&e) {
-            match self.fetch().await {
-                Ok(fresh) => self.halt(Stop::Stale(Box::new(fresh))),
-                Err(e) => self.halt(Stop::Failed(e.into())),
-            }
-        } else {
-            self.halt(Stop::Failed(e.into()))
-        }
-    }
-
-    async fn record_pending_creation(&mut self) -> Result<Option<plan::PendingCreation>, Halt> {
-        let Some(user_id) = self.user_id() else {
-            return Ok(None);
-        };
-        let now = k8s_openapi::jiff::Timestamp::now().as_second();
-        // An earlier create of this ID that went unanswered may still have
-        // made the account: the record covers it too.
-        let earlier = self
-            .record
-            .as_ref()
-            .filter(|p| p.user_id == user_id.as_str())
-            .map(|p| plan::PendingCreation {
-                requested_at: p.requested_at,
-                last_requested_at: p.last_requested_at.unwrap_or(p.requested_at),
-            });
-        let pending = match earlier {
-            Some(earlier) => plan::PendingCreation {
-                last_requested_at: now,
-                ..earlier
-            },
-            None => plan::PendingCreation::at(now),
-        };
-        let record = PendingCreation {
-            user_id: user_id.to_string(),
-            requested_at: pending.requested_at,
-            last_requested_at: (pending.last_requested_at != pending.requested_at).then_some(pending.last_requested_at),
-        };
-        match self.write_metadata(Some(Some(&record))).await {
-            Ok(()) => {
-                self.confirmed = true;
-                Ok(Some(pending))
-            }
-            Err(e) => Err(self.stale_or_failed(e).await),
-        }
-    }
-
-    fn user_id(&self) -> Option<UserId> {
-        let name = self.user.name_any();
-        let server = self.server_name.as_deref()?;
-        UserId::new(self.user.spec.effective_localpart(&name), server).ok()
-    }
-}
-
-impl WriteGuard for Guard<'_> {
-    fn before_write(&mut self, write: Write) -> BoxFuture<'_, Result<Option<plan::PendingCreation>, Halt>> {
-        Box::pin(async move {
-            match write {
-                Write::Update => self.confirm().await.map(|()| None),
-                Write::Create => self.record_pending_creation().await,
-                Write::Claim => {
-                    self.confirm().await?;
-                    let Some(user_id) = self.user_id() else {
-                        return Ok(None);
-                    };
-                    match ownership::other_claimant(self.ctx, self.user, &user_id).await {
-                        Ok(()) => Ok(None),
-                        Err(e) => Err(self.halt(Stop::Failed(e))),
-                    }
-                }
-            }
-        })
-    }
-}
-
-fn display_id(outcome: &Outcome) -> String {
-    outcome
-        .user_id
-        .as_ref()
-        .map_or_else(|| "the account".to_string(), UserId::to_string)
-}
-
-fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
-}
-
 async fn sync(
     user: &MatrixUser,
     ctx: &Context,
     old: &MatrixUserStatus,
     out: &mut Outcome,
     guard: &mut Guard<'_>,
-) -> Result<(), Error> {
+) -> Result<(), Stop> {
     let hs = ready_homeserver(ctx, homeserver_of(ctx, user).await?.as_ref()).await?;
     guard.server_name = Some(hs.server_name.clone());
     let name = user.name_any();
@@ -611,7 +253,8 @@ async fn sync(
     if hs.admin_user_id.as_deref() == Some(user_id.as_str()) {
         return Err(Error::InvalidSpec(format!(
             "{user_id} is the account of the Homeserver's admin token, which the operator does not manage"
-        )));
+        ))
+        .into());
     }
     ownership::check_unique(ctx, user, &user_id, out.owned)?;
     for t in user.spec.threepids.iter().flatten() {
@@ -631,7 +274,7 @@ async fn sync(
                     value
                 }
                 (None, false) => {
-                    return Err(Error::InvalidSpec("password needs secretRef or generate: true".into()));
+                    return Err(Error::InvalidSpec("password needs secretRef or generate: true".into()).into());
                 }
             };
             check_password(&value, p.secret_ref.as_ref().map(|r| (r.name.as_str(), r.key.as_str())))?;
@@ -671,13 +314,14 @@ async fn sync(
     let synced = async {
         let account = sync_account(&hs.backend, &desired, authority, guard, progress).await?;
         sync_user_rooms(user, &hs.backend, &account, &user_id, old, rooms_report).await;
-        Ok::<_, crate::apply::SyncError>(())
+        Ok::<_, SyncError<Stop>>(())
     };
     let result = match tokio::time::timeout(deadline, synced).await {
-        Ok(result) => result.map_err(Error::from).and_then(|()| rooms_result(&mut out.rooms)),
+        Ok(Ok(())) => rooms_result(&mut out.rooms).map_err(Stop::Failed),
+        Ok(Err(e)) => Err(Stop::from(e)),
         Err(_) => {
             cut_short(&mut out.progress);
-            Err(Error::TooSlow { deadline })
+            Err(Stop::Failed(Error::TooSlow { deadline }))
         }
     };
     out.owned |= out.progress.created || out.progress.adopted;
@@ -689,81 +333,6 @@ async fn sync(
         out.password_digest = Some(digest);
     }
     result
-}
-
-/// The rooms of an account in sync (`spec.rooms`): the membership diff
-/// against the rooms it is in, then the joins and leaves. A MatrixUser
-/// without `rooms` costs no call; its records, if it had any, are dropped
-/// (the memberships stay as they are, the account's own from then on).
-async fn sync_user_rooms(
-    user: &MatrixUser,
-    backend: &Backend,
-    account: &crate::account::Account,
-    user_id: &UserId,
-    old: &MatrixUserStatus,
-    out: &mut Option<RoomsReport>,
-) {
-    let Some(listed) = &user.spec.rooms else {
-        // Forgotten, not left.
-        if !old.rooms.is_empty() || old.joined_rooms.is_some() {
-            *out = Some(RoomsReport::default());
-        }
-        return;
-    };
-    let purpose = format!(
-        "matrix-user-operator: leaving rooms for MatrixUser {}/{}",
-        user.namespace().unwrap_or_default(),
-        user.name_any()
-    );
-    *out = Some(sync_rooms(backend, account, user_id, listed, &old.rooms, &purpose).await);
-}
-
-/// The most rooms a condition message names one by one.
-const MAX_ROOMS_NAMED: usize = 5;
-
-/// A pass's rooms as an error: the pass failed as a whole, or some rooms
-/// are not in line (each named, with what the server said).
-fn rooms_result(report: &mut Option<RoomsReport>) -> Result<(), Error> {
-    let Some(report) = report else {
-        return Ok(());
-    };
-    if let Some(e) = report.failed.take() {
-        return Err(e.into());
-    }
-    if report.problems.is_empty() {
-        return Ok(());
-    }
-    let joining = report.problems.iter().any(|p| p.step != RoomStep::Leave);
-    let mut parts: Vec<String> = report
-        .problems
-        .iter()
-        .take(MAX_ROOMS_NAMED)
-        .map(|p| {
-            let step = match p.step {
-                RoomStep::Resolve => "cannot look the alias up",
-                RoomStep::Join => "cannot join",
-                RoomStep::Leave => "cannot leave",
-            };
-            format!("{} ({step}: {})", p.room, p.error)
-        })
-        .collect();
-    if report.problems.len() > MAX_ROOMS_NAMED {
-        parts.push(format!("and {} more", report.problems.len() - MAX_ROOMS_NAMED));
-    }
-    let done = if joining {
-        "the others are joined"
-    } else {
-        "the others are in line"
-    };
-    Err(Error::Rooms {
-        reason: if joining { "RoomNotJoinable" } else { "RoomNotLeft" },
-        message: format!(
-            "{} of the rooms not in line ({done}): {}",
-            report.problems.len(),
-            parts.join("; ")
-        ),
-        transient: report.problems.iter().any(|p| p.transient),
-    })
 }
 
 /// What a pass cut off by its deadline keeps of the pending creation: a
@@ -804,250 +373,9 @@ fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<
     Ok(())
 }
 
-async fn publish_progress(ctx: &Context, user: &MatrixUser, out: &Outcome) {
-    let id = display_id(out);
-    let p = &out.progress;
-    if let Some(secret) = &out.generated_secret {
-        ctx.publish(
-            user,
-            EventType::Normal,
-            "CredentialsGenerated",
-            format!("generated a password into Secret {secret}"),
-        )
-        .await;
-    }
-    // A field re-sent after a partly applied call counts once.
-    let mut fields: Vec<&str> = Vec::new();
-    for f in p.updates.iter().flatten().copied() {
-        if !matches!(f, "password" | "deactivated") && !fields.contains(&f) {
-            fields.push(f);
-        }
-    }
-    if p.created {
-        // One Event for a new account, with what was set: at a thousand new
-        // accounts an Event per field is thousands of API calls for nothing.
-        let mut set = fields.clone();
-        if p.password_applied {
-            set.push("password");
-        }
-        let note = match set.is_empty() {
-            true => format!("created {id}"),
-            false => format!("created {id} with {}", set.join(", ")),
-        };
-        ctx.publish(user, EventType::Normal, "Created", note).await;
-    }
-    if p.adopted {
-        ctx.publish(
-            user,
-            EventType::Normal,
-            "Adopted",
-            format!("adopted the existing account {id}"),
-        )
-        .await;
-    }
-    if !fields.is_empty() && !p.created {
-        ctx.publish(
-            user,
-            EventType::Normal,
-            "Updated",
-            format!("updated {} of {id}", fields.join(", ")),
-        )
-        .await;
-    }
-    if p.password_applied && !p.created {
-        ctx.publish(
-            user,
-            EventType::Normal,
-            "PasswordChanged",
-            format!("set the password of {id}"),
-        )
-        .await;
-    }
-    if p.deactivated {
-        ctx.publish(user, EventType::Normal, "Deactivated", format!("deactivated {id}"))
-            .await;
-    }
-    if p.reactivated {
-        ctx.publish(user, EventType::Normal, "Reactivated", format!("re-activated {id}"))
-            .await;
-    }
-    if p.reactivated_without_password {
-        let note =
-            format!("re-activated {id} without a password: it cannot log in with one until spec.password is set");
-        ctx.publish(user, EventType::Warning, "ReactivatedWithoutPassword", note)
-            .await;
-    }
-    if p.writes > 0 {
-        info!(user_id = %id, writes = p.writes, "synced the account");
-    }
-    // One Event per pass for the rooms joined and one for those left: at a
-    // thousand new accounts an Event per room is thousands of API calls.
-    if let Some(rooms) = &out.rooms {
-        if !rooms.joined.is_empty() {
-            let note = format!("joined {id} to {}", rooms.joined.join(", "));
-            ctx.publish(user, EventType::Normal, "JoinedRoom", note).await;
-        }
-        if !rooms.left.is_empty() {
-            let note = format!("{id} left {}", rooms.left.join(", "));
-            ctx.publish(user, EventType::Normal, "LeftRoom", note).await;
-        }
-    }
-}
-
-async fn cleanup(user: Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
-    let result = cleanup_account(&user, ctx).await;
-    if result.is_ok() {
-        ctx.metrics
-            .user_reason(&user.namespace().unwrap_or_default(), &user.name_any(), None);
-        ctx.reset_backoff(user.as_ref());
-    }
-    result
-}
-
-async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Result<Action, Error> {
-    let skip = |note: String| async move {
-        ctx.publish(user.as_ref(), EventType::Warning, "CleanupSkipped", note)
-            .await;
-        Ok(Action::await_change())
-    };
-    if skip_cleanup(user.as_ref()) {
-        return skip(format!("{SKIP_CLEANUP} is \"true\": the account is left as it is")).await;
-    }
-    // The cached copy may predate the status write of a pass that ran
-    // while the deletion came (an adoption recorded just now, say).
-    let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-    let Some(fresh) = api.get_opt(&user.name_any()).await? else {
-        return Ok(Action::await_change());
-    };
-    let user = &Arc::new(fresh);
-    let policy = user.spec.deletion_policy;
-    let status = user.status.clone().unwrap_or_default();
-    let recorded = status
-        .user_id
-        .clone()
-        .or_else(|| user.pending_creation().map(|p| p.user_id));
-    let Some(recorded) = recorded.filter(|_| policy != DeletionPolicy::Retain) else {
-        let note = match policy {
-            DeletionPolicy::Retain => "deletionPolicy is Retain: the account is left as it is".to_string(),
-            _ => "no account was created or adopted for this MatrixUser: nothing to clean up".to_string(),
-        };
-        ctx.publish(user.as_ref(), EventType::Normal, "Retained", note).await;
-        return Ok(Action::await_change());
-    };
-    let hs = match homeserver_of(ctx, user).await {
-        Ok(hs) => hs,
-        Err(Error::HomeserverNotFound { name }) => {
-            // The Homeserver is gone for good: nothing can reach the
-            // account, and holding on would wedge the deletion. (A
-            // Homeserver that is being deleted waits for its MatrixUsers.)
-            let note = format!("Homeserver {name:?} is gone: {recorded} was left as it is ({policy:?} not applied)");
-            ctx.publish(user.as_ref(), EventType::Warning, "HomeserverGone", note)
-                .await;
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
-    };
-    if skip_cleanup(hs.as_ref()) {
-        return skip(format!(
-            "the Homeserver's {SKIP_CLEANUP} is \"true\": {recorded} is left as it is"
-        ))
-        .await;
-    }
-    let hs = match ready_homeserver(ctx, &hs).await {
-        Ok(hs) => hs,
-        Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
-    };
-    let name = user.name_any();
-    let user_id = UserId::new(user.spec.effective_localpart(&name), &hs.server_name)?;
-    if hs.admin_user_id.as_deref() == Some(user_id.as_str()) {
-        let note = format!(
-            "{user_id} is the account of the Homeserver's admin token, which the operator does not manage: it was left as it is"
-        );
-        ctx.publish(user.as_ref(), EventType::Warning, "Retained", note).await;
-        return Ok(Action::await_change());
-    }
-    let other = match ownership::live_other_owner(ctx, user, &user_id, status.account_creation_ts).await {
-        Ok(other) => other,
-        Err(e) => return Err(record_cleanup_failure(ctx, user, e).await),
-    };
-    if let Some(other) = other {
-        let note = format!("MatrixUser {other} records {user_id} as its own: it was left as it is");
-        ctx.publish(user.as_ref(), EventType::Warning, "Retained", note).await;
-        return Ok(Action::await_change());
-    }
-    let authority = Authority {
-        owned: status.user_id.as_deref() == Some(user_id.as_str()),
-        owned_creation_ts: status.account_creation_ts,
-        pending_creation: pending_creation_of(user, &user_id),
-        admin_allowed: hs.policy.allow_admin_users,
-        ..Authority::default()
-    };
-    let deadline = ctx.config.reconcile_timeout;
-    let deleted = match tokio::time::timeout(deadline, delete_account(&hs.backend, &user_id, policy, authority)).await {
-        Ok(deleted) => deleted.map_err(Error::from),
-        Err(_) => Err(Error::TooSlow { deadline }),
-    };
-    match deleted {
-        Ok(outcome) => {
-            let (reason, note) = match outcome {
-                Ok(DeletionAction::Deactivate { erase: true }) => {
-                    ("Erased", format!("deactivated and erased {user_id}"))
-                }
-                Ok(DeletionAction::Deactivate { erase: false }) => ("Deactivated", format!("deactivated {user_id}")),
-                Err(Untouched::AlreadyDone) => ("Deleted", format!("{user_id} was {policy:?}d already")),
-                Err(Untouched::AccountGone) => ("Deleted", format!("{user_id} does not exist: nothing to do")),
-                Err(Untouched::NotOwned) => (
-                    "Retained",
-                    format!("{user_id} is not the account created for this MatrixUser: it was left as it is"),
-                ),
-                Err(Untouched::Retained) => (
-                    "Retained",
-                    "deletionPolicy is Retain: the account is left as it is".to_string(),
-                ),
-                Err(Untouched::ServerAdmin) => (
-                    "Retained",
-                    format!(
-                        "{user_id} is a server admin and the Homeserver's policy.allowAdminUsers is false: it was left as it is"
-                    ),
-                ),
-            };
-            let type_ = match outcome {
-                Err(Untouched::ServerAdmin) => EventType::Warning,
-                _ => EventType::Normal,
-            };
-            ctx.publish(user.as_ref(), type_, reason, note).await;
-            Ok(Action::await_change())
-        }
-        Err(e) => Err(record_cleanup_failure(ctx, user, e).await),
-    }
-}
-
-/// Whether a MatrixUser or Homeserver carries `skip-cleanup: "true"`.
-fn skip_cleanup(obj: &impl ResourceExt) -> bool {
-    obj.annotations().get(SKIP_CLEANUP).map(String::as_str) == Some("true")
-}
-
-/// The finalizer stays until the deletion policy ran: say why in status.
-async fn record_cleanup_failure(ctx: &Context, user: &MatrixUser, e: Error) -> Error {
-    let old = user.status.clone().unwrap_or_default();
-    let mut status = old.clone();
-    let message = format!("deletion waits: {e}");
-    let ready = e.condition(message.clone());
-    set_condition(&mut status.conditions, &ready, user.metadata.generation, now());
-    if status != old {
-        let api: Api<MatrixUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-        if let Err(patch_error) =
-            patch_status_at(&api, &user.name_any(), &status, user.resource_version().as_deref()).await
-        {
-            warn!(error = %patch_error, "cannot record the failed deletion");
-        }
-        ctx.publish(user, EventType::Warning, e.reason(), message).await;
-    }
-    e
-}
-
 #[cfg(test)]
 mod tests {
+    use super::status::status_after;
     use super::*;
     use crate::plan::Refusal;
     use crate::synapse::{Endpoint, ErrCode, SynapseError};
@@ -1088,7 +416,7 @@ mod tests {
     }
 
     fn synapse_error(status: u16, errcode: &str) -> Error {
-        Error::Synapse(SynapseError::Api {
+        Error::from(SynapseError::Api {
             endpoint: Endpoint::PutUser,
             status,
             errcode: ErrCode::parse(errcode),

@@ -1,5 +1,5 @@
 //! The resync of MatrixUsers: each is looked at again once per resync
-//! interval, at its own phase of it (see [`super::phase_of`]), by one clock
+//! interval, at its own phase of it (see [`super::requeue::phase_of`]), by one clock
 //! for all of a scope's MatrixUsers instead of a timer per object in the
 //! controller's scheduler. A scheduled requeue holds two copies of the
 //! object's reference (≈0.5 KiB) for the whole interval: 5 MiB at 10,000
@@ -17,7 +17,7 @@ use futures::{Stream, StreamExt};
 use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use super::{Context, phase_of};
+use super::requeue::{object_key, phase_of};
 
 /// How often the clock looks for objects due: a 64th of the interval,
 /// within [100 ms, 10 s] (at the default 10 minutes, every 9.4 s).
@@ -79,7 +79,7 @@ where
     objects
         .iter()
         .filter(|obj| {
-            let phase = phase_of(obj.meta().uid.as_deref(), &Context::failure_key(obj.as_ref()));
+            let phase = phase_of(obj.meta().uid.as_deref(), &object_key(obj.as_ref()));
             due(from, to, interval, phase) && !looks.since(obj.as_ref(), to - interval / 2.0)
         })
         .map(|obj| ObjectRef::from_obj(obj.as_ref()))

@@ -353,7 +353,7 @@ pub async fn refusals_of_mas_mode(t: &MasTarget) {
     let mut d = Desired::existing(user_id(t, &lp));
     d.password = Some(password(&t.weak_password, false));
     match sync(&b, &d, FRESH).await {
-        (Err(SyncError::Mas(e)), p) => {
+        (Err(SyncError::Backend(matrix_user_operator::backend::BackendError::Mas(e))), p) => {
             assert!(e.is_password_refused(), "{e}");
             assert!(!p.password_applied, "{p:?}");
             // Created before the password was refused: the ownership
