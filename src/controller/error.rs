@@ -125,6 +125,13 @@ pub enum Error {
         super::accesstoken::MIN_TOKEN_AGE.as_secs()
     )]
     TokenRejected { age: std::time::Duration, why: String },
+    // ---- MatrixUser, managementPolicy: Observe ----
+    /// The account differs from the spec in these fields (their names
+    /// only: a value may be an email or a name nobody should read here).
+    #[error("{user_id} differs from the spec in {} (managementPolicy is Observe: nothing was changed)", .fields.join(", "))]
+    Drifted { user_id: String, fields: Vec<&'static str> },
+    #[error("{user_id} does not exist (managementPolicy is Observe: it is not created)")]
+    NotFound { user_id: String },
 }
 
 /// `90s`, `2m`, `1.5s`: a duration as the flags take it.
@@ -223,6 +230,8 @@ impl Error {
             Error::Rooms { reason, .. } => reason,
             Error::TokenRejected { .. } => "TokenRejected",
             Error::DeviceTaken { .. } => "Conflict",
+            Error::Drifted { .. } => "Drifted",
+            Error::NotFound { .. } => "NotFound",
         }
     }
 
