@@ -835,7 +835,7 @@ fn cut_short(progress: &mut Progress) {
 }
 
 /// The pending creation recorded for `user_id`, if any.
-fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::PendingCreation> {
+pub(super) fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::PendingCreation> {
     user.pending_creation()
         .filter(|p| p.user_id == user_id.as_str())
         .map(|p| plan::PendingCreation {
@@ -844,7 +844,7 @@ fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::Pend
         })
 }
 
-fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<(), Error> {
+pub(super) fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<(), Error> {
     let source = source.map_or_else(
         || "the generated password".to_string(),
         |(name, key)| format!("key {key:?} of Secret {name:?}"),

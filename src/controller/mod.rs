@@ -11,6 +11,7 @@ mod homeserver;
 mod index;
 mod matrixuser;
 mod ownership;
+pub mod plan_cmd;
 mod secrets;
 mod transport;
 mod watch;
