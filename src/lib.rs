@@ -12,6 +12,7 @@ pub mod health;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod preview;
 pub mod secret;
 pub mod tls;
 

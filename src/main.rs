@@ -23,6 +23,9 @@ enum Command {
     Crd,
     /// Run the operator against the cluster of the in-cluster config or KUBECONFIG.
     Run(RunArgs),
+    /// Print what applying MatrixUser manifests would do, writing nothing
+    /// (exit code 0: no changes, 2: changes, 1: an error or a refusal).
+    Plan(controller::plan_cmd::PlanArgs),
 }
 
 #[derive(clap::Args)]
@@ -276,6 +279,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Plan(args) => controller::plan_cmd::main(args),
         Command::Run(args) => {
             init_logging(args.log_format, args.log_level.as_deref());
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -448,6 +448,13 @@ fn the_operators_own_conditions_get_the_health_of_their_standing() {
             key: "ca.crt".into(),
             problem: matrix_user_operator::tls::CaBundleError::NoCertificate,
         },
+        Error::Drifted {
+            user_id: "@a:example.org".into(),
+            fields: vec!["displayname", "threepids"],
+        },
+        Error::NotFound {
+            user_id: "@a:example.org".into(),
+        },
     ];
     let outcomes = [
         Ready::ok("InSync", "@a:example.org is in line with the spec"),

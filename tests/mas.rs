@@ -69,6 +69,11 @@ async fn rooms_joined_left_and_joined_again() {
     scenarios::rooms_joined_left_and_joined_again(&mas_standin().target()).await;
 }
 
+#[tokio::test]
+async fn observe_compares_and_never_writes() {
+    scenarios::observe_compares_and_never_writes(&mas_standin().target()).await;
+}
+
 /// The personal session made to leave a room is revoked once the leave is
 /// done: no token of the user outlives the pass.
 #[tokio::test]

@@ -66,6 +66,10 @@ fn main() -> ExitCode {
                 scenarios::rooms_joined_left_and_joined_again(t).boxed(),
             ),
             (
+                "observe_compares_and_never_writes",
+                scenarios::observe_compares_and_never_writes(t).boxed(),
+            ),
+            (
                 "token_issue_and_revoke_on_delete",
                 tokens::token_issue_and_revoke_on_delete(t).boxed(),
             ),

@@ -12,7 +12,7 @@ use crate::secret::{DIGEST_KEY_LEN, DigestKey};
 
 /// The Secret's name, in the operator's namespace.
 pub const SECRET_NAME: &str = "matrix-user-operator-digest-key";
-const KEY: &str = "key";
+pub(super) const KEY: &str = "key";
 /// The label the operator puts on the Secrets it makes.
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", super::MANAGER);
 

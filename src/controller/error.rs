@@ -124,6 +124,13 @@ pub enum Error {
         super::accesstoken::MIN_TOKEN_AGE.as_secs()
     )]
     TokenRejected { age: std::time::Duration, why: String },
+    // ---- MatrixUser, managementPolicy: Observe ----
+    /// The account differs from the spec in these fields (their names
+    /// only: a value may be an email or a name nobody should read here).
+    #[error("{user_id} differs from the spec in {} (managementPolicy is Observe: nothing was changed)", .fields.join(", "))]
+    Drifted { user_id: String, fields: Vec<&'static str> },
+    #[error("{user_id} does not exist (managementPolicy is Observe: it is not created)")]
+    NotFound { user_id: String },
 }
 
 /// `90s`, `2m`, `1.5s`: a duration as the flags take it.
@@ -155,6 +162,21 @@ impl From<finalizer::Error<Error>> for Error {
             finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
             finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
             other => Error::InvalidSpec(other.to_string()),
+        }
+    }
+}
+
+/// What a read-only use of the executor's steps (Observe, `plan`) fails
+/// with: no guard there, so nothing halts it.
+impl From<crate::apply::SyncError<std::convert::Infallible>> for Error {
+    fn from(e: crate::apply::SyncError<std::convert::Infallible>) -> Self {
+        use crate::apply::SyncError;
+        match e {
+            SyncError::Refused(r) => Error::Refused(r),
+            SyncError::Backend(e) => Error::Backend(e),
+            SyncError::Unsupported(message) => Error::InvalidSpec(message),
+            e @ SyncError::NotSettling { .. } => Error::NotSettling(e.to_string()),
+            SyncError::Halted(never) => match never {},
         }
     }
 }
@@ -206,6 +228,8 @@ impl Error {
             Error::Rooms { reason, .. } => reason,
             Error::TokenRejected { .. } => "TokenRejected",
             Error::DeviceTaken { .. } => "Conflict",
+            Error::Drifted { .. } => "Drifted",
+            Error::NotFound { .. } => "NotFound",
         }
     }
 

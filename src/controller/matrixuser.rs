@@ -16,8 +16,8 @@ use super::fairness::HomeserverKey;
 use super::homeserver::ready_status;
 use super::{Context, Error, ownership, patch_status_at, secrets};
 use crate::api::{
-    DeletionPolicy, Homeserver, HomeserverPolicy, MatrixUser, MatrixUserStatus, PENDING_CREATION, PendingCreation,
-    Ready, STALLED, Standing, set_condition,
+    DeletionPolicy, Homeserver, HomeserverPolicy, ManagementPolicy, MatrixUser, MatrixUserStatus, PENDING_CREATION,
+    PendingCreation, Ready, STALLED, Standing, set_condition,
 };
 use crate::apply::{
     PendingOutcome, Progress, RoomStep, RoomsReport, SyncError, Write, WriteGuard, delete_account, sync_account,
@@ -25,6 +25,7 @@ use crate::apply::{
 };
 use crate::backend::Backend;
 use crate::plan::{self, Authority, DeletionAction, DesiredPassword, Untouched, desired_from_spec, validate_threepid};
+use crate::preview::{OBSERVER, Observation, observation, preview_account, preview_rooms};
 use crate::secret::{SecretString, is_keyed, password_digest};
 use crate::synapse::UserId;
 
@@ -260,6 +261,9 @@ async fn sync(
     for t in user.spec.threepids.iter().flatten() {
         validate_threepid(t.medium, &t.address).map_err(Error::InvalidSpec)?;
     }
+    if user.spec.management_policy == ManagementPolicy::Observe {
+        return Ok(observe(user, ctx, &hs, &user_id, old, out).await?);
+    }
 
     let password = match &user.spec.password {
         None => None,
@@ -335,6 +339,60 @@ async fn sync(
     result
 }
 
+/// `managementPolicy: Observe`: reads the account (and its rooms, when the
+/// spec lists some) and reports how it differs from the spec, through the
+/// plan the executor would run. Nothing is written to the homeserver, and
+/// nothing is claimed: no ownership (`status.userId`) or pending creation
+/// is recorded, so a later `Manage` meets the adoption rules as any
+/// MatrixUser does. The password is not compared and its Secret not read
+/// (nor `<name>-credentials` generated): only the operator's own digest of
+/// a password it set could tell, and an observer sets none.
+async fn observe(
+    user: &MatrixUser,
+    ctx: &Context,
+    hs: &ReadyHomeserver,
+    user_id: &UserId,
+    old: &MatrixUserStatus,
+    out: &mut Outcome,
+) -> Result<(), Error> {
+    let desired = desired_from_spec(&user.spec, user_id.clone(), None);
+    let observed = async {
+        let preview = preview_account(&hs.backend, &desired, OBSERVER, false).await?;
+        let rooms = match (&user.spec.rooms, &preview.account) {
+            (Some(listed), Some(account)) => {
+                Some(preview_rooms(&hs.backend, user_id, listed, &old.rooms, !account.deactivated).await?)
+            }
+            _ => None,
+        };
+        Ok::<_, SyncError<std::convert::Infallible>>((preview, rooms))
+    };
+    let deadline = ctx.config.reconcile_timeout;
+    let (preview, rooms) = match tokio::time::timeout(deadline, observed).await {
+        Ok(observed) => observed?,
+        Err(_) => return Err(Error::TooSlow { deadline }),
+    };
+    if let Some(rooms) = &rooms {
+        // The count only: the memberships the operator made stay recorded
+        // as they are, for a later Manage.
+        out.rooms_listed = true;
+        out.rooms = Some(RoomsReport {
+            records: old.rooms.clone(),
+            joined_listed: rooms.joined_listed,
+            ..RoomsReport::default()
+        });
+    }
+    match observation(&preview, rooms.as_ref()) {
+        Observation::InSync => Ok(()),
+        Observation::NotFound => Err(Error::NotFound {
+            user_id: user_id.to_string(),
+        }),
+        Observation::Drifted(fields) => Err(Error::Drifted {
+            user_id: user_id.to_string(),
+            fields,
+        }),
+    }
+}
+
 /// What a pass cut off by its deadline keeps of the pending creation: a
 /// create whose answer never came (or was cut off) was sent under the
 /// record last written to status, which covers every create of the pass.
@@ -348,7 +406,7 @@ fn cut_short(progress: &mut Progress) {
 }
 
 /// The pending creation recorded for `user_id`, if any.
-fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::PendingCreation> {
+pub(super) fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::PendingCreation> {
     user.pending_creation()
         .filter(|p| p.user_id == user_id.as_str())
         .map(|p| plan::PendingCreation {
@@ -357,7 +415,7 @@ fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::Pend
         })
 }
 
-fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<(), Error> {
+pub(super) fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<(), Error> {
     let source = source.map_or_else(
         || "the generated password".to_string(),
         |(name, key)| format!("key {key:?} of Secret {name:?}"),
@@ -509,6 +567,19 @@ mod tests {
                     deadline: Duration::from_secs(120),
                 },
                 KStatus::InProgress,
+            ),
+            (
+                Error::Drifted {
+                    user_id: "@a:example.org".into(),
+                    fields: vec!["displayname"],
+                },
+                KStatus::Failed,
+            ),
+            (
+                Error::NotFound {
+                    user_id: "@a:example.org".into(),
+                },
+                KStatus::Failed,
             ),
         ];
         for (e, expected) in cases {

@@ -14,6 +14,7 @@ mod homeserver;
 mod index;
 mod matrixuser;
 mod ownership;
+pub mod plan_cmd;
 mod requeue;
 mod resync;
 mod secrets;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use matrix_user_operator::backend::RequestObserver;
 use matrix_user_operator::backend::mas::{MasBackend, MasClient, MasConfig};
 use matrix_user_operator::plan::{Authority, DeletionAction, Desired, DesiredPassword, Refusal, Untouched};
+use matrix_user_operator::preview::{OBSERVER, Observation, observation, preview_account, preview_rooms};
 use matrix_user_operator::secret::SecretString;
 use matrix_user_operator::synapse::{ClientConfig, SynapseClient};
 
@@ -627,4 +628,70 @@ pub async fn rooms_joined_left_and_joined_again(t: &MasTarget) {
     let r = sync_rooms(&b, &back, &id, &listed[..1], &kept.records, purpose).await;
     assert!(r.problems.is_empty(), "{r:?}");
     assert_eq!(joined_rooms(t, &id).await, vec![public]);
+}
+
+/// What `managementPolicy: Observe` makes of the account (the controller's
+/// observer: the preview planned with `OBSERVER`, rooms when listed).
+async fn observe(b: &MasBackend, d: &Desired, rooms: Option<&[RoomName]>) -> Observation {
+    let preview = preview_account(b, d, OBSERVER, false).await.expect("a preview");
+    let room_plan = match (rooms, &preview.account) {
+        (Some(listed), Some(account)) => Some(
+            preview_rooms(b, &d.user_id, listed, &[], !account.deactivated)
+                .await
+                .expect("the rooms read"),
+        ),
+        _ => None,
+    };
+    observation(&preview, room_plan.as_ref())
+}
+
+/// The calls that are reads (and MAS's client-credentials token).
+const READS: [&str; 8] = [
+    "mas_token",
+    "mas_get_user",
+    "mas_list_emails",
+    "mas_list_links",
+    "mas_list_providers",
+    "get_user",
+    "joined_rooms",
+    "resolve_alias",
+];
+
+/// `managementPolicy: Observe` in MAS mode: an account that matches is in
+/// sync, one changed since is drifted in the fields that differ (a listed
+/// room it is not in included), a missing one is not found; every call
+/// is a read, and nothing of the account changes.
+pub async fn observe_compares_and_never_writes(t: &MasTarget) {
+    let (b, calls) = counting_backend(t);
+    let lp = unique("observe");
+    let id = user_id(t, &lp);
+    let mut d = Desired::existing(id.clone());
+    d.displayname = Some("Observed".into());
+    d.threepids = Some(vec![email(&format!("{lp}@example.org"))]);
+    d.locked = Some(false);
+    sync_ok(&b, &d, FRESH).await;
+
+    calls.lock().unwrap().clear();
+    assert_eq!(observe(&b, &d, None).await, Observation::InSync);
+    // Changed behind the observer's back (here by a manager).
+    let mut changed = d.clone();
+    changed.displayname = Some("Changed".into());
+    changed.locked = Some(true);
+    sync_ok(&b, &changed, OWNED).await;
+    calls.lock().unwrap().clear();
+    let room = admin_room(t, "public_chat").await;
+    let listed = [RoomName(room)];
+    assert_eq!(
+        observe(&b, &d, Some(&listed)).await,
+        Observation::Drifted(vec!["displayname", "locked", "rooms"])
+    );
+    let missing = Desired::existing(user_id(t, &unique("observe-missing")));
+    assert_eq!(observe(&b, &missing, None).await, Observation::NotFound);
+    let made: Vec<&str> = calls.lock().unwrap().clone();
+    assert!(made.iter().all(|c| READS.contains(c)), "only reads: {made:?}");
+    let s = synapse_user(t, &lp).await;
+    assert_eq!(s["displayname"], "Changed");
+    assert!(joined_rooms(t, &id).await.is_empty(), "no room joined");
+    let (status, _) = t.synapse_user(missing.user_id.localpart()).await;
+    assert_eq!(status, 404, "not created");
 }

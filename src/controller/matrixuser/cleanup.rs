@@ -29,6 +29,13 @@ pub(super) async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Re
         return Ok(Action::await_change());
     };
     let user = &Arc::new(fresh);
+    if user.spec.management_policy == ManagementPolicy::Observe {
+        // An observer never writes to the homeserver, deletion included:
+        // it only lets go, whatever deletionPolicy says.
+        let note = "managementPolicy is Observe: the account is left as it is".to_string();
+        ctx.publish(user.as_ref(), EventType::Normal, "Retained", note).await;
+        return Ok(Action::await_change());
+    }
     let policy = user.spec.deletion_policy;
     let status = user.status.clone().unwrap_or_default();
     let recorded = status
