@@ -230,7 +230,9 @@ async fn missing_password_secret_is_a_condition_naming_it() {
     let action = reconcile_user(Arc::new(user.clone()), context(client, &[&user]))
         .await
         .expect("permanent: no error");
-    assert_ne!(action, Action::await_change());
+    // Waits for a change (the Secret is watched); the resync clock looks at
+    // it again too (`controller::resync`), with no requeue held for it.
+    assert_eq!(action, Action::await_change());
     let (status, reason, message) = ready_of(&stored(&fake, &obj));
     assert_eq!((status.as_str(), reason.as_str()), ("False", "SecretNotFound"));
     assert!(message.contains("bob-pw"), "{message}");
