@@ -23,6 +23,9 @@ enum Command {
     Crd,
     /// Run the operator against the cluster of the in-cluster config or KUBECONFIG.
     Run(RunArgs),
+    /// Write a MatrixUser manifest for each account of a Homeserver that no
+    /// MatrixUser manages yet (reads only; see README, "Importing accounts").
+    Import(matrix_user_operator::import::ImportArgs),
 }
 
 #[derive(clap::Args)]
@@ -276,6 +279,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Import(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(matrix_user_operator::import::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             init_logging(args.log_format, args.log_level.as_deref());
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -354,7 +354,7 @@ impl Context {
     }
 
     /// Where a Homeserver's accounts live, with the clients to reach it.
-    async fn backend(&self, hs: &Homeserver) -> Result<Backend, Error> {
+    pub async fn backend(&self, hs: &Homeserver) -> Result<Backend, Error> {
         let synapse = self.synapse_client(hs, Need::Admin).await?;
         Ok(match self.mas_client(hs).await? {
             Some(mas) => Backend::Mas(MasBackend::new(mas, synapse)),

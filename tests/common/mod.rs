@@ -3,6 +3,7 @@
 //! Use from a test file with `mod common;` and then `common::synapse()`.
 #![allow(dead_code)]
 
+pub mod appservice;
 pub mod deploy_checks;
 pub mod fake_kube;
 pub mod fixtures;
