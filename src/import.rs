@@ -548,7 +548,11 @@ pub async fn run(args: ImportArgs) -> Result<(), String> {
         ManagementPolicy::Observe
     };
     let mut summary = Summary::default();
-    let imported = read_accounts(&backend, &server_name, &admin, &known, &args, &mut summary).await?;
+    let selection = Selection {
+        include_deactivated: args.include_deactivated,
+        localpart: args.localpart.clone(),
+    };
+    let imported = read_accounts(&backend, &server_name, &admin, &known, &selection, &mut summary).await?;
     let manifests = manifests(imported, namespace, name, policy, &known.names)?;
     summary.imported = manifests.len();
     match &args.output_dir {
@@ -589,13 +593,22 @@ async fn matrix_users(client: &kube::Client, namespace: &str) -> Result<Vec<Matr
     }
 }
 
-/// Pages through the accounts and reads each one to import.
-async fn read_accounts(
+/// Which accounts an import takes, besides those no MatrixUser manages.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    pub include_deactivated: bool,
+    pub localpart: Option<regex::Regex>,
+}
+
+/// Pages through the accounts of `backend` and reads each one to import;
+/// `admin` is the admin token's user. Counts into `summary`, and says on
+/// stderr how far it got after each page.
+pub async fn read_accounts(
     backend: &Backend,
     server_name: &str,
     admin: &str,
     known: &Known,
-    args: &ImportArgs,
+    selection: &Selection,
     summary: &mut Summary,
 ) -> Result<Vec<Imported>, String> {
     let mut listing = AccountListing::new(backend, server_name, true);
@@ -618,8 +631,8 @@ async fn read_accounts(
                 &account,
                 admin,
                 known,
-                args.include_deactivated,
-                args.localpart.as_ref(),
+                selection.include_deactivated,
+                selection.localpart.as_ref(),
             ) {
                 Some(cause) => *summary.skipped.entry(cause).or_default() += 1,
                 None => to_read.push(account),

@@ -50,6 +50,11 @@ struct RunArgs {
     /// --concurrency, so a slow one does not stall the others.
     #[arg(long, value_parser = parse_duration)]
     reconcile_timeout: Option<Duration>,
+    /// How often each Homeserver's accounts are counted into its status
+    /// (managed / unmanaged / deactivated): a count pages through the
+    /// server's whole user list (see README, "Account counts").
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    account_count_interval: Duration,
     /// Address for /healthz, /readyz and /metrics; `0` disables it.
     #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
     health_addr: ListenAddr,
@@ -221,6 +226,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         reconcile_timeout: args
             .reconcile_timeout
             .unwrap_or(args.request_timeout.saturating_mul(RECONCILE_TIMEOUTS_PER_REQUEST)),
+        account_count_interval: args.account_count_interval,
     };
     info!(
         namespaces = %if config.namespaces.is_empty() { "(all)".to_string() } else { config.namespaces.join(",") },

@@ -83,6 +83,12 @@ async fn put_user(localpart: &str, body: Value) {
     assert!(status == 200 || status == 201, "PUT {localpart}: {status} {answer}");
 }
 
+/// [`make_accounts`], once per process: the tests share the Synapse.
+async fn accounts() {
+    static MADE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    MADE.get_or_init(make_accounts).await;
+}
+
 /// 50 accounts: the admin, 41 people (some with emails, SSO links,
 /// avatars), an admin, a locked one, a deactivated one, a bot, two whose
 /// localparts are no object names, one a MatrixUser manages already, and
@@ -194,7 +200,7 @@ fn scratch(name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn import_writes_every_unmanaged_account_as_a_manifest_that_then_matches() {
-    make_accounts().await;
+    accounts().await;
     let proxy = Proxy::start(&server().base_url, |_| Misbehave::Forward).await;
     let (_, fake) = cluster(&proxy.url);
     let dir = scratch("main");
@@ -293,7 +299,7 @@ async fn import_writes_every_unmanaged_account_as_a_manifest_that_then_matches()
 async fn a_listing_that_never_ends_is_cut_off_and_reported() {
     // A server whose user list always has a next page (of one new
     // account each time): import stops at its bound and writes nothing.
-    let _ = server();
+    accounts().await;
     let proxy = Proxy::start(&server().base_url, |seen| {
         if seen.path.starts_with("/_synapse/admin/v2/users?") {
             let n = seen.earlier;
@@ -319,4 +325,146 @@ async fn a_listing_that_never_ends_is_cut_off_and_reported() {
     assert_eq!(run.stdout, "", "nothing is written");
     assert!(run.stderr.contains("next_token does not move"), "{}", run.stderr);
     assert!(proxy.count("/_synapse/admin/v2/users?") <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_homeserver_counts_its_accounts_and_writes_them_only_when_they_change() {
+    accounts().await;
+    let proxy = Proxy::start(&server().base_url, |_| Misbehave::Forward).await;
+    let (_, fake) = cluster(&proxy.url);
+    let metrics = matrix_user_operator::metrics::Metrics::new();
+    let config = matrix_user_operator::controller::Config {
+        resync_interval: Duration::from_secs(1),
+        account_count_interval: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let stop = common::fixtures::run_operator_with(&fake, config, metrics.clone());
+    let hs_path = format!("/apis/matrix-operator.io/v1alpha1/namespaces/{NS}/homeservers/{HS}");
+    let counts = || {
+        fake.get(&hs_path)
+            .map(|hs| hs["status"]["accounts"].clone())
+            .unwrap_or_default()
+    };
+    // 50 accounts: the admin and the appservice's two (its sender and
+    // bridge-alice) are not counted; gone-user is deactivated;
+    // already-managed is recorded by a MatrixUser of another namespace.
+    wait_until(Duration::from_secs(60), "the accounts counted", || {
+        let c = counts();
+        async move { c == json!({"managed": 1, "unmanaged": 46, "deactivated": 1}) }
+    })
+    .await;
+    // A MatrixUser takes one over: counted as managed at the next count.
+    fake.apply(
+        KUBECTL,
+        json!({
+            "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+            "metadata": {"name": "person-00", "namespace": NS},
+            "spec": {"homeserverRef": {"name": HS}, "adopt": true, "deletionPolicy": "Retain"},
+        }),
+    );
+    wait_until(Duration::from_secs(60), "the managed account counted", || {
+        let c = counts();
+        async move { c == json!({"managed": 2, "unmanaged": 45, "deactivated": 1}) }
+    })
+    .await;
+    let text = metrics.encode();
+    assert!(
+        text.contains(&format!(
+            r#"matrix_user_operator_homeserver_accounts{{namespace="{NS}",homeserver="{HS}",state="unmanaged"}} 45"#
+        )),
+        "{text}"
+    );
+    // Three more counts, the same numbers: no status write.
+    let status_writes = || {
+        fake.writes()
+            .iter()
+            .filter(|r| r.path == format!("{hs_path}/status"))
+            .count()
+    };
+    let writes = status_writes();
+    let listed = proxy.count("/_synapse/admin/v2/users?");
+    wait_until(Duration::from_secs(60), "three more counts", || {
+        let n = proxy.count("/_synapse/admin/v2/users?");
+        async move { n >= listed + 3 }
+    })
+    .await;
+    assert_eq!(status_writes(), writes, "unchanged counts are not written");
+    // The appservice's users were looked up once, not at every count.
+    let lookups = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.path.starts_with("/_synapse/admin/v2/users/@bridge-alice"))
+        .count();
+    assert_eq!(lookups, 1);
+    drop(stop);
+}
+
+/// Not a test: what import and one account count cost at 10,000 accounts
+/// (`cargo test --test import -- --ignored --nocapture measure`). Prints
+/// the times; asserts nothing of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn measure_at_10000_accounts() {
+    use futures::StreamExt;
+    let started = std::time::Instant::now();
+    futures::stream::iter(0..10_000)
+        .map(|n| async move { put_user(&format!("load-{n:05}"), json!({"displayname": format!("Load {n}")})).await })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    eprintln!(
+        "measure: 10,000 accounts made in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // The listing alone: pages of 500.
+    let started = std::time::Instant::now();
+    let mut from = 0u64;
+    let mut pages = 0;
+    loop {
+        let (status, page) = admin(
+            reqwest::Method::GET,
+            &format!("/_synapse/admin/v2/users?from={from}&limit=500&guests=false&deactivated=true&locked=true"),
+            json!(null),
+        )
+        .await;
+        assert_eq!(status, 200);
+        pages += 1;
+        match page["next_token"].as_str() {
+            Some(next) => from = next.parse().unwrap(),
+            None => break,
+        }
+    }
+    eprintln!(
+        "measure: the listing, {pages} pages of 500, took {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    // One GET per account (what tells appservice users apart).
+    let started = std::time::Instant::now();
+    futures::stream::iter(0..10_000)
+        .map(|n| async move {
+            admin(
+                reqwest::Method::GET,
+                &format!("/_synapse/admin/v2/users/@load-{n:05}:{SERVER_NAME}"),
+                json!(null),
+            )
+            .await
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    eprintln!(
+        "measure: 10,000 user GETs, 8 at once, took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // The whole import, by the binary.
+    let (_, fake) = cluster(&server().base_url);
+    let started = std::time::Instant::now();
+    let run = import(&fake, &scratch("measure"), &[]);
+    assert!(run.ok, "{}", run.stderr);
+    eprintln!(
+        "measure: import of {} manifests took {:.1}s; {}",
+        run.stdout.matches("\n---\n").count() + 1,
+        started.elapsed().as_secs_f64(),
+        run.stderr.lines().last().unwrap_or_default()
+    );
 }

@@ -66,6 +66,10 @@ fn main() -> ExitCode {
                 scenarios::rooms_joined_left_and_joined_again(t).boxed(),
             ),
             (
+                "import_pages_through_every_account",
+                scenarios::import_pages_through_every_account(t).boxed(),
+            ),
+            (
                 "token_issue_and_revoke_on_delete",
                 tokens::token_issue_and_revoke_on_delete(t).boxed(),
             ),

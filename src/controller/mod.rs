@@ -2,6 +2,7 @@
 //! MatrixUsers, Secrets watched by metadata only.
 
 mod accesstoken;
+mod accounts;
 mod cache;
 pub mod digest_key;
 mod error;
@@ -72,6 +73,8 @@ pub struct Config {
     /// requests together (see `fairness` for the other half of what keeps
     /// a slow homeserver from stalling the others).
     pub reconcile_timeout: Duration,
+    /// How often each Homeserver's accounts are counted (see `accounts`).
+    pub account_count_interval: Duration,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             concurrency: 8,
             digest_key: process_digest_key(),
             reconcile_timeout: Duration::from_secs(120),
+            account_count_interval: accounts::DEFAULT_INTERVAL,
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct Context {
     secret_values: cache::SecretValues,
     /// Each Homeserver's share of the MatrixUser controller's slots.
     slots: fairness::Slots,
+    /// When each Homeserver's accounts were last counted.
+    account_counts: accounts::Counts,
 }
 
 /// What a caller of [`Context::synapse_client`] needs of the Homeserver's
@@ -174,6 +180,7 @@ impl Context {
             watched: Vec::new(),
             secret_values: cache::SecretValues::default(),
             slots,
+            account_counts: accounts::Counts::default(),
         }
     }
 
