@@ -161,12 +161,13 @@ pub fn skip_before_reading(
         Some(Skip::Admin)
     } else if account.guest {
         Some(Skip::Guest)
+    } else if filter.is_some_and(|f| !f.is_match(&account.localpart)) {
+        // First: a team importing its part hears of its own accounts only.
+        Some(Skip::Filtered)
     } else if known.recorded.contains(&account.user_id) || known.claimed.contains(&account.localpart) {
         Some(Skip::Managed)
     } else if account.deactivated && !include_deactivated {
         Some(Skip::Deactivated)
-    } else if filter.is_some_and(|f| !f.is_match(&account.localpart)) {
-        Some(Skip::Filtered)
     } else if validate_localpart(&account.localpart).is_err() {
         Some(Skip::UnmanageableLocalpart)
     } else {

@@ -100,6 +100,13 @@ fn skips_by_cause() {
     assert_eq!(skip(&gone, false, None), Some(Skip::Deactivated));
     assert_eq!(skip(&gone, true, Some(&filter)), None);
     assert_eq!(skip(&listed("other"), false, Some(&filter)), Some(Skip::Filtered));
+    // Another team's deactivated or managed account is only filtered out.
+    let theirs = ListedAccount {
+        deactivated: true,
+        ..listed("other")
+    };
+    assert_eq!(skip(&theirs, false, Some(&filter)), Some(Skip::Filtered));
+    assert_eq!(skip(&listed("managed"), false, Some(&filter)), Some(Skip::Filtered));
     assert_eq!(skip(&listed("Upper"), false, None), Some(Skip::UnmanageableLocalpart));
     assert_eq!(skip(&listed("_bridge"), false, None), Some(Skip::UnmanageableLocalpart));
     assert_eq!(skip(&listed("team-a"), false, Some(&filter)), None);
