@@ -9,6 +9,7 @@ pub mod apply;
 pub mod backend;
 pub mod controller;
 pub mod health;
+pub mod import;
 pub mod leader;
 pub mod metrics;
 pub mod plan;

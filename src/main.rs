@@ -26,6 +26,9 @@ enum Command {
     /// Print what applying MatrixUser manifests would do, writing nothing
     /// (exit code 0: no changes, 2: changes, 1: an error or a refusal).
     Plan(controller::plan_cmd::PlanArgs),
+    /// Write a MatrixUser manifest for each account of a Homeserver that no
+    /// MatrixUser manages yet (reads only; see README, "Importing accounts").
+    Import(matrix_user_operator::import::ImportArgs),
 }
 
 #[derive(clap::Args)]
@@ -50,6 +53,11 @@ struct RunArgs {
     /// --concurrency, so a slow one does not stall the others.
     #[arg(long, value_parser = parse_duration)]
     reconcile_timeout: Option<Duration>,
+    /// How often each Homeserver's accounts are counted into its status
+    /// (managed / unmanaged / deactivated): a count pages through the
+    /// server's whole user list (see README, "Account counts").
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    account_count_interval: Duration,
     /// Address for /healthz, /readyz and /metrics; `0` disables it.
     #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
     health_addr: ListenAddr,
@@ -221,6 +229,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         reconcile_timeout: args
             .reconcile_timeout
             .unwrap_or(args.request_timeout.saturating_mul(RECONCILE_TIMEOUTS_PER_REQUEST)),
+        account_count_interval: args.account_count_interval,
     };
     info!(
         namespaces = %if config.namespaces.is_empty() { "(all)".to_string() } else { config.namespaces.join(",") },
@@ -280,6 +289,22 @@ fn main() -> ExitCode {
             }
         },
         Command::Plan(args) => controller::plan_cmd::main(args),
+        Command::Import(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(matrix_user_operator::import::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             init_logging(args.log_format, args.log_level.as_deref());
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

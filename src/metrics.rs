@@ -40,6 +40,15 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// One Homeserver's accounts in one state: as many series as Homeservers
+/// (a handful) times three.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabels {
+    namespace: String,
+    homeserver: String,
+    state: &'static str,
+}
+
 /// The operator's metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +58,7 @@ pub struct Metrics {
     admin_requests: Family<RequestLabels, Counter>,
     admin_request_duration: Family<EndpointLabel, Histogram>,
     users_by_reason: Family<ReasonLabel, Gauge>,
+    homeserver_accounts: Family<AccountLabels, Gauge>,
     /// The Ready reason of each MatrixUser, to count them by reason.
     user_reasons: Arc<Mutex<HashMap<(String, String), &'static str>>>,
 }
@@ -96,8 +106,15 @@ impl Metrics {
             "MatrixUsers by the reason of their Ready condition",
             users_by_reason.clone(),
         );
+        let homeserver_accounts = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "homeserver_accounts",
+            "Accounts on each Homeserver's server by state: managed (a MatrixUser records it), unmanaged, deactivated",
+            homeserver_accounts.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            homeserver_accounts,
             reconciliations,
             reconcile_duration,
             admin_requests,
@@ -170,6 +187,27 @@ impl Metrics {
         self.user_reasons.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// The accounts a Homeserver's last count found; `None` when it is gone.
+    pub fn homeserver_accounts(&self, namespace: &str, homeserver: &str, counts: Option<[u64; 3]>) {
+        for (i, state) in ["managed", "unmanaged", "deactivated"].into_iter().enumerate() {
+            let labels = AccountLabels {
+                namespace: namespace.to_string(),
+                homeserver: homeserver.to_string(),
+                state,
+            };
+            match counts {
+                Some(c) => {
+                    self.homeserver_accounts
+                        .get_or_create(&labels)
+                        .set(i64::try_from(c[i]).unwrap_or(i64::MAX));
+                }
+                None => {
+                    self.homeserver_accounts.remove(&labels);
+                }
+            }
+        }
+    }
+
     /// The metrics in Prometheus's text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -196,6 +234,10 @@ mod tests {
         m.user_reason("ns", "a", None);
         m.user_reason("ns", "gone", Some("Conflict"));
         m.retain_users(|_, name| name != "gone");
+        m.homeserver_accounts("chat", "hs", Some([3, 2, 1]));
+        m.homeserver_accounts("chat", "old", Some([1, 1, 1]));
+        m.homeserver_accounts("chat", "old", None);
+        assert!(!m.encode().contains(r#"homeserver="old""#));
         assert_eq!(m.tracked_users(), 1);
         let text = m.encode();
         for line in [
@@ -204,6 +246,7 @@ mod tests {
             r#"matrix_user_operator_admin_requests_total{endpoint="put_user",status_class="transport_error"} 1"#,
             r#"matrix_user_operator_matrixusers{reason="InSync"} 0"#,
             r#"matrix_user_operator_matrixusers{reason="Conflict"} 1"#,
+            r#"matrix_user_operator_homeserver_accounts{namespace="chat",homeserver="hs",state="unmanaged"} 2"#,
             r#"matrix_user_operator_reconcile_duration_seconds_count{kind="MatrixUser"} 1"#,
             r#"matrix_user_operator_admin_request_duration_seconds_count{endpoint="get_user"} 1"#,
         ] {

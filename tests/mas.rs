@@ -200,3 +200,8 @@ async fn a_steady_state_sends_mas_no_write() {
         .collect();
     assert!(writes.is_empty(), "MAS got writes: {writes:?}");
 }
+
+#[tokio::test]
+async fn import_pages_through_every_account() {
+    scenarios::import_pages_through_every_account(&mas_standin().target()).await;
+}

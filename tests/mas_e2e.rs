@@ -70,6 +70,10 @@ fn main() -> ExitCode {
                 scenarios::observe_compares_and_never_writes(t).boxed(),
             ),
             (
+                "import_pages_through_every_account",
+                scenarios::import_pages_through_every_account(t).boxed(),
+            ),
+            (
                 "token_issue_and_revoke_on_delete",
                 tokens::token_issue_and_revoke_on_delete(t).boxed(),
             ),

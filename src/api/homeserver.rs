@@ -27,6 +27,7 @@ use super::SecretKeyRef;
     printcolumn(name = "Server Name", type_ = "string", json_path = ".status.serverName"),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.serverVersion"),
     printcolumn(name = "Backend", type_ = "string", json_path = ".status.backend"),
+    printcolumn(name = "Unmanaged", type_ = "integer", json_path = ".status.accounts.unmanaged"),
     printcolumn(name = "URL", type_ = "string", json_path = ".spec.url", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -169,4 +170,23 @@ pub struct HomeserverStatus {
     /// deletion policies of MAS accounts need MAS too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_mas_secret: Option<String>,
+    /// The accounts on the server, counted on an interval of its own
+    /// (`--account-count-interval`); `import` turns the unmanaged ones into
+    /// manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts: Option<AccountCounts>,
+}
+
+/// The accounts of a homeserver by whether a MatrixUser manages them.
+/// Application service (bridge) users, guests and the admin token's own
+/// account are not counted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, KubeSchema)]
+pub struct AccountCounts {
+    /// Accounts a MatrixUser records (`status.userId`), in any namespace
+    /// the operator watches.
+    pub managed: u64,
+    /// Active (or locked) accounts no MatrixUser records.
+    pub unmanaged: u64,
+    /// Deactivated accounts no MatrixUser records.
+    pub deactivated: u64,
 }

@@ -9,7 +9,7 @@ pub use accesstoken::{MatrixAccessToken, MatrixAccessTokenSpec, MatrixAccessToke
 pub use conditions::{
     READY, RECONCILING, Ready, STALLED, Standing, condition, is_true, ready_condition, set_condition,
 };
-pub use homeserver::{Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus, MasSpec};
+pub use homeserver::{AccountCounts, Homeserver, HomeserverPolicy, HomeserverSpec, HomeserverStatus, MasSpec};
 pub use matrixuser::{
     DeletionPolicy, ExternalIdSpec, HomeserverRef, ManagedRoom, ManagementPolicy, MatrixUser, MatrixUserSpec,
     MatrixUserStatus, PENDING_CREATION, PasswordSpec, PendingCreation, RoomName, SecretKeyRef, ThreepidMedium,

@@ -8,6 +8,7 @@
 //!   Service; the account, its password, emails, upstream links, lock and
 //!   deactivation live in MAS's admin API, the profile in Synapse's.
 
+pub mod listing;
 pub mod mas;
 mod scrub;
 pub mod synapse;

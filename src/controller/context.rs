@@ -44,6 +44,8 @@ pub struct Context {
     pub(super) secret_values: cache::SecretValues,
     /// Each Homeserver's share of the MatrixUser controller's slots.
     pub(super) slots: fairness::Slots,
+    /// When each Homeserver's accounts were last counted.
+    pub(super) account_counts: super::accounts::Counts,
 }
 
 /// What a caller of [`Context::synapse_client`] needs of the Homeserver's
@@ -89,6 +91,7 @@ impl Context {
             watched: Vec::new(),
             secret_values: cache::SecretValues::default(),
             slots,
+            account_counts: super::accounts::Counts::default(),
         }
     }
 
@@ -232,7 +235,7 @@ impl Context {
     }
 
     /// Where a Homeserver's accounts live, with the clients to reach it.
-    pub(super) async fn backend(&self, hs: &Homeserver) -> Result<Backend, Error> {
+    pub async fn backend(&self, hs: &Homeserver) -> Result<Backend, Error> {
         let synapse = self.synapse_client(hs, Need::Admin).await?;
         Ok(match self.mas_client(hs).await? {
             Some(mas) => Backend::Mas(MasBackend::new(mas, synapse)),

@@ -46,9 +46,10 @@ pub async fn reconcile_homeserver(hs: Arc<Homeserver>, ctx: Arc<Context>) -> Res
 
 async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
     super::transport::warn_of_plain_http(ctx, hs).await;
-    let result = check_and_record(hs, ctx, true).await?;
+    let (result, status) = check_and_record(hs, ctx, true).await?;
     match result {
         Ok(()) => {
+            super::accounts::refresh(ctx, hs, &status).await;
             ctx.reset_backoff(hs.as_ref());
             Ok(ctx.resync(hs.as_ref()))
         }
@@ -61,8 +62,12 @@ async fn reconcile_inner(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, 
 
 /// Checks the token against Synapse and records the outcome in status;
 /// with `hold`, also holds the admin token Secret. The outer error is the
-/// recording's, the inner one the check's.
-async fn check_and_record(hs: &Homeserver, ctx: &Context, hold: bool) -> Result<Result<(), Error>, Error> {
+/// recording's, the inner one the check's; with it, the status as written.
+async fn check_and_record(
+    hs: &Homeserver,
+    ctx: &Context,
+    hold: bool,
+) -> Result<(Result<(), Error>, HomeserverStatus), Error> {
     let result = check(hs, ctx).await;
     let old = hs.status.clone().unwrap_or_default();
     let mut status = old.clone();
@@ -107,18 +112,18 @@ async fn check_and_record(hs: &Homeserver, ctx: &Context, hold: bool) -> Result<
             }
         };
     }
-    record(ctx, hs, &old, status, &ready).await?;
-    Ok(result.map(|_| ()))
+    let status = record(ctx, hs, &old, status, &ready).await?;
+    Ok((result.map(|_| ()), status))
 }
 
-/// Writes the status when it changed.
+/// Writes the status when it changed; returns it.
 async fn record(
     ctx: &Context,
     hs: &Homeserver,
     old: &HomeserverStatus,
     mut status: HomeserverStatus,
     ready: &Ready,
-) -> Result<(), Error> {
+) -> Result<HomeserverStatus, Error> {
     set_condition(&mut status.conditions, ready, hs.metadata.generation, now());
     if status != *old {
         let api: Api<Homeserver> = Api::namespaced(ctx.client.clone(), &hs.namespace().unwrap_or_default());
@@ -129,7 +134,7 @@ async fn record(
             warn!(reason = ready.reason, message = %ready.message, "homeserver not ready");
         }
     }
-    Ok(())
+    Ok(status)
 }
 
 fn now() -> Time {
@@ -190,7 +195,7 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
             // Marking it for deletion moved its generation; a status of an
             // older spec would hold its MatrixUsers off for good.
             if ready_status(hs).is_err() {
-                check_and_record(hs, ctx, false).await?.ok();
+                check_and_record(hs, ctx, false).await?.0.ok();
             }
             // An error keeps the finalizer (kube's helper removes it on any
             // Ok); the status stays as it is, since the MatrixUsers' cleanup
@@ -218,6 +223,8 @@ async fn cleanup(hs: &Arc<Homeserver>, ctx: &Context) -> Result<Action, Error> {
         release_secret(ctx, hs, &name).await?;
     }
     ctx.forget_homeserver(&ns, &hs.name_any());
+    ctx.account_counts.forget(&ns, &hs.name_any());
+    ctx.metrics.homeserver_accounts(&ns, &hs.name_any(), None);
     info!("homeserver deleted");
     Ok(Action::await_change())
 }

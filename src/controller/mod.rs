@@ -2,6 +2,7 @@
 //! MatrixUsers, Secrets watched by metadata only.
 
 mod accesstoken;
+mod accounts;
 mod cache;
 mod clients;
 mod context;
@@ -81,6 +82,8 @@ pub struct Config {
     /// requests together (see `fairness` for the other half of what keeps
     /// a slow homeserver from stalling the others).
     pub reconcile_timeout: Duration,
+    /// How often each Homeserver's accounts are counted (see `accounts`).
+    pub account_count_interval: Duration,
 }
 
 impl Default for Config {
@@ -92,6 +95,7 @@ impl Default for Config {
             concurrency: 8,
             digest_key: process_digest_key(),
             reconcile_timeout: Duration::from_secs(120),
+            account_count_interval: accounts::DEFAULT_INTERVAL,
         }
     }
 }

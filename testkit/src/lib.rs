@@ -2,6 +2,7 @@
 //!
 //! Use from a test file with `use matrix_user_operator_testkit as common;` and then `common::synapse()`.
 
+pub mod appservice;
 pub mod deploy_checks;
 pub mod fake_kube;
 pub mod fixtures;

@@ -695,3 +695,116 @@ pub async fn observe_compares_and_never_writes(t: &MasTarget) {
     let (status, _) = t.synapse_user(missing.user_id.localpart()).await;
     assert_eq!(status, 404, "not created");
 }
+
+/// `import` in MAS mode: MAS's user list, paged with `page[after]` past
+/// its pages of 100, gives every account of the scenario's own (a real
+/// MAS keeps the users of earlier runs: the scenario filters by its
+/// prefix), each read whole (emails, upstream links, lock, deactivation,
+/// admin) into a manifest that says what the account has.
+pub async fn import_pages_through_every_account(t: &MasTarget) {
+    use matrix_user_operator::backend::Backend;
+    use matrix_user_operator::import::{self, Known, Selection, Summary};
+
+    let b = backend(t);
+    let prefix = unique("imp");
+    for n in 0..101 {
+        let lp = format!("{prefix}-{n:03}");
+        let mut d = Desired::existing(user_id(t, &lp));
+        d.displayname = Some(format!("Imported {n}"));
+        match n {
+            1 => d.threepids = Some(vec![email(&format!("{lp}@example.org"))]),
+            2 => d.external_ids = Some(vec![link(&t.upstream_provider_id, &format!("sub-{lp}"))]),
+            3 => d.locked = Some(true),
+            4 => d.admin = Some(true),
+            _ => {}
+        }
+        sync_ok(&b, &d, FRESH).await;
+        if n == 5 {
+            d.deactivated = Some(true);
+            sync_ok(&b, &d, OWNED).await;
+        }
+    }
+    let backend = Backend::Mas(b);
+    let admin = backend.synapse().whoami().await.expect("whoami");
+    let selection = Selection {
+        include_deactivated: false,
+        localpart: Some(regex::Regex::new(&format!("^{}-", regex::escape(&prefix))).unwrap()),
+    };
+    let mut summary = Summary::default();
+    let imported = import::read_accounts(
+        &backend,
+        &t.server_name,
+        &admin,
+        &Known::default(),
+        &selection,
+        &mut summary,
+    )
+    .await
+    .expect("the import reads");
+    assert!(summary.listed > 100, "past the first page of 100: {summary:?}");
+    let mut localparts: Vec<&str> = imported.iter().map(|i| i.localpart.as_str()).collect();
+    localparts.sort();
+    let expected: Vec<String> = (0..101)
+        .filter(|n| *n != 5)
+        .map(|n| format!("{prefix}-{n:03}"))
+        .collect();
+    assert_eq!(localparts, expected, "{summary:?}");
+    assert_eq!(summary.skipped.get(&import::Skip::Deactivated), Some(&1), "{summary:?}");
+    let of = |n: usize| {
+        let lp = format!("{prefix}-{n:03}");
+        imported
+            .iter()
+            .find(|i| i.localpart == lp)
+            .expect("imported")
+            .account
+            .clone()
+    };
+    assert_eq!(of(0).displayname.as_deref(), Some("Imported 0"));
+    assert_eq!(of(1).threepids, vec![email(&format!("{prefix}-001@example.org"))]);
+    assert_eq!(
+        of(2).external_ids,
+        vec![link(&t.upstream_provider_id, &format!("sub-{prefix}-002"))]
+    );
+    assert!(of(3).locked && !of(3).deactivated);
+    assert!(of(4).admin);
+
+    // With --include-deactivated, the deactivated one too; the manifests
+    // parse as MatrixUsers and say what the accounts have.
+    let selection = Selection {
+        include_deactivated: true,
+        ..selection
+    };
+    let mut summary = Summary::default();
+    let imported = import::read_accounts(
+        &backend,
+        &t.server_name,
+        &admin,
+        &Known::default(),
+        &selection,
+        &mut summary,
+    )
+    .await
+    .expect("the import reads");
+    assert_eq!(imported.len(), 101);
+    let manifests = import::manifests(
+        imported,
+        "chat",
+        "mas",
+        matrix_user_operator::api::ManagementPolicy::Observe,
+        &Default::default(),
+    )
+    .expect("manifests");
+    let specs: std::collections::HashMap<String, matrix_user_operator::api::MatrixUserSpec> = manifests
+        .iter()
+        .map(|m| {
+            let u: matrix_user_operator::api::MatrixUser = serde_yaml::from_str(&m.text).expect("a MatrixUser");
+            (m.name.clone(), u.spec)
+        })
+        .collect();
+    let spec = |n: usize| specs[&format!("{prefix}-{n:03}")].clone();
+    assert_eq!(spec(3).locked, Some(true));
+    assert_eq!(spec(5).deactivated, Some(true));
+    assert_eq!(spec(4).admin, Some(true));
+    assert!(spec(0).adopt && spec(0).password.is_none());
+    assert_eq!(spec(0).deletion_policy, DeletionPolicy::Retain);
+}

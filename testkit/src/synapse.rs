@@ -257,7 +257,7 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Shared-secret registration: `Ok((access_token, user_id))`.
-async fn shared_secret_register(
+pub async fn shared_secret_register(
     base_url: &str,
     secret: &str,
     localpart: &str,

@@ -100,6 +100,9 @@ pub struct MasUser {
     pub deactivated_at: Option<String>,
     #[serde(default)]
     pub admin: bool,
+    /// A guest of Synapse's before it moved to MAS.
+    #[serde(default)]
+    pub legacy_guest: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -421,6 +424,20 @@ impl MasClient {
         let basic = self.basic_credentials();
         let secrets = RequestSecrets::new([&self.client_secret, &basic].into_iter().chain(&token));
         Ok(secrets.scrub_ascii(&v.version, MAX_VERSION_BYTES))
+    }
+
+    /// A page of every user, `PAGE_SIZE` at most, in the order of their IDs
+    /// (ULIDs, which sort by creation), after the user `after`; and whether
+    /// a next page may follow (this one is full).
+    pub async fn users_page(&self, after: Option<&str>) -> Result<(Vec<Resource<MasUser>>, bool), MasError> {
+        let size = PAGE_SIZE.to_string();
+        let mut query = vec![("page[first]", size.as_str())];
+        if let Some(after) = after {
+            query.push(("page[after]", after));
+        }
+        let page: Page<MasUser> = self.get(MasEndpoint::ListUsers, &["users"], &query).await?;
+        let full = page.data.len() == PAGE_SIZE;
+        Ok((page.data, full))
     }
 
     /// The user of this username, or `None`.

@@ -113,7 +113,7 @@ impl SynapseClient {
         })
     }
 
-    fn url(&self, segments: &[&str]) -> Url {
+    pub(super) fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();
         url.path_segments_mut()
             .expect("checked in new(): the base URL can be a base")
@@ -145,8 +145,20 @@ impl SynapseClient {
         segments: &[&str],
         body: Option<Body<'_>>,
     ) -> Result<(StatusCode, T), SynapseError> {
+        self.send_to(bearer, endpoint, method, self.url(segments), body).await
+    }
+
+    /// [`send_as`](Self::send_as) to a whole URL (one with a query).
+    pub(super) async fn send_to<T: DeserializeOwned>(
+        &self,
+        bearer: Bearer<'_>,
+        endpoint: Endpoint,
+        method: Method,
+        url: Url,
+        body: Option<Body<'_>>,
+    ) -> Result<(StatusCode, T), SynapseError> {
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
-        let mut request = self.http.request(method, self.url(segments));
+        let mut request = self.http.request(method, url);
         // The admin token is scrubbed from every answer, whoever asks.
         let mut secrets = vec![&self.token];
         match bearer {

@@ -4,6 +4,7 @@
 mod account;
 mod client;
 mod error;
+mod listing;
 mod rooms;
 mod tokens;
 mod types;
@@ -13,5 +14,6 @@ pub use account::{body_fields, user_update};
 pub use client::{ClientConfig, PutOutcome, Registration, SynapseClient};
 pub(crate) use client::{MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
 pub use error::{BodySummary, DecodeProblem, ErrCode, ErrorClass, SynapseError};
+pub use listing::{ListedUser, UsersPage};
 pub use tokens::{DeviceLogin, Logout, TokenOwner};
 pub use types::{Endpoint, ExternalId, InvalidUserId, SynapseUser, Threepid, UserId, UserUpdate, validate_localpart};

@@ -36,6 +36,8 @@ pub enum Endpoint {
     JoinRoom,
     /// The client leave, with a token of the user.
     LeaveRoom,
+    /// A page of the user list (`GET /_synapse/admin/v2/users`).
+    ListUsers,
 }
 
 impl Endpoint {
@@ -59,6 +61,7 @@ impl Endpoint {
             Endpoint::ResolveAlias => "resolve_alias",
             Endpoint::JoinRoom => "join_room",
             Endpoint::LeaveRoom => "leave_room",
+            Endpoint::ListUsers => "list_users",
         }
     }
 }
@@ -95,6 +98,10 @@ pub struct SynapseUser {
     /// Seconds since the epoch.
     #[serde(default)]
     pub creation_ts: Option<i64>,
+    /// The application service (bridge) that registered the account, if
+    /// one did: its users are the bridge's, never a MatrixUser's.
+    #[serde(default)]
+    pub appservice_id: Option<String>,
 }
 
 impl From<SynapseUser> for Account {
