@@ -4,7 +4,10 @@
 //! through a kubeconfig, as a user runs it. Its output is compared with
 //! the golden files in tests/golden/import/ (`UPDATE_GOLDEN=1` rewrites
 //! them); the imported manifests, applied with `--manage`, become Ready
-//! through the controller with no write to Synapse (they match).
+//! through the controller with no write to Synapse (they match). One test
+//! walks the README's adoption flow end to end: import (Observe) → apply
+//! → plan the switch to Manage → apply → drift in Observe and in Manage
+//! → plan.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,6 +130,19 @@ async fn make_accounts() {
 /// The fake cluster: the Homeserver (at `url`) and its admin token Secret,
 /// and a MatrixUser that records `already-managed`.
 fn cluster(url: &str) -> (kube::Client, FakeApiServer) {
+    let (client, fake) = homeserver_only(url);
+    fake.put(matrix_user_in(
+        "elsewhere",
+        "managed",
+        json!({"homeserverRef": {"name": "hs"}, "localpart": "already-managed"}),
+        json!({"userId": format!("@already-managed:{SERVER_NAME}")}),
+    ));
+    (client, fake)
+}
+
+/// The fake cluster with the Homeserver (at `url`, adoption allowed) and
+/// its admin token Secret only: no MatrixUser yet.
+fn homeserver_only(url: &str) -> (kube::Client, FakeApiServer) {
     let (client, fake) = FakeApiServer::start();
     fake.put(json!({
         "apiVersion": "matrix-operator.io/v1alpha1", "kind": "Homeserver",
@@ -135,12 +151,6 @@ fn cluster(url: &str) -> (kube::Client, FakeApiServer) {
                  "policy": {"allowAdoption": true, "allowAdminUsers": true}},
     }));
     fake.put(secret_in(NS, "synapse-admin", "token", &server().admin_token));
-    fake.put(matrix_user_in(
-        "elsewhere",
-        "managed",
-        json!({"homeserverRef": {"name": "hs"}, "localpart": "already-managed"}),
-        json!({"userId": format!("@already-managed:{SERVER_NAME}")}),
-    ));
     (client, fake)
 }
 
@@ -293,6 +303,260 @@ async fn import_writes_every_unmanaged_account_as_a_manifest_that_then_matches()
         Vec::<String>::new(),
         "the imported manifests match: nothing to write"
     );
+}
+
+/// The accounts the adoption walk-through imports: `already-managed` is
+/// its own (the other tests' clusters record it, so their imports skip it
+/// and it is the only account this test changes in Synapse); the others
+/// are shared and only read.
+const ADOPTED: &str = "^(already-managed|helper-bot|locked-user|ops-admin|person-0[3-5])$";
+
+/// `plan`, the built binary, against the fake API server: its exit code
+/// and stdout. Printed with `--nocapture` (the README quotes it).
+async fn plan(fake: &FakeApiServer, dir: &Path, args: &[&str]) -> (i32, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_matrix-user-operator"));
+    command
+        .arg("plan")
+        .args(args)
+        .env("KUBECONFIG", fake.kubeconfig_file(dir))
+        .env_remove("KUBERNETES_SERVICE_HOST");
+    // Off the runtime: the proxy in front of Synapse keeps serving.
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("run the binary");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    eprintln!(
+        "$ matrix-user-operator plan {}\n{stdout}{}(exit {:?})",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr),
+        out.status.code()
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// The MatrixUser manifests `import --output-dir` wrote into `dir`: their
+/// names, sorted.
+fn manifest_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter_map(|f| f.strip_suffix(".yaml").map(str::to_string))
+        .filter(|f| f != "kustomization")
+        .collect();
+    names.sort();
+    names
+}
+
+/// `kubectl apply` of the manifest `name` in `dir`.
+fn apply_manifest(fake: &FakeApiServer, dir: &Path, name: &str) {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.yaml"))).unwrap();
+    fake.apply(KUBECTL, serde_yaml::from_str(&text).unwrap());
+}
+
+/// Sets the spec's managementPolicy of the manifest `name` in `dir`, as a
+/// user edits the file (the header comments stay as import wrote them).
+fn set_policy(dir: &Path, name: &str, policy: &str) {
+    let path = dir.join(format!("{name}.yaml"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited: Vec<String> = text
+        .lines()
+        .map(|l| match l.strip_prefix("  managementPolicy: ") {
+            Some(_) => format!("  managementPolicy: {policy}"),
+            None => l.to_string(),
+        })
+        .collect();
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+}
+
+/// The Ready condition's `(reason, message)` of MatrixUser `name`, once
+/// its status describes the current spec.
+fn ready_now(fake: &FakeApiServer, name: &str) -> Option<(String, String)> {
+    let u = fake.get(&format!(
+        "/apis/matrix-operator.io/v1alpha1/namespaces/{NS}/matrixusers/{name}"
+    ))?;
+    if u["status"]["observedGeneration"] != u["metadata"]["generation"] {
+        return None;
+    }
+    let ready = u["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?;
+    Some((
+        ready["reason"].as_str()?.to_string(),
+        ready["message"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+async fn wait_for_reason(fake: &FakeApiServer, names: &[String], reason: &str) {
+    wait_until(Duration::from_secs(120), &format!("{names:?} {reason}"), || {
+        let all = names
+            .iter()
+            .all(|n| ready_now(fake, n).is_some_and(|(r, _)| r == reason));
+        async move { all }
+    })
+    .await;
+}
+
+fn writes_since(proxy: &Proxy, before: usize) -> Vec<String> {
+    proxy.seen()[before..]
+        .iter()
+        .filter(|s| s.method != "GET")
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect()
+}
+
+/// The README's "Adopting an existing homeserver" walk-through, as a user
+/// runs it: import (Observe) → apply → plan the switch to Manage → apply →
+/// an account changed behind Git's back is Drifted in Observe and
+/// corrected in Manage → plan finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_adoption_walk_through_import_observe_plan_manage_drift() {
+    accounts().await;
+    let proxy = Proxy::start(&server().base_url, |_| Misbehave::Forward).await;
+    let (_, fake) = homeserver_only(&proxy.url);
+    let dir = scratch("adopt");
+    let out = dir.join("users");
+    let out_arg = out.to_str().unwrap();
+    let user_id = |n: &str| format!("@{n}:{SERVER_NAME}");
+
+    // 1. import, Observe by default; applied with the operator running:
+    // every one InSync, and not one write to Synapse.
+    let run = import(&fake, &dir, &["--localpart", ADOPTED, "--output-dir", out_arg]);
+    assert!(run.ok, "{}", run.stderr);
+    let names = manifest_names(&out);
+    assert_eq!(
+        names,
+        [
+            "already-managed",
+            "helper-bot",
+            "locked-user",
+            "ops-admin",
+            "person-03",
+            "person-04",
+            "person-05"
+        ]
+    );
+    let before = proxy.seen().len();
+    let stop = common::fixtures::run_operator(
+        &fake,
+        matrix_user_operator::controller::Config {
+            // Only the test's edits make the operator look again.
+            resync_interval: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    for n in &names {
+        apply_manifest(&fake, &out, n);
+    }
+    wait_for_reason(&fake, &names, "InSync").await;
+    assert_eq!(
+        writes_since(&proxy, before),
+        Vec::<String>::new(),
+        "Observe never writes"
+    );
+
+    // 2. Switched to Manage in the files: the plan says each would be
+    // adopted, with no field to change.
+    for n in &names {
+        set_policy(&out, n, "Manage");
+    }
+    let (code, text) = plan(&fake, &dir, &["-f", out_arg]).await;
+    let mut expected = format!(
+        "note: {out_arg}/kustomization.yaml: Kustomization (kustomize.config.k8s.io/v1beta1) is not a MatrixUser: ignored\n"
+    );
+    for n in &names {
+        expected.push_str(&format!(
+            "MatrixUser {NS}/{n} ({}): will be changed\n  ~ adopt the existing account (spec.adopt)\n",
+            user_id(n)
+        ));
+    }
+    expected.push_str("\nPlan: 7 to change, 0 unchanged, 0 refused, 0 errors, 0 observed (0 drifted).\n");
+    assert_eq!((code, text), (2, expected));
+    let (code, text) = plan(&fake, &dir, &["-f", out_arg, "--output", "json"]).await;
+    assert_eq!(code, 2, "{text}");
+    let report: Value = serde_json::from_str(&text).expect("JSON");
+    let users = report["users"].as_array().unwrap();
+    assert_eq!(users.len(), names.len(), "{report}");
+    for u in users {
+        assert_eq!(u["action"], "update", "{u}");
+        assert_eq!(u["adopt"], true, "{u}");
+        assert_eq!(u["fields"], json!([]), "no field would change: {u}");
+    }
+    assert_eq!(report["summary"]["changes"], 7, "{report}");
+
+    // 3. Applied: adopted (the status records each), still InSync, and
+    // still not one write to Synapse: they match.
+    for n in &names {
+        apply_manifest(&fake, &out, n);
+    }
+    wait_for_reason(&fake, &names, "InSync").await;
+    for n in &names {
+        let u = fake
+            .get(&format!(
+                "/apis/matrix-operator.io/v1alpha1/namespaces/{NS}/matrixusers/{n}"
+            ))
+            .unwrap();
+        assert_eq!(u["status"]["userId"], json!(user_id(n)), "{u}");
+    }
+    assert_eq!(
+        writes_since(&proxy, before),
+        Vec::<String>::new(),
+        "adoption of matching accounts writes nothing"
+    );
+
+    // 4. Someone changes an account in Synapse. Observe: Drifted, naming
+    // the field (not its value), Synapse untouched; Manage: corrected.
+    let changed = "already-managed";
+    let account_path = format!("/_synapse/admin/v2/users/{}", user_id(changed));
+    put_user(changed, json!({"displayname": "Renamed By Hand"})).await;
+    set_policy(&out, changed, "Observe");
+    apply_manifest(&fake, &out, changed);
+    // An observer makes one pass: its first status for this spec is its
+    // answer.
+    wait_until(Duration::from_secs(120), "the Observe spec looked at", || {
+        let seen = ready_now(&fake, changed).is_some();
+        async move { seen }
+    })
+    .await;
+    let (reason, message) = ready_now(&fake, changed).unwrap();
+    assert_eq!(reason, "Drifted", "{message}");
+    assert!(message.contains("differs from the spec in displayname "), "{message}");
+    assert!(
+        !message.contains("Renamed") && !message.contains("Managed"),
+        "{message}"
+    );
+    assert_eq!(
+        writes_since(&proxy, before),
+        Vec::<String>::new(),
+        "Observe never writes"
+    );
+    let (_, account) = admin(reqwest::Method::GET, &account_path, json!(null)).await;
+    assert_eq!(account["displayname"], "Renamed By Hand");
+
+    set_policy(&out, changed, "Manage");
+    apply_manifest(&fake, &out, changed);
+    wait_for_reason(&fake, &[changed.to_string()], "InSync").await;
+    let (_, account) = admin(reqwest::Method::GET, &account_path, json!(null)).await;
+    assert_eq!(account["displayname"], "Managed", "the spec's value, put back");
+    let writes = writes_since(&proxy, before);
+    eprintln!("writes to Synapse in the whole walk-through: {writes:?}");
+    assert!(!writes.is_empty());
+    assert!(
+        writes.iter().all(|w| w.contains(&format!("@{changed}:"))),
+        "only the drifted account is written: {writes:?}"
+    );
+    wait_for_reason(&fake, &names, "InSync").await;
+
+    // 5. The final manifests: nothing left to do.
+    let (code, text) = plan(&fake, &dir, &["-f", out_arg]).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.ends_with("\nPlan: 0 to change, 7 unchanged, 0 refused, 0 errors, 0 observed (0 drifted).\n"),
+        "{text}"
+    );
+    drop(stop);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
