@@ -55,7 +55,8 @@ struct RunArgs {
     reconcile_timeout: Option<Duration>,
     /// How often each Homeserver's accounts are counted into its status
     /// (managed / unmanaged / deactivated): a count pages through the
-    /// server's whole user list (see README, "Account counts").
+    /// server's whole user list (see README, "Account counts"). `0` turns
+    /// counting off.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     account_count_interval: Duration,
     /// Address for /healthz, /readyz and /metrics; `0` disables it.

@@ -53,6 +53,13 @@ impl Counts {
     }
 }
 
+/// Whether a count is due: never with an interval of zero (counting is
+/// off); else when the status has no counts yet, this process has not
+/// counted, or `interval` passed since it last did.
+fn due(interval: Duration, last: Option<Instant>, counted: bool) -> bool {
+    !interval.is_zero() && (!counted || last.is_none_or(|at| at.elapsed() >= interval))
+}
+
 /// Counts the accounts of `hs` if its interval has passed since the last
 /// count (or there is none), and writes them into the status if they
 /// changed. `status` is the status as last written. A failed count is
@@ -63,11 +70,11 @@ pub(super) async fn refresh(ctx: &Context, hs: &Homeserver, status: &HomeserverS
     let key = (ns.clone(), hs.name_any());
     {
         let mut last = ctx.account_counts.last.lock().unwrap_or_else(|p| p.into_inner());
-        let due = status.accounts.is_none()
-            || last
-                .get(&key)
-                .is_none_or(|at| at.elapsed() >= ctx.config.account_count_interval);
-        if !due {
+        if !due(
+            ctx.config.account_count_interval,
+            last.get(&key).copied(),
+            status.accounts.is_some(),
+        ) {
             return;
         }
         last.insert(key.clone(), Instant::now());
@@ -190,4 +197,26 @@ async fn count(
         .unwrap_or_else(|p| p.into_inner())
         .insert(key.clone(), looked_up);
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_is_due_at_its_interval_and_never_with_an_interval_of_zero() {
+        let hour = Duration::from_secs(3600);
+        let now = Instant::now();
+        let long_ago = now.checked_sub(Duration::from_secs(7200));
+        assert!(due(hour, None, false));
+        assert!(due(hour, None, true), "not counted by this process yet");
+        assert!(due(hour, Some(now), false), "no counts in the status");
+        assert!(!due(hour, Some(now), true));
+        if let Some(long_ago) = long_ago {
+            assert!(due(hour, Some(long_ago), true));
+        }
+        for (last, counted) in [(None, false), (None, true), (Some(now), false)] {
+            assert!(!due(Duration::ZERO, last, counted), "{last:?} {counted}");
+        }
+    }
 }
