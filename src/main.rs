@@ -57,7 +57,7 @@ struct RunArgs {
     /// (managed / unmanaged / deactivated): a count pages through the
     /// server's whole user list (see README, "Account counts"). `0` turns
     /// counting off.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_interval_or_off)]
     account_count_interval: Duration,
     /// Address for /healthz, /readyz and /metrics; `0` disables it.
     #[arg(long, default_value = "0.0.0.0:8080", value_parser = parse_listen_addr)]
@@ -125,6 +125,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is longer than a year, the longest a flag takes"));
     }
     Ok(d)
+}
+
+/// A duration as [`parse_duration`] takes it, or `0`: off (a zero
+/// duration).
+fn parse_interval_or_off(s: &str) -> Result<Duration, String> {
+    match s {
+        "0" | "0s" => Ok(Duration::ZERO),
+        _ => parse_duration(s),
+    }
 }
 
 fn init_logging(format: LogFormat, level: Option<&str>) {
@@ -343,6 +352,15 @@ mod tests {
         for absurd in ["99999999999999999999h", "18446744073709551615", "400d"] {
             assert!(parse_duration(absurd).is_err(), "{absurd}");
         }
+    }
+
+    #[test]
+    fn an_interval_of_zero_is_off_and_any_other_a_duration() {
+        assert_eq!(parse_interval_or_off("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_interval_or_off("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_interval_or_off("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_interval_or_off("soon").is_err());
+        assert!(parse_interval_or_off("400d").is_err());
     }
 
     #[test]
