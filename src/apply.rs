@@ -356,7 +356,7 @@ pub struct RoomsReport {
 
 /// Whether a failed room call concerns every room, not just this one: the
 /// admin token refused, or no Synapse answering.
-fn fails_every_room(e: &BackendError) -> bool {
+pub(crate) fn fails_every_room(e: &BackendError) -> bool {
     matches!(e.class(), ErrorClass::Unauthorized | ErrorClass::NotSynapse)
 }
 

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use crate::account::{Account, UserId};
 use crate::api::{ManagedRoom, RoomName};
 use crate::apply::SyncError;
-use crate::backend::{AccountBackend, BackendError, ErrorClass, Parts, RoomBackend};
+use crate::backend::{AccountBackend, BackendError, Parts, RoomBackend};
 use crate::plan::{self, Action, Authority, Desired, Owners, Plan, Refusal, RoomPlan};
 
 /// The account and the plan the executor would start from.
@@ -147,7 +147,7 @@ pub async fn preview_rooms<B: RoomBackend>(
             }
             Err(e) => {
                 let e = BackendError::from(e);
-                if matches!(e.class(), ErrorClass::Unauthorized | ErrorClass::NotSynapse) {
+                if crate::apply::fails_every_room(&e) {
                     return Err(e);
                 }
             }
