@@ -147,6 +147,7 @@ pub async fn sync_account<B: AccountBackend, S>(
     let mut created_now = false;
     for _ in 0..MAX_ROUNDS {
         // Read.
+        let from_answer = answered.is_some();
         let account = match answered.take() {
             Some(account) => account,
             None => backend.read(&desired.user_id, parts).await?,
@@ -174,6 +175,12 @@ pub async fn sync_account<B: AccountBackend, S>(
         }
         // Act.
         let (changes, account) = match (plan.action, account) {
+            // A create whose answer did not say when the account was made
+            // (shared-secret registration): one read does, which settles
+            // the pending-creation record in the status written next
+            // instead of leaving it, on the object and in every cached copy
+            // of it, until the next sync.
+            (None, Some(account)) if from_answer && own.awaits_creation_time(&account) => continue,
             (None, Some(account)) => {
                 own.in_line(&account);
                 progress.record(&own.claim);

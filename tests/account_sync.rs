@@ -1319,10 +1319,13 @@ async fn registration_creates_the_account_with_its_password_and_profile_in_one_c
     assert!(p.created && p.password_applied, "{p:?}");
     assert_eq!(p.writes, 1, "{p:?}");
     assert_eq!(p.updates, vec![vec!["displayname", "admin", "user_type"]]);
-    // Nothing read before (the registration refuses an existing account)
-    // or after (its outcome is known exactly).
-    assert_eq!(take(&calls), vec!["register_nonce", "register"]);
+    // Nothing read before (the registration refuses an existing account);
+    // read once after, for when Synapse created it (the registration does
+    // not say), and found as registered: no second write.
+    assert_eq!(take(&calls), vec!["register_nonce", "register", "get_user"]);
     let acc = raw_ok(s, &id).await;
+    assert_eq!(p.creation_ts, acc["creation_ts"].as_i64());
+    assert!(p.creation_ts.is_some());
     assert_eq!(acc["displayname"], "Registered");
     assert_eq!(acc["admin"], true);
     assert_eq!(acc["user_type"], "bot");
@@ -1414,7 +1417,7 @@ async fn a_wrong_registration_secret_creates_nothing_and_says_so() {
 }
 
 #[tokio::test]
-async fn a_registered_accounts_creation_time_is_confirmed_by_the_next_read() {
+async fn a_registered_accounts_creation_time_is_read_at_once_or_else_by_the_next_sync() {
     let s = synapse();
     let (c, _) = registering_client(s, &s.registration_shared_secret);
     let (_, id) = new_user(s, "reg-confirm");
@@ -1426,11 +1429,16 @@ async fn a_registered_accounts_creation_time_is_confirmed_by_the_next_read() {
     sync_account(&c, &d, FRESH, &mut Recording(pending), &mut progress)
         .await
         .expect("created");
-    // The registration does not say when: the record stays.
+    // The registration does not say when; the read after it does, under
+    // the record, which is settled then (not left for the next sync, on
+    // the object and in every cached copy of it).
     assert!(progress.created, "{progress:?}");
-    assert_eq!(progress.creation_ts, None);
-    assert_eq!(progress.pending_creation, PendingOutcome::Unconfirmed(pending));
+    assert_eq!(progress.creation_ts, raw_ok(s, &id).await["creation_ts"].as_i64());
+    assert!(progress.creation_ts.is_some());
+    assert_eq!(progress.pending_creation, PendingOutcome::Settled);
 
+    // A pass cut between the registration and that read leaves the record
+    // unconfirmed: the next sync's read confirms it.
     d.password = Some(password("confirmed password", true, false));
     let owned_unconfirmed = Authority {
         pending_creation: Some(pending),

@@ -90,6 +90,13 @@ impl Ownership {
         }
     }
 
+    /// Whether `account`, as an answer reported it, leaves the creation
+    /// time of the account this sync created unknown (a shared-secret
+    /// registration does not say it): a read tells.
+    pub fn awaits_creation_time(&self, account: &Account) -> bool {
+        self.claim.created && self.claim.creation_ts.is_none() && account.creation_ts.is_none()
+    }
+
     /// Whether `plan` takes an existing account as the resource's own
     /// (the caller's guard is asked first).
     pub fn claims(plan: &Plan) -> bool {
@@ -442,5 +449,30 @@ mod tests {
         ] {
             assert!(Ownership::claims(&plan));
         }
+    }
+
+    #[test]
+    fn only_a_create_answered_without_its_time_awaits_a_read() {
+        let mut o = Ownership::new(Authority::default());
+        assert!(!o.awaits_creation_time(&account(None)), "nothing created");
+        o.create_asked(Some(PENDING));
+        o.create_answered(answer(true, None));
+        assert!(
+            o.awaits_creation_time(&account(None)),
+            "registered: the answer said no time"
+        );
+        assert!(!o.awaits_creation_time(&account(Some(1_001))), "an answer that says it");
+        o.observed(&account(Some(1_001)));
+        assert!(!o.awaits_creation_time(&account(None)), "read under the record");
+
+        let mut o = Ownership::new(Authority::default());
+        o.create_asked(Some(PENDING));
+        o.create_answered(answer(true, Some(1_001)));
+        assert!(!o.awaits_creation_time(&account(None)), "the create said when");
+
+        let mut o = Ownership::new(Authority::default());
+        o.create_asked(Some(PENDING));
+        o.create_answered(answer(false, None));
+        assert!(!o.awaits_creation_time(&account(None)), "not this sync's creation");
     }
 }
