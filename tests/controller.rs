@@ -1072,7 +1072,7 @@ async fn with_the_registration_secret_a_new_account_costs_one_call_and_one_read_
 async fn what_is_kept_per_object_goes_with_the_object() {
     use k8s_openapi::api::core::v1::Secret;
     use kube::core::PartialObjectMeta;
-    use matrix_user_operator::controller::{CacheSizes, Error, WatchedScope};
+    use matrix_user_operator::controller::{CacheSizes, Error, SecretCache, WatchedScope};
     let s = synapse();
     let (client, fake) = cluster(json!({}));
     let users: Vec<MatrixUser> = (0..12)
@@ -1094,10 +1094,10 @@ async fn what_is_kept_per_object_goes_with_the_object() {
     let admin: PartialObjectMeta<Secret> =
         serde_json::from_value(fake.get("/api/v1/namespaces/chat/secrets/admin").unwrap()).unwrap();
     // The caches as the watches fill them.
-    let (mut user_cache, mut hs_cache, mut secret_cache) = (
+    let (mut user_cache, mut hs_cache, secret_cache) = (
         Writer::<MatrixUser>::default(),
         Writer::<Homeserver>::default(),
-        Writer::<PartialObjectMeta<Secret>>::default(),
+        SecretCache::default(),
     );
     user_cache.apply_watcher_event(&watcher::Event::Init);
     for u in &users {
@@ -1121,7 +1121,7 @@ async fn what_is_kept_per_object_goes_with_the_object() {
             namespace: Some(NS.into()),
             users: user_cache.as_reader(),
             homeservers: hs_cache.as_reader(),
-            secrets: secret_cache.as_reader(),
+            secrets: secret_cache.clone(),
         }]),
     );
     reconcile_homeserver(Arc::new(hs.clone()), ctx.clone()).await.unwrap();

@@ -2,18 +2,15 @@
 //! controllers already run: Homeservers from a reflector store per scope,
 //! Secret values read once per resourceVersion of a Secret (the Secret
 //! watch is metadata-only; only the values a reconcile asked for are kept,
-//! never a store of every Secret's data).
+//! never a store of every Secret's data: see [`SecretCache`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::Secret;
-use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
 
-use super::{Context, Error, secrets};
+use super::{Context, Error, SecretCache, secrets};
 use crate::api::{Homeserver, MatrixUser, SecretKeyRef};
 use crate::secret::SecretString;
 
@@ -25,9 +22,9 @@ pub struct WatchedScope {
     pub namespace: Option<String>,
     pub users: Store<MatrixUser>,
     pub homeservers: Store<Homeserver>,
-    /// Secrets by metadata only: their resourceVersion says when a value
-    /// read before is out of date.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Of each Secret its resourceVersion (which says when a value read
+    /// before is out of date), its owners, and the values read of it.
+    pub secrets: SecretCache,
 }
 
 impl WatchedScope {
@@ -42,53 +39,6 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + 'static,
 {
     matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
-}
-
-/// The values read of one Secret, at one resourceVersion.
-struct CachedSecret {
-    resource_version: String,
-    values: HashMap<String, SecretString>,
-}
-
-/// Secret values by `(namespace, name)`, each valid for one resourceVersion.
-#[derive(Default)]
-pub(super) struct SecretValues(Mutex<HashMap<(String, String), CachedSecret>>);
-
-impl SecretValues {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), CachedSecret>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn get(&self, namespace: &str, name: &str, resource_version: &str, key: &str) -> Option<SecretString> {
-        let cache = self.lock();
-        let cached = cache.get(&(namespace.to_string(), name.to_string()))?;
-        (cached.resource_version == resource_version)
-            .then(|| cached.values.get(key).cloned())
-            .flatten()
-    }
-
-    fn insert(&self, namespace: &str, name: &str, resource_version: String, key: &str, value: SecretString) {
-        let mut cache = self.lock();
-        let entry = cache
-            .entry((namespace.to_string(), name.to_string()))
-            .or_insert_with(|| CachedSecret {
-                resource_version: resource_version.clone(),
-                values: HashMap::new(),
-            });
-        if entry.resource_version != resource_version {
-            entry.resource_version = resource_version;
-            entry.values.clear();
-        }
-        entry.values.insert(key.to_string(), value);
-    }
-
-    pub(super) fn retain(&self, mut keep: impl FnMut(&str, &str) -> bool) {
-        self.lock().retain(|(ns, name), _| keep(ns, name));
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 /// How many entries the per-object maps of a [`Context`] hold.
@@ -109,7 +59,7 @@ impl Context {
         self.watched
             .iter()
             .find(|s| s.covers(namespace))
-            .filter(|s| ready(&s.homeservers) && ready(&s.secrets))
+            .filter(|s| ready(&s.homeservers) && s.secrets.is_ready())
     }
 
     /// The Homeserver `name` of `namespace`: from the watch's cache, else
@@ -128,29 +78,25 @@ impl Context {
             .ok_or_else(|| Error::HomeserverNotFound { name: name.to_string() })
     }
 
-    /// The metadata of the Secret `name` as the watch last saw it, when a
-    /// ready cache covers `namespace`.
-    pub(super) fn secret_meta(&self, namespace: &str, name: &str) -> Option<Arc<PartialObjectMeta<Secret>>> {
-        self.ready_scope(namespace)?
-            .secrets
-            .get(&ObjectRef::new(name).within(namespace))
+    /// The Secret cache of the ready scope that watches `namespace`.
+    pub(super) fn secret_cache(&self, namespace: &str) -> Option<&SecretCache> {
+        self.ready_scope(namespace).map(|s| &s.secrets)
     }
 
     /// The value of key `r.key` of the Secret `r.name` in `namespace`: read
     /// from the API server once per resourceVersion of the Secret, which
     /// the metadata watch keeps current.
     pub async fn secret_value(&self, namespace: &str, r: &SecretKeyRef) -> Result<SecretString, Error> {
-        if let Some(rv) = self.secret_meta(namespace, &r.name).and_then(|m| m.resource_version())
-            && let Some(value) = self.secret_values.get(namespace, &r.name, &rv, &r.key)
+        if let Some(value) = self
+            .secret_cache(namespace)
+            .and_then(|c| c.value(namespace, &r.name, &r.key, None))
         {
             return Ok(value);
         }
         let (value, rv) = secrets::read_key_at(&self.client, namespace, r).await?;
         // Kept only where a watch says when it changes.
-        if self.ready_scope(namespace).is_some()
-            && let Some(rv) = rv
-        {
-            self.secret_values.insert(namespace, &r.name, rv, &r.key, value.clone());
+        if let (Some(cache), Some(rv)) = (self.secret_cache(namespace), rv) {
+            cache.remember(namespace, &r.name, &rv, &r.key, value.clone());
         }
         Ok(value)
     }
@@ -166,20 +112,16 @@ impl Context {
     ) -> Result<(SecretString, bool), Error> {
         let ns = user.namespace().unwrap_or_default();
         let name = secrets::credentials_secret_name(user);
-        if let Some(meta) = self.secret_meta(&ns, &name)
-            && let Some(rv) = meta.resource_version()
-            && user
-                .uid()
-                .is_some_and(|uid| meta.owner_references().iter().any(|o| o.uid == uid))
-            && let Some(value) = self.secret_values.get(&ns, &name, &rv, "password")
+        if let Some(uid) = user.uid()
+            && let Some(value) = self
+                .secret_cache(&ns)
+                .and_then(|c| c.value(&ns, &name, "password", Some(&uid)))
         {
             return Ok((value, false));
         }
         let (value, created, rv) = secrets::generated_password(&self.client, user, user_id, homeserver_url).await?;
-        if self.ready_scope(&ns).is_some()
-            && let Some(rv) = rv
-        {
-            self.secret_values.insert(&ns, &name, rv, "password", value.clone());
+        if let (Some(cache), Some(rv)) = (self.secret_cache(&ns), rv) {
+            cache.remember(&ns, &name, &rv, "password", value.clone());
         }
         Ok((value, created))
     }
@@ -191,7 +133,6 @@ impl Context {
     pub fn sweep(&self) {
         let users_ready: Vec<bool> = self.watched.iter().map(|s| ready(&s.users)).collect();
         let homeservers_ready: Vec<bool> = self.watched.iter().map(|s| ready(&s.homeservers)).collect();
-        let secrets_ready: Vec<bool> = self.watched.iter().map(|s| ready(&s.secrets)).collect();
         let gone = |ready: &[bool], ns: &str, present: &dyn Fn(&WatchedScope) -> bool| {
             self.watched
                 .iter()
@@ -216,13 +157,22 @@ impl Context {
         });
         self.synapse_clients.retain(|ns, name| !homeserver_gone(ns, name));
         self.mas_clients.retain(|ns, name| !homeserver_gone(ns, name));
-        self.secret_values.retain(|ns, name| {
-            !gone(&secrets_ready, ns, &|s| {
-                s.secrets.get(&ObjectRef::new(name).within(ns)).is_some()
-            })
-        });
+        for scope in &self.watched {
+            scope.secrets.forget_unwatched();
+        }
         self.metrics.retain_users(|ns, name| !user_gone(ns, name));
-        self.digests.retain(|ns, name| !user_gone(ns, name));
+        // The memo keeps hashes, not names: swept against every user cached,
+        // once every scope listed them.
+        if !users_ready.is_empty() && users_ready.iter().all(|ready| *ready) {
+            let users: Vec<_> = self.watched.iter().flat_map(|s| s.users.state()).collect();
+            self.digests.retain_users(users.iter().map(|u| {
+                let meta = &u.metadata;
+                (
+                    meta.namespace.as_deref().unwrap_or_default(),
+                    meta.name.as_deref().unwrap_or_default(),
+                )
+            }));
+        }
     }
 
     /// Forgets what is kept for the Homeserver `name` of `namespace` (its
@@ -239,7 +189,7 @@ impl Context {
         CacheSizes {
             failures: self.failures.len(),
             synapse_clients: self.synapse_clients.len(),
-            secret_values: self.secret_values.len(),
+            secret_values: self.watched.iter().map(|s| s.secrets.values_kept()).sum(),
             user_metrics: self.metrics.tracked_users(),
             digests: self.digests.len(),
         }

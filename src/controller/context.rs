@@ -8,7 +8,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, warn};
 
-use super::cache::{self, WatchedScope};
+use super::cache::WatchedScope;
 use super::clients::ClientCache;
 use super::digests::DigestMemo;
 use super::requeue::Backoff;
@@ -41,7 +41,6 @@ pub struct Context {
     /// Secret metadata are read there rather than from the API server.
     /// Empty: every read goes to the API server.
     pub(super) watched: Vec<WatchedScope>,
-    pub(super) secret_values: cache::SecretValues,
     /// Each Homeserver's share of the MatrixUser controller's slots.
     pub(super) slots: fairness::Slots,
     /// When each Homeserver's accounts were last counted.
@@ -89,7 +88,6 @@ impl Context {
             digests: DigestMemo::default(),
             failures: Backoff::default(),
             watched: Vec::new(),
-            secret_values: cache::SecretValues::default(),
             slots,
             account_counts: super::accounts::Counts::default(),
         }
@@ -182,14 +180,15 @@ impl Context {
 
     /// Whether `digest` (from the status of `user`) is one of `password`.
     pub(super) fn digest_matches(&self, user: &MatrixUser, digest: &str, password: &SecretString) -> bool {
-        let key = (user.namespace().unwrap_or_default(), user.name_any());
-        self.digests.matches(key, digest, password, &self.config.digest_key)
+        let (ns, name) = (user.namespace().unwrap_or_default(), user.name_any());
+        self.digests
+            .matches((&ns, &name), digest, password, &self.config.digest_key)
     }
 
     /// Remembers that `digest` is one of `password`, for [`Self::digest_matches`].
-    pub(super) fn remember_digest(&self, user: &MatrixUser, digest: String, password: &SecretString) {
-        let key = (user.namespace().unwrap_or_default(), user.name_any());
-        self.digests.remember(key, digest, password);
+    pub(super) fn remember_digest(&self, user: &MatrixUser, digest: &str, password: &SecretString) {
+        let (ns, name) = (user.namespace().unwrap_or_default(), user.name_any());
+        self.digests.remember((&ns, &name), digest, password);
     }
 
     /// Counts every backend request in the metrics.

@@ -149,9 +149,7 @@ fn now() -> Time {
 async fn hold_secret(ctx: &Context, hs: &Homeserver, name: String, held_before: Option<&str>) -> Result<String, Error> {
     let ns = hs.namespace().unwrap_or_default();
     // The watch's copy already carrying the finalizer: nothing to ask.
-    let held = ctx.secret_meta(&ns, &name).is_some_and(|s| {
-        s.meta().deletion_timestamp.is_none() && s.finalizers().iter().any(|f| f == secrets::ADMIN_TOKEN_FINALIZER)
-    });
+    let held = ctx.secret_cache(&ns).is_some_and(|c| c.is_held(&ns, &name));
     if !held {
         secrets::hold(&ctx.client, &ns, &name).await?;
     }

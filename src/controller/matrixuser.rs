@@ -288,7 +288,7 @@ async fn sync(
                 .is_some_and(|d| ctx.digest_matches(user, d, &value));
             if applied && old.password_digest.as_deref().is_some_and(|d| !is_keyed(d)) {
                 let digest = password_digest(&value, &ctx.config.digest_key);
-                ctx.remember_digest(user, digest.clone(), &value);
+                ctx.remember_digest(user, &digest, &value);
                 out.password_digest = Some(digest);
                 out.digest_rekeyed = true;
             }
@@ -333,7 +333,7 @@ async fn sync(
         && let Some(p) = &desired.password
     {
         let digest = password_digest(&p.value, &ctx.config.digest_key);
-        ctx.remember_digest(user, digest.clone(), &p.value);
+        ctx.remember_digest(user, &digest, &p.value);
         out.password_digest = Some(digest);
     }
     result

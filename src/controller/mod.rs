@@ -18,6 +18,7 @@ mod ownership;
 pub mod plan_cmd;
 mod requeue;
 mod resync;
+mod secret_cache;
 mod secrets;
 mod transport;
 mod triggers;
@@ -46,6 +47,7 @@ pub use error::Error;
 pub use homeserver::{HOMESERVER_FINALIZER, reconcile_homeserver};
 pub use index::UserIndex;
 pub use matrixuser::{FINALIZER, SKIP_CLEANUP, reconcile_user};
+pub use secret_cache::SecretCache;
 pub use secrets::ADMIN_TOKEN_FINALIZER;
 
 use context::Need;
@@ -177,7 +179,7 @@ pub async fn run(
     for namespace in &scopes {
         let (users, users_writer) = reflector::store();
         let (homeservers, homeservers_writer) = reflector::store();
-        let (secrets, secrets_writer) = reflector::store();
+        let secrets = SecretCache::default();
         let index = UserIndex::default();
         // A MatrixUser's rivals may live in another scope: each scope's
         // controller also takes the rivals the others find for it.
@@ -193,9 +195,9 @@ pub async fn run(
             namespace: namespace.clone(),
             users,
             homeservers,
-            secrets,
+            secrets: secrets.clone(),
         });
-        own.push((users_writer, (homeservers_writer, secrets_writer), rivals));
+        own.push((users_writer, (homeservers_writer, secrets), rivals));
     }
     let readers: Vec<_> = watched.iter().map(|w| w.users.clone()).collect();
     let indexes = all_scopes.iter().map(|(cache, _)| cache.index.clone()).collect();
@@ -269,10 +271,7 @@ struct Scope<'a> {
 
 /// The caches the MatrixUser controller's trigger watches of one scope fill
 /// for [`Context`]: Homeservers, and Secrets by metadata.
-type ScopeCaches = (
-    reflector::store::Writer<Homeserver>,
-    reflector::store::Writer<PartialObjectMeta<Secret>>,
-);
+type ScopeCaches = (reflector::store::Writer<Homeserver>, SecretCache);
 
 /// The MatrixUser and Homeserver controllers of one scope, filling `users`
 /// with the scope's MatrixUsers and `caches` with its Homeservers and
@@ -357,25 +356,24 @@ where
     };
     // A consistent list (not any_semantic): after a failover the new
     // leader must not start from an older copy than its predecessor wrote.
-    let users_stream = watch::objects_only(
-        watch::events(users_api.clone(), watcher::Config::default())
-            // The index follows the cache in the same step: what a
-            // reconcile triggered by this event looks up, both have.
-            .inspect(move |event| {
-                if let Ok(event) = event {
-                    index.apply(event);
-                }
-            })
-            .reflect(users)
-            .inspect(fan_out)
-            .applied_objects(),
-        "MatrixUser",
-    )
+    let user_events = watch::events(users_api.clone(), watcher::Config::default())
+        // The index follows the cache in the same step: what a reconcile
+        // triggered by this event looks up, both have.
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                index.apply(event);
+            }
+        })
+        .reflect(users)
+        .inspect(fan_out);
     // The operator's own writes (status, finalizer, pending-creation
     // record) change nothing it acts on: without this, every one costs
     // another reconcile and admin GET. The cache above still sees every
     // change.
-    .predicate_filter(acted_on_user, kube::runtime::PredicateConfig::default());
+    let users_stream = watch::objects_only(
+        watch::changed_by(user_events, acted_on_user).applied_objects(),
+        "MatrixUser",
+    );
     let by_homeserver = cache.clone();
     let by_secret = cache;
     let looks = resync::LastLooks::default();
@@ -397,7 +395,11 @@ where
             watch::objects_only(
                 watch::touched_after_first_listing(
                     watch::events(secrets_api, watcher::Config::default())
-                        .reflect(secret_cache)
+                        .inspect(move |event| {
+                            if let Ok(event) = event {
+                                secret_cache.apply_watcher_event(event);
+                            }
+                        })
                         .inspect(fan_out_secret),
                 ),
                 "Secret",

@@ -229,6 +229,50 @@ where
     })
 }
 
+/// The watch events, but of an object applied again with the same
+/// `fingerprint` as when it last passed (the operator's own writes, say),
+/// none: what kube's `predicate_filter` does, keyed by the object's uid
+/// alone, and forgetting an object when it is deleted rather than an hour
+/// after it was last seen (its cache held a copy of each object's name,
+/// namespace and uid, ≈0.2 KiB per MatrixUser at 10,000). Place it after
+/// whatever must see every event (the cache, the fan-outs).
+pub fn changed_by<K, E>(
+    events: impl Stream<Item = Result<watcher::Event<K>, E>> + Send + 'static,
+    fingerprint: fn(&K) -> Option<u64>,
+) -> impl Stream<Item = Result<watcher::Event<K>, E>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+    E: Send + 'static,
+{
+    let mut passed: HashMap<Box<str>, u64> = HashMap::new();
+    // An object without a uid (never one from an API server) by its name.
+    let key = |o: &K| -> Box<str> {
+        let meta = o.meta();
+        match &meta.uid {
+            Some(uid) => uid.as_str().into(),
+            None => format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            )
+            .into(),
+        }
+    };
+    events.filter(move |event| {
+        future::ready(match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => match fingerprint(o) {
+                Some(print) => passed.insert(key(o), print) != Some(print),
+                None => true,
+            },
+            Ok(watcher::Event::Delete(o)) => {
+                passed.remove(&key(o));
+                true
+            }
+            _ => true,
+        })
+    })
+}
+
 /// Keeps the objects of a stream and logs its errors instead of passing
 /// them on, so the controller never pauses for them.
 pub fn objects_only<K, E: std::fmt::Display>(
@@ -255,6 +299,57 @@ mod tests {
     use crate::api::{MatrixUser, PENDING_CREATION};
     use kube::runtime::reflector::{self, ObjectRef};
     use serde_json::json;
+
+    #[tokio::test]
+    async fn only_objects_whose_fingerprint_changed_pass_and_a_deleted_one_is_forgotten() {
+        let user = |uid: &str, generation: i64| -> MatrixUser {
+            serde_json::from_value(json!({
+                "apiVersion": "matrix-operator.io/v1alpha1", "kind": "MatrixUser",
+                "metadata": {"name": "alice", "namespace": "chat", "uid": uid, "generation": generation},
+                "spec": {"homeserverRef": {"name": "hs"}},
+            }))
+            .unwrap()
+        };
+        let events = futures::stream::iter([
+            Ok::<_, ()>(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(user("u1", 1))),
+            Ok(watcher::Event::InitDone),
+            // The operator's own write: the same fingerprint.
+            Ok(watcher::Event::Apply(user("u1", 1))),
+            Ok(watcher::Event::Apply(user("u1", 2))),
+            Ok(watcher::Event::Delete(user("u1", 2))),
+            // Made again under the same name: a new object.
+            Ok(watcher::Event::Apply(user("u2", 1))),
+            Ok(watcher::Event::Apply(user("u2", 1))),
+            // Deleted and its uid seen again (a relisting): passes.
+            Ok(watcher::Event::Delete(user("u2", 1))),
+            Ok(watcher::Event::InitApply(user("u2", 1))),
+        ]);
+        let generation = |u: &MatrixUser| u.metadata.generation.map(|g| g as u64);
+        let passed: Vec<String> = changed_by(events, generation)
+            .map(|e| match e.unwrap() {
+                watcher::Event::Apply(u) => format!("apply {} {:?}", u.metadata.uid.unwrap(), u.metadata.generation),
+                watcher::Event::InitApply(u) => format!("init {} {:?}", u.metadata.uid.unwrap(), u.metadata.generation),
+                watcher::Event::Delete(u) => format!("delete {}", u.metadata.uid.unwrap()),
+                watcher::Event::Init => "init".into(),
+                watcher::Event::InitDone => "done".into(),
+            })
+            .collect()
+            .await;
+        assert_eq!(
+            passed,
+            [
+                "init",
+                "init u1 Some(1)",
+                "done",
+                "apply u1 Some(2)",
+                "delete u1",
+                "apply u2 Some(1)",
+                "delete u2",
+                "init u2 Some(1)",
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn cached_objects_keep_no_managed_fields_and_only_the_operators_annotations() {
