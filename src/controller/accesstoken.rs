@@ -538,8 +538,7 @@ fn status_after(
 async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Result<(), Error> {
     let ns = token.namespace().unwrap_or_default();
     let mut expected = Expected::of(token, None);
-    let state = read_secret(ctx, token).await?;
-    let (secret, mut held) = match state {
+    let (secret, held) = match read_secret(ctx, token).await? {
         SecretState::Foreign => {
             return Err(Error::TokenSecretNotOwned {
                 name: token.secret_name(),
@@ -584,194 +583,267 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
     };
     expected.actor = account.mas_user_id.clone();
     let lifetimes = lifetimes(token)?;
-    let hs_name = account.user.spec.homeserver_ref.name.clone();
-    out.homeserver = Some(hs_name.clone());
-    let (backend, hs) = backend_of(ctx, &ns, &hs_name).await?;
+    out.homeserver = Some(account.user.spec.homeserver_ref.name.clone());
+    let (backend, hs) = backend_of(ctx, &ns, &account.user.spec.homeserver_ref.name).await?;
     check_spec(token, &backend, &account)?;
     check_device_unshared(ctx, token, &backend).await?;
+    let issuer = Issuer {
+        ctx,
+        token,
+        ns,
+        expected,
+        account,
+        backend,
+        hs,
+        lifetimes,
+    };
 
-    // A token held for another account or Homeserver (the MatrixUser was
-    // replaced) goes at once.
-    if let Some(h) = &held
-        && (h.user_id != account.user_id.as_str() || h.homeserver.as_deref() != Some(hs_name.as_str()))
-        && !h.token.expose().is_empty()
-    {
-        revoke_held(ctx, &ns, h, &expected, out).await?;
-        if let Some(s) = &secret {
-            clear_secret(ctx, s).await?;
-        }
-        held = None;
-        out.held = None;
-    }
+    let mut held = held;
+    issuer.drop_misplaced(secret.as_deref(), &mut held, out).await?;
     let now = Timestamp::now();
-    // The previous token's grace is over: revoke it.
-    if let Some(h) = held.as_mut()
-        && let Some(p) = h.previous.clone()
+    if issuer
+        .retire_previous(secret.as_deref(), held.as_mut(), now, out)
+        .await?
     {
-        if p.revoke_at <= now {
-            revoke_previous(&backend, &p, &expected).await?;
-            h.previous = None;
-            let s = secret.as_deref().expect("held comes from the Secret");
-            write_secret(ctx, token, Some(s), h, &hs.spec.url).await?;
-            out.held = Some(h.clone());
-            out.notes.push((
-                "Revoked",
-                "revoked the replaced token: its grace period is over".to_string(),
-            ));
-            out.next = None;
-            renew_at(out, &lifetimes);
-            return Ok(());
-        }
-        out.next = Some(p.revoke_at);
+        return Ok(());
     }
     let current = held.as_ref().filter(|h| !h.token.expose().is_empty());
-    let wanted_rotation = token.annotations().get(ROTATE_ANNOTATION).cloned();
-    // MAS answers at once whether the session was revoked; a MAS-mode
-    // Synapse may accept its token for two more minutes (its cache).
-    let session_ended = match (&backend, current.and_then(|h| h.session_id.as_deref())) {
-        (Backend::Mas(mas), Some(session)) => mas
-            .mas()
-            .personal_session(session)
-            .await?
-            .is_none_or(|s| s.revoked_at.is_some() || !expected.matches(&s)),
-        _ => false,
+    let decision = issuer.look_at(current, now).await?;
+    too_young(&decision, current, now)?;
+    let Some((why, keep_old)) = decision.replacement() else {
+        renew_at(out, &issuer.lifetimes);
+        return Ok(());
     };
-    let decision = match current {
-        None => Decision::Issue("issued"),
-        Some(_) if session_ended => {
-            Decision::Reissue("MAS says the token's session was revoked or is gone (out of band): issued anew")
+    if keep_old {
+        issuer.check_rotation(current, why)?;
+    }
+    issuer.replace(secret, held.as_ref(), (why, keep_old), now, out).await
+}
+
+/// What the steps of a pass work with once the account and its Homeserver
+/// are known.
+struct Issuer<'a> {
+    ctx: &'a Context,
+    token: &'a MatrixAccessToken,
+    ns: String,
+    expected: Expected,
+    account: Account,
+    backend: Backend,
+    hs: Arc<Homeserver>,
+    lifetimes: Lifetimes,
+}
+
+impl Issuer<'_> {
+    fn homeserver_name(&self) -> &str {
+        &self.account.user.spec.homeserver_ref.name
+    }
+
+    /// A token held for another account or Homeserver (the MatrixUser was
+    /// replaced) goes at once.
+    async fn drop_misplaced(
+        &self,
+        secret: Option<&Secret>,
+        held: &mut Option<Held>,
+        out: &mut Outcome,
+    ) -> Result<(), Error> {
+        if let Some(h) = held.as_ref()
+            && (h.user_id != self.account.user_id.as_str() || h.homeserver.as_deref() != Some(self.homeserver_name()))
+            && !h.token.expose().is_empty()
+        {
+            revoke_held(self.ctx, &self.ns, h, &self.expected, out).await?;
+            if let Some(s) = secret {
+                clear_secret(self.ctx, s).await?;
+            }
+            *held = None;
+            out.held = None;
         }
-        Some(h) => match backend.synapse().token_whoami(&h.token).await {
+        Ok(())
+    }
+
+    /// Revokes the replaced token once its grace is over, which is then the
+    /// whole pass (true); otherwise looks again when it is.
+    async fn retire_previous(
+        &self,
+        secret: Option<&Secret>,
+        held: Option<&mut Held>,
+        now: Timestamp,
+        out: &mut Outcome,
+    ) -> Result<bool, Error> {
+        let Some((h, p)) = held.and_then(|h| h.previous.clone().map(|p| (h, p))) else {
+            return Ok(false);
+        };
+        if p.revoke_at > now {
+            out.next = Some(p.revoke_at);
+            return Ok(false);
+        }
+        revoke_previous(&self.backend, &p, &self.expected).await?;
+        h.previous = None;
+        let s = secret.expect("held comes from the Secret");
+        write_secret(self.ctx, self.token, Some(s), h, &self.hs.spec.url).await?;
+        out.held = Some(h.clone());
+        out.notes.push((
+            "Revoked",
+            "revoked the replaced token: its grace period is over".to_string(),
+        ));
+        out.next = None;
+        renew_at(out, &self.lifetimes);
+        Ok(true)
+    }
+
+    /// What to do with the working token held (`current`): asks the server
+    /// whether it still takes it, and for whom.
+    async fn look_at(&self, current: Option<&Held>, now: Timestamp) -> Result<Decision, Error> {
+        let Some(h) = current else {
+            return Ok(Decision::Issue("issued"));
+        };
+        // MAS answers at once whether the session was revoked; a MAS-mode
+        // Synapse may accept its token for two more minutes (its cache).
+        if let (Backend::Mas(mas), Some(session)) = (&self.backend, h.session_id.as_deref())
+            && mas
+                .mas()
+                .personal_session(session)
+                .await?
+                .is_none_or(|s| s.revoked_at.is_some() || !self.expected.matches(&s))
+        {
+            return Ok(Decision::Reissue(
+                "MAS says the token's session was revoked or is gone (out of band): issued anew",
+            ));
+        }
+        let user_locked = || Error::UserLocked {
+            name: self.token.spec.user_ref.name.clone(),
+        };
+        Ok(match self.backend.synapse().token_whoami(&h.token).await {
             Ok(owner) if owner.user_id != h.user_id || owner.device_id != h.device_id => {
                 Decision::Replace("the server says the token is another's; replaced")
             }
-            Ok(_) => due(token, h, &lifetimes, wanted_rotation.as_deref(), now),
+            Ok(_) => {
+                let wanted_rotation = self.token.annotations().get(ROTATE_ANNOTATION);
+                due(self.token, h, &self.lifetimes, wanted_rotation.map(String::as_str), now)
+            }
             Err(SynapseError::Api {
                 errcode: ErrCode::UserLocked,
                 ..
-            }) => {
-                return Err(Error::UserLocked {
-                    name: token.spec.user_ref.name.clone(),
-                });
-            }
+            }) => return Err(user_locked()),
             Err(e) if e.class() == ErrorClass::Unauthorized => {
                 // MAS issues sessions to a user an admin locked in MAS,
                 // whose tokens it then refuses: say so, keep the token.
-                if let Backend::Mas(mas) = &backend
-                    && mas_locked(mas, &account).await?
+                if let Backend::Mas(mas) = &self.backend
+                    && mas_locked(mas, &self.account).await?
                 {
-                    return Err(Error::UserLocked {
-                        name: token.spec.user_ref.name.clone(),
-                    });
+                    return Err(user_locked());
                 }
                 Decision::Reissue(
                     "the server no longer accepts the token (revoked or expired out of band): issued anew",
                 )
             }
             Err(e) => return Err(e.into()),
-        },
-    };
-    let premature = match decision {
-        Decision::Reissue(_) => Some("refused by the server (or its MAS session ended)"),
-        Decision::Replace(_) => Some("said by the server to be another's"),
-        Decision::Renew(_) => Some("due for renewal (it expires within renewBefore)"),
-        _ => None,
-    };
-    if let (Some(why), Some(h)) = (premature, current)
+        })
+    }
+
+    /// Synapse cannot rotate the token of a device it keeps.
+    fn check_rotation(&self, current: Option<&Held>, why: &str) -> Result<(), Error> {
+        if let Backend::Synapse(_) = self.backend
+            && let Some(h) = current
+            && h.device_id.is_some()
+            && h.device_id.as_deref() == self.token.spec.device_id.as_deref()
+        {
+            return Err(Error::RotationUnsupported(format!(
+                "a rotation is due ({why}), but Synapse cannot end one token of device {} without deleting the device and its encryption keys: on Synapse, leave validFor out when deviceId is set, and replace the token by deleting and re-creating the MatrixAccessToken (which re-creates the device), or use MAS",
+                h.device_id.as_deref().unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Issues a new token into the Secret (created first if missing),
+    /// revoking what it replaces: the held token at once unless `keep_old`
+    /// gives it a grace period.
+    async fn replace(
+        &self,
+        secret: Option<Box<Secret>>,
+        held: Option<&Held>,
+        (why, keep_old): (&str, bool),
+        now: Timestamp,
+        out: &mut Outcome,
+    ) -> Result<(), Error> {
+        let (ctx, token, backend, expected) = (self.ctx, self.token, &self.backend, &self.expected);
+        let current = held.filter(|h| !h.token.expose().is_empty());
+        // A token two rotations old goes now: only one is ever in its grace.
+        // So does a replaced token whose successor was taken out of the
+        // Secret: the write below records no previous token, so it would be
+        // forgotten and stay valid.
+        if let Some(p) = held.and_then(|h| h.previous.as_ref()) {
+            revoke_previous(backend, p, expected).await?;
+        }
+        if !keep_old && let Some(h) = current {
+            // Not in use any more (dead, or another's): revoke what is left.
+            revoke_token(backend, h, expected).await?;
+        }
+        // The Secret exists before the token does: one that cannot be made
+        // (a quota, an admission policy, a name too long) gets no token
+        // issued and revoked at every pass.
+        let secret = match secret {
+            Some(s) => s,
+            None => Box::new(create_secret(ctx, token, BTreeMap::new(), BTreeMap::new()).await?),
+        };
+        let issued = issue(ctx, token, backend, &self.account, &self.lifetimes).await?;
+        let mut new = Held {
+            token: issued.token,
+            user_id: self.account.user_id.to_string(),
+            device_id: issued.device_id,
+            issued_at: Some(now),
+            expires_at: issued.expires_at,
+            session_id: issued.session_id,
+            rotation: token.annotations().get(ROTATE_ANNOTATION).cloned(),
+            homeserver: Some(self.homeserver_name().to_string()),
+            valid_for: token.spec.valid_for.clone(),
+            previous: None,
+        };
+        if keep_old && let Some(h) = current {
+            new.previous = Some(Previous {
+                token: matches!(backend, Backend::Synapse(_)).then(|| h.token.clone()),
+                session_id: h.session_id.clone(),
+                device_id: h.device_id.clone(),
+                revoke_at: now + span(self.lifetimes.grace),
+            });
+        }
+        if let Err(e) = write_secret(ctx, token, Some(&secret), &new, &self.hs.spec.url).await {
+            // Not recorded anywhere: it must not live on.
+            if let Err(revoke) = revoke_token(backend, &new, expected).await {
+                warn!(error = %revoke, "cannot revoke a token the Secret did not take");
+            }
+            return Err(e);
+        }
+        out.notes.push((
+            if keep_old { "Rotated" } else { "Issued" },
+            match &new.previous {
+                Some(p) => format!(
+                    "{why}: {} written to Secret {:?}; the replaced one is revoked at {}",
+                    describe(&new),
+                    token.secret_name(),
+                    p.revoke_at
+                ),
+                None => format!("{why}: {} written to Secret {:?}", describe(&new), token.secret_name()),
+            },
+        ));
+        if let Some(p) = &new.previous {
+            out.next = Some(p.revoke_at);
+        }
+        out.held = Some(new);
+        renew_at(out, &self.lifetimes);
+        Ok(())
+    }
+}
+
+/// Refuses to replace, on its own, a token younger than [`MIN_TOKEN_AGE`].
+fn too_young(decision: &Decision, current: Option<&Held>, now: Timestamp) -> Result<(), Error> {
+    if let (Some(why), Some(h)) = (decision.premature(), current)
         && let Some(issued_at) = h.issued_at
         && let Ok(age) = Duration::try_from(now.duration_since(issued_at))
         && age < MIN_TOKEN_AGE
     {
         return Err(Error::TokenRejected { age, why: why.into() });
     }
-    let (why, keep_old) = match decision {
-        Decision::Keep => {
-            renew_at(out, &lifetimes);
-            return Ok(());
-        }
-        Decision::Issue(why) | Decision::Reissue(why) => (why, false),
-        Decision::Replace(why) => (why, false),
-        Decision::Rotate(why) | Decision::Renew(why) => (why, true),
-    };
-    if keep_old
-        && let Backend::Synapse(_) = backend
-        && let Some(h) = current
-        && h.device_id.is_some()
-        && h.device_id.as_deref() == token.spec.device_id.as_deref()
-    {
-        return Err(Error::RotationUnsupported(format!(
-            "a rotation is due ({why}), but Synapse cannot end one token of device {} without deleting the device and its encryption keys: on Synapse, leave validFor out when deviceId is set, and replace the token by deleting and re-creating the MatrixAccessToken (which re-creates the device), or use MAS",
-            h.device_id.as_deref().unwrap_or_default()
-        )));
-    }
-    // A token two rotations old goes now: only one is ever in its grace.
-    // So does a replaced token whose successor was taken out of the Secret:
-    // the write below records no previous token, so it would be forgotten
-    // and stay valid.
-    if let Some(h) = held.as_ref()
-        && let Some(p) = &h.previous
-    {
-        revoke_previous(&backend, p, &expected).await?;
-    }
-    if !keep_old && let Some(h) = current {
-        // Not in use any more (dead, or another's): revoke what is left.
-        revoke_token(&backend, h, &expected).await?;
-    }
-    // The Secret exists before the token does: one that cannot be made (a
-    // quota, an admission policy, a name too long) gets no token issued and
-    // revoked at every pass.
-    let secret = match secret {
-        Some(s) => s,
-        None => Box::new(create_secret(ctx, token, BTreeMap::new(), BTreeMap::new()).await?),
-    };
-    let issued = issue(ctx, token, &backend, &account, &lifetimes).await?;
-    let mut new = Held {
-        token: issued.token,
-        user_id: account.user_id.to_string(),
-        device_id: issued.device_id,
-        issued_at: Some(now),
-        expires_at: issued.expires_at,
-        session_id: issued.session_id,
-        rotation: wanted_rotation,
-        homeserver: Some(hs_name.clone()),
-        valid_for: token.spec.valid_for.clone(),
-        previous: None,
-    };
-    if keep_old && let Some(h) = current {
-        new.previous = Some(Previous {
-            token: matches!(backend, Backend::Synapse(_)).then(|| h.token.clone()),
-            session_id: h.session_id.clone(),
-            device_id: h.device_id.clone(),
-            revoke_at: now + span(lifetimes.grace),
-        });
-    }
-    match write_secret(ctx, token, Some(&secret), &new, &hs.spec.url).await {
-        Ok(_) => {}
-        Err(e) => {
-            // Not recorded anywhere: it must not live on.
-            if let Err(revoke) = revoke_token(&backend, &new, &expected).await {
-                warn!(error = %revoke, "cannot revoke a token the Secret did not take");
-            }
-            return Err(e);
-        }
-    };
-    out.notes.push((
-        if keep_old { "Rotated" } else { "Issued" },
-        match &new.previous {
-            Some(p) => format!(
-                "{why}: {} written to Secret {:?}; the replaced one is revoked at {}",
-                describe(&new),
-                token.secret_name(),
-                p.revoke_at
-            ),
-            None => format!("{why}: {} written to Secret {:?}", describe(&new), token.secret_name()),
-        },
-    ));
-    if let Some(p) = &new.previous {
-        out.next = Some(p.revoke_at);
-    }
-    out.held = Some(new);
-    renew_at(out, &lifetimes);
     Ok(())
 }
 
@@ -802,6 +874,28 @@ enum Decision {
     Rotate(&'static str),
     /// Rotate it: it expires within `renewBefore`.
     Renew(&'static str),
+}
+
+impl Decision {
+    /// Why the held token is replaced before its time, if it is.
+    fn premature(&self) -> Option<&'static str> {
+        match self {
+            Decision::Reissue(_) => Some("refused by the server (or its MAS session ended)"),
+            Decision::Replace(_) => Some("said by the server to be another's"),
+            Decision::Renew(_) => Some("due for renewal (it expires within renewBefore)"),
+            Decision::Keep | Decision::Issue(_) | Decision::Rotate(_) => None,
+        }
+    }
+
+    /// Why a token is issued, and whether the held one keeps a grace
+    /// period; `None`: the held one stays.
+    fn replacement(&self) -> Option<(&'static str, bool)> {
+        match *self {
+            Decision::Keep => None,
+            Decision::Issue(why) | Decision::Reissue(why) | Decision::Replace(why) => Some((why, false)),
+            Decision::Rotate(why) | Decision::Renew(why) => Some((why, true)),
+        }
+    }
 }
 
 /// Whether the held (working) token is due for a rotation.
@@ -1379,6 +1473,45 @@ mod tests {
             "metadata": {"name": "bot", "namespace": "chat"}, "spec": spec}),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_token_is_replaced_on_its_own_only_once_a_minute_old() {
+        let now = Timestamp::now();
+        let held = |age: i64| Held {
+            token: SecretString::new("syt_token"),
+            user_id: "@bot:example.org".into(),
+            device_id: None,
+            issued_at: Some(now - k8s_openapi::jiff::SignedDuration::from_secs(age)),
+            expires_at: None,
+            session_id: None,
+            rotation: None,
+            homeserver: None,
+            valid_for: None,
+            previous: None,
+        };
+        let (young, old) = (held(30), held(120));
+        // (decision, the replacement keeps the held token in its grace,
+        // refused for a young token)
+        let cases = [
+            (Decision::Keep, None, false),
+            (Decision::Issue("issued"), Some(false), false),
+            (Decision::Reissue("dead"), Some(false), true),
+            (Decision::Replace("another's"), Some(false), true),
+            (Decision::Rotate("on the annotation"), Some(true), false),
+            (Decision::Renew("expires soon"), Some(true), true),
+        ];
+        for (decision, keeps_old, waits) in cases {
+            let why = decision.replacement().map(|(why, _)| why).unwrap_or("kept");
+            assert_eq!(decision.replacement().map(|(_, k)| k), keeps_old, "{why}");
+            let refused = too_young(&decision, Some(&young), now);
+            assert_eq!(refused.is_err(), waits, "{why}");
+            if let Err(e) = refused {
+                assert_eq!(e.reason(), "TokenRejected", "{why}");
+            }
+            assert!(too_young(&decision, Some(&old), now).is_ok(), "{why}");
+            assert!(too_young(&decision, None, now).is_ok(), "{why}");
+        }
     }
 
     #[test]
