@@ -56,7 +56,7 @@ use triggers::{
     users_of_homeserver, users_of_secret,
 };
 
-use crate::api::{Homeserver, MatrixUser};
+use crate::api::{Homeserver, MatrixAccessToken, MatrixUser};
 use crate::metrics::Metrics;
 use crate::secret::DigestKey;
 
@@ -306,74 +306,14 @@ where
     let (homeserver_triggers, triggered_homeservers) = tokio::sync::mpsc::unbounded_channel();
     let (token_triggers, triggered_tokens) = tokio::sync::mpsc::unbounded_channel();
     let (token_store, token_writer) = reflector::store();
-    // One watch of the scope's MatrixUsers serves every trigger that reads
-    // them (a second and third watch cost the API server a fan-out each and
-    // the operator a decoding of each object each): a MatrixUser that
-    // changed or went sets off the others naming its Matrix ID, held off
-    // with a Conflict, in every scope; and its Homeserver, if that is being
-    // deleted and waits for its MatrixUsers to go.
-    let fan_out = {
-        let (all_scopes, homeservers) = (scope.all.clone(), hs_store.clone());
-        let (homeserver_triggers, token_triggers) = (homeserver_triggers.clone(), token_triggers.clone());
-        let tokens = token_store.clone();
-        move |event: &Result<watcher::Event<MatrixUser>, watcher::Error>| {
-            let user = match event {
-                Ok(watcher::Event::Apply(u) | watcher::Event::InitApply(u) | watcher::Event::Delete(u)) => u,
-                _ => return,
-            };
-            for (cache, rivals) in all_scopes.iter() {
-                for rival in rivals_of(cache, user) {
-                    // A closed channel: that scope's controller stopped.
-                    let _ = rivals.send(rival);
-                }
-            }
-            if let Some(hs) = deleting_homeserver_of(&homeservers, user) {
-                let _ = homeserver_triggers.send(hs);
-            }
-            // And the MatrixAccessTokens of the MatrixUser.
-            for token in accesstoken::tokens_of_user(&tokens, user) {
-                let _ = token_triggers.send(token);
-            }
-        }
+    let fan_out = FanOut {
+        all_scopes: scope.all.clone(),
+        homeservers: hs_store.clone(),
+        tokens: token_store.clone(),
+        homeserver_triggers,
+        token_triggers,
     };
-    // Likewise one watch of the scope's Secrets (metadata) serves the
-    // Homeservers that read one and the MatrixAccessTokens that own one.
-    let fan_out_secret = {
-        let homeservers = hs_store.clone();
-        let (homeserver_triggers, token_triggers) = (homeserver_triggers, token_triggers);
-        move |event: &Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>| {
-            let secret = match event {
-                Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s)) => s,
-                _ => return,
-            };
-            for hs in homeservers_of_secret(&homeservers, secret) {
-                let _ = homeserver_triggers.send(hs);
-            }
-            for token in accesstoken::token_of_secret(secret) {
-                let _ = token_triggers.send(token);
-            }
-        }
-    };
-    // A consistent list (not any_semantic): after a failover the new
-    // leader must not start from an older copy than its predecessor wrote.
-    let user_events = watch::events(users_api.clone(), watcher::Config::default())
-        // The index follows the cache in the same step: what a reconcile
-        // triggered by this event looks up, both have.
-        .inspect(move |event| {
-            if let Ok(event) = event {
-                index.apply(event);
-            }
-        })
-        .reflect(users)
-        .inspect(fan_out);
-    // The operator's own writes (status, finalizer, pending-creation
-    // record) change nothing it acts on: without this, every one costs
-    // another reconcile and admin GET. The cache above still sees every
-    // change.
-    let users_stream = watch::objects_only(
-        watch::changed_by(user_events, acted_on_user).applied_objects(),
-        "MatrixUser",
-    );
+    let users_stream = users_stream(users_api, users, index, fan_out.clone());
     let by_homeserver = cache.clone();
     let by_secret = cache;
     let looks = resync::LastLooks::default();
@@ -391,21 +331,9 @@ where
         .reconcile_on(futures::stream::unfold(scope.rivals, |mut rivals| async move {
             rivals.recv().await.map(|rival| (rival, rivals))
         }))
-        .watches_stream(
-            watch::objects_only(
-                watch::touched_after_first_listing(
-                    watch::events(secrets_api, watcher::Config::default())
-                        .inspect(move |event| {
-                            if let Ok(event) = event {
-                                secret_cache.apply_watcher_event(event);
-                            }
-                        })
-                        .inspect(fan_out_secret),
-                ),
-                "Secret",
-            ),
-            move |secret| users_of_secret(&by_secret, &homeservers_for_secrets, &secret),
-        )
+        .watches_stream(secrets_stream(secrets_api, secret_cache, fan_out), move |secret| {
+            users_of_secret(&by_secret, &homeservers_for_secrets, &secret)
+        })
         .graceful_shutdown_on(shutdown.clone())
         .run(
             move |user, ctx| {
@@ -425,32 +353,14 @@ where
         )
         .for_each(|result| async move { log_outcome("MatrixUser", result) });
 
-    let homeservers_stream = watch::objects_only(
-        watch::events(homeservers_api, watcher::Config::default())
-            .reflect(hs_writer)
-            .applied_objects(),
-        "Homeserver",
+    let homeservers = homeservers_controller(
+        homeservers_api,
+        (hs_store, hs_writer),
+        triggered_homeservers,
+        controller_config,
+        ctx,
+        shutdown.clone(),
     );
-    // Its own status writes set off no check: the next one comes at the
-    // resync, or after the backoff of an error.
-    let homeservers_stream = homeservers_stream.predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
-    let homeservers = Controller::for_stream(homeservers_stream, hs_store)
-        .with_config(controller_config)
-        // Secrets it reads, and a Homeserver being deleted waits for its
-        // MatrixUsers to go (see the fan-outs of the MatrixUser and Secret
-        // watches).
-        .reconcile_on(futures::stream::unfold(
-            triggered_homeservers,
-            |mut triggered| async move { triggered.recv().await.map(|hs| (hs, triggered)) },
-        ))
-        .graceful_shutdown_on(shutdown.clone())
-        .run(
-            |hs, ctx| contained(reconcile_homeserver(hs.clone(), ctx), "Homeserver", hs),
-            homeserver::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|result| async move { log_outcome("Homeserver", result) });
-
     // MatrixAccessTokens: a controller of their own (see accesstoken).
     let tokens = accesstoken::controller(
         client,
@@ -465,6 +375,148 @@ where
         futures::join!(users, homeservers, tokens);
     }
     .boxed()
+}
+
+/// The scope's MatrixUsers as the controller takes them: each event fills
+/// `cache` and `index` and goes through `fan_out`; the operator's own
+/// writes (status, finalizer, pending-creation record) change nothing it
+/// acts on and set off nothing (without that, every one would cost another
+/// reconcile and admin GET).
+fn users_stream(
+    api: Api<MatrixUser>,
+    cache: reflector::store::Writer<MatrixUser>,
+    index: UserIndex,
+    fan_out: FanOut,
+) -> impl futures::Stream<Item = Result<MatrixUser, watcher::Error>> + Send + 'static {
+    // A consistent list (not any_semantic): after a failover the new
+    // leader must not start from an older copy than its predecessor wrote.
+    let events = watch::events(api, watcher::Config::default())
+        // The index follows the cache in the same step: what a reconcile
+        // triggered by this event looks up, both have.
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                index.apply(event);
+            }
+        })
+        .reflect(cache)
+        .inspect(move |event| fan_out.user_event(event));
+    watch::objects_only(watch::changed_by(events, acted_on_user).applied_objects(), "MatrixUser")
+}
+
+/// The scope's Secrets (metadata) that changed after the first listing,
+/// for the MatrixUsers that read them; each event fills `cache` and goes
+/// through `fan_out`.
+fn secrets_stream(
+    api: Api<PartialObjectMeta<Secret>>,
+    cache: SecretCache,
+    fan_out: FanOut,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
+    watch::objects_only(
+        watch::touched_after_first_listing(
+            watch::events(api, watcher::Config::default())
+                .inspect(move |event| {
+                    if let Ok(event) = event {
+                        cache.apply_watcher_event(event);
+                    }
+                })
+                .inspect(move |event| fan_out.secret_event(event)),
+        ),
+        "Secret",
+    )
+}
+
+/// The Homeserver controller of one scope: its watch fills `store`.
+fn homeservers_controller<S>(
+    api: Api<Homeserver>,
+    (store, writer): (reflector::Store<Homeserver>, reflector::store::Writer<Homeserver>),
+    triggered: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Homeserver>>,
+    config: kube::runtime::controller::Config,
+    ctx: &Arc<Context>,
+    shutdown: S,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let homeservers_stream = watch::objects_only(
+        watch::events(api, watcher::Config::default())
+            .reflect(writer)
+            .applied_objects(),
+        "Homeserver",
+    );
+    // Its own status writes set off no check: the next one comes at the
+    // resync, or after the backoff of an error.
+    let homeservers_stream = homeservers_stream.predicate_filter(acted_on, kube::runtime::PredicateConfig::default());
+    Controller::for_stream(homeservers_stream, store)
+        .with_config(config)
+        // Secrets it reads, and a Homeserver being deleted waits for its
+        // MatrixUsers to go (see the fan-outs of the MatrixUser and Secret
+        // watches).
+        .reconcile_on(futures::stream::unfold(triggered, |mut triggered| async move {
+            triggered.recv().await.map(|hs| (hs, triggered))
+        }))
+        .graceful_shutdown_on(shutdown)
+        .run(
+            |hs, ctx| contained(reconcile_homeserver(hs.clone(), ctx), "Homeserver", hs),
+            homeserver::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move { log_outcome("Homeserver", result) })
+}
+
+/// What a change of a watched MatrixUser or Secret sets off beyond the
+/// controller of its own kind. One watch of the scope's MatrixUsers serves
+/// every trigger that reads them (a second and third watch cost the API
+/// server a fan-out each and the operator a decoding of each object each);
+/// likewise one watch of the scope's Secrets (metadata).
+#[derive(Clone)]
+struct FanOut {
+    /// Every scope's cache and the channel its controller listens on.
+    all_scopes: Arc<Vec<(UserCache, RivalSender)>>,
+    /// The MatrixAccessTokens of this scope.
+    tokens: reflector::Store<MatrixAccessToken>,
+    homeservers: reflector::Store<Homeserver>,
+    homeserver_triggers: tokio::sync::mpsc::UnboundedSender<ObjectRef<Homeserver>>,
+    token_triggers: tokio::sync::mpsc::UnboundedSender<ObjectRef<MatrixAccessToken>>,
+}
+
+impl FanOut {
+    /// A MatrixUser that changed or went sets off the others naming its
+    /// Matrix ID, held off with a Conflict, in every scope; its
+    /// Homeserver, if that is being deleted and waits for its MatrixUsers
+    /// to go; and its MatrixAccessTokens.
+    fn user_event(&self, event: &Result<watcher::Event<MatrixUser>, watcher::Error>) {
+        let user = match event {
+            Ok(watcher::Event::Apply(u) | watcher::Event::InitApply(u) | watcher::Event::Delete(u)) => u,
+            _ => return,
+        };
+        for (cache, rivals) in self.all_scopes.iter() {
+            for rival in rivals_of(cache, user) {
+                // A closed channel: that scope's controller stopped.
+                let _ = rivals.send(rival);
+            }
+        }
+        if let Some(hs) = deleting_homeserver_of(&self.homeservers, user) {
+            let _ = self.homeserver_triggers.send(hs);
+        }
+        for token in accesstoken::tokens_of_user(&self.tokens, user) {
+            let _ = self.token_triggers.send(token);
+        }
+    }
+
+    /// A Secret sets off the Homeservers that read one and the
+    /// MatrixAccessTokens that own one.
+    fn secret_event(&self, event: &Result<watcher::Event<PartialObjectMeta<Secret>>, watcher::Error>) {
+        let secret = match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s)) => s,
+            _ => return,
+        };
+        for hs in homeservers_of_secret(&self.homeservers, secret) {
+            let _ = self.homeserver_triggers.send(hs);
+        }
+        for token in accesstoken::token_of_secret(secret) {
+            let _ = self.token_triggers.send(token);
+        }
+    }
 }
 
 /// Runs one reconcile so that a panic in it fails that reconcile alone
