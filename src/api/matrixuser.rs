@@ -379,6 +379,25 @@ pub struct PendingCreation {
     pub last_requested_at: Option<i64>,
 }
 
+impl PendingCreation {
+    /// The record of `pending`, a creation of `user_id`.
+    pub fn record(user_id: &str, pending: crate::plan::PendingCreation) -> Self {
+        PendingCreation {
+            user_id: user_id.to_string(),
+            requested_at: pending.requested_at,
+            last_requested_at: (pending.last_requested_at != pending.requested_at).then_some(pending.last_requested_at),
+        }
+    }
+
+    /// The creation recorded, if it is one of `user_id`.
+    pub fn of(&self, user_id: &str) -> Option<crate::plan::PendingCreation> {
+        (self.user_id == user_id).then(|| crate::plan::PendingCreation {
+            requested_at: self.requested_at,
+            last_requested_at: self.last_requested_at.unwrap_or(self.requested_at),
+        })
+    }
+}
+
 /// Recorded just before the operator asks the homeserver to create the
 /// account (in the same write as the finalizer, for a new MatrixUser): if
 /// the operator dies before it records the outcome, the account created in

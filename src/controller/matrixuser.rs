@@ -407,12 +407,7 @@ fn cut_short(progress: &mut Progress) {
 
 /// The pending creation recorded for `user_id`, if any.
 pub(super) fn pending_creation_of(user: &MatrixUser, user_id: &UserId) -> Option<plan::PendingCreation> {
-    user.pending_creation()
-        .filter(|p| p.user_id == user_id.as_str())
-        .map(|p| plan::PendingCreation {
-            requested_at: p.requested_at,
-            last_requested_at: p.last_requested_at.unwrap_or(p.requested_at),
-        })
+    user.pending_creation()?.of(user_id.as_str())
 }
 
 pub(super) fn check_password(value: &SecretString, source: Option<(&str, &str)>) -> Result<(), Error> {

@@ -203,14 +203,7 @@ impl<'a> Guard<'a> {
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
         // An earlier create of this ID that went unanswered may still have
         // made the account: the record covers it too.
-        let earlier = self
-            .record
-            .as_ref()
-            .filter(|p| p.user_id == user_id.as_str())
-            .map(|p| plan::PendingCreation {
-                requested_at: p.requested_at,
-                last_requested_at: p.last_requested_at.unwrap_or(p.requested_at),
-            });
+        let earlier = self.record.as_ref().and_then(|p| p.of(user_id.as_str()));
         let pending = match earlier {
             Some(earlier) => plan::PendingCreation {
                 last_requested_at: now,
@@ -218,11 +211,7 @@ impl<'a> Guard<'a> {
             },
             None => plan::PendingCreation::at(now),
         };
-        let record = PendingCreation {
-            user_id: user_id.to_string(),
-            requested_at: pending.requested_at,
-            last_requested_at: (pending.last_requested_at != pending.requested_at).then_some(pending.last_requested_at),
-        };
+        let record = PendingCreation::record(user_id.as_str(), pending);
         match self.write_metadata(Some(Some(&record))).await {
             Ok(()) => {
                 self.confirmed = true;
