@@ -93,6 +93,18 @@ pub struct Threepid {
     pub address: String,
 }
 
+/// A threepid's address in the form Synapse stores it (and MAS compares
+/// emails in): trimmed, an email lower-cased. See
+/// [`crate::plan::normalize_threepid`] for why ASCII lower-casing is enough.
+pub fn normalize_address(medium: &str, address: &str) -> String {
+    let address = address.trim();
+    if medium == "email" {
+        address.to_ascii_lowercase()
+    } else {
+        address.to_string()
+    }
+}
+
 /// A link to an SSO identity provider as Synapse reports and accepts it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ExternalId {

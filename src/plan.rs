@@ -9,45 +9,15 @@
 
 use std::collections::BTreeSet;
 
-use crate::account::{Account, ExternalId, Threepid, UserId};
-use crate::api::{DeletionPolicy, ManagedRoom, MatrixUserSpec, RoomName, ThreepidMedium, UserType};
+use crate::account::{Account, ExternalId, Threepid, UserId, normalize_address};
+use crate::api::{DeletionPolicy, ManagedRoom, MatrixUserSpec, RoomName, ThreepidMedium};
 use crate::secret::SecretString;
 
+pub mod fields;
 pub mod ownership;
 
-/// The account as the spec describes it. `None` fields are not managed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Desired {
-    pub user_id: UserId,
-    pub displayname: Option<String>,
-    pub avatar_url: Option<String>,
-    pub admin: Option<bool>,
-    pub deactivated: Option<bool>,
-    pub locked: Option<bool>,
-    pub user_type: Option<UserType>,
-    pub password: Option<DesiredPassword>,
-    /// Normalised (see [`normalize_threepid`]), in spec order.
-    pub threepids: Option<Vec<Threepid>>,
-    pub external_ids: Option<Vec<ExternalId>>,
-}
-
-impl Desired {
-    /// An account that exists and has nothing else managed.
-    pub fn existing(user_id: UserId) -> Self {
-        Self {
-            user_id,
-            displayname: None,
-            avatar_url: None,
-            admin: None,
-            deactivated: None,
-            locked: None,
-            user_type: None,
-            password: None,
-            threepids: None,
-            external_ids: None,
-        }
-    }
-}
+pub use fields::{Changes, Desired, FIELD_NAMES, Part};
+use fields::{Situation, dedup, set_of, threepid_set};
 
 /// The password the account should have.
 #[derive(Clone, Debug, PartialEq)]
@@ -170,27 +140,6 @@ pub enum Action {
     Update(Changes),
 }
 
-/// The fields of an account to change, each to the value given; `None` is
-/// left as it is. Threepids and external ids are the whole set wanted.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Changes {
-    pub password: Option<PasswordChange>,
-    pub displayname: Option<String>,
-    pub avatar_url: Option<String>,
-    pub threepids: Option<Vec<Threepid>>,
-    pub external_ids: Option<Vec<ExternalId>>,
-    pub admin: Option<bool>,
-    pub deactivated: Option<bool>,
-    pub locked: Option<bool>,
-    pub user_type: Option<String>,
-}
-
-impl Changes {
-    pub fn is_empty(&self) -> bool {
-        *self == Changes::default()
-    }
-}
-
 /// A password to set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PasswordChange {
@@ -271,14 +220,10 @@ pub enum Refusal {
 /// the ownership check. [`validate_threepid`] therefore admits ASCII emails
 /// only, for which the two agree.
 pub fn normalize_threepid(medium: ThreepidMedium, address: &str) -> Threepid {
-    let address = address.trim();
-    let address = match medium {
-        ThreepidMedium::Email => address.to_ascii_lowercase(),
-        ThreepidMedium::Msisdn => address.to_string(),
-    };
+    let medium = medium.as_str();
     Threepid {
-        medium: medium.as_str().to_string(),
-        address,
+        medium: medium.to_string(),
+        address: normalize_address(medium, address),
     }
 }
 
@@ -300,52 +245,13 @@ pub fn validate_threepid(medium: ThreepidMedium, address: &str) -> Result<(), St
     }
 }
 
-fn threepid_set(threepids: &[Threepid]) -> BTreeSet<(String, String)> {
-    threepids
-        .iter()
-        .map(|t| {
-            let address = if t.medium == "email" {
-                t.address.trim().to_ascii_lowercase()
-            } else {
-                t.address.trim().to_string()
-            };
-            (t.medium.clone(), address)
-        })
-        .collect()
-}
-
-fn external_id_set(ids: &[ExternalId]) -> BTreeSet<&ExternalId> {
-    ids.iter().collect()
-}
-
 /// The desired account from a spec, its Matrix ID and its password (read
 /// from the Secret by the caller).
 pub fn desired_from_spec(spec: &MatrixUserSpec, user_id: UserId, password: Option<DesiredPassword>) -> Desired {
     Desired {
-        user_id,
-        displayname: spec.display_name.clone(),
-        avatar_url: spec.avatar_url.clone(),
-        admin: spec.admin,
-        deactivated: spec.deactivated,
-        locked: spec.locked,
-        user_type: spec.user_type,
         password,
-        threepids: spec
-            .threepids
-            .as_ref()
-            .map(|ts| dedup(ts.iter().map(|t| normalize_threepid(t.medium, &t.address)))),
-        external_ids: spec.external_ids.as_ref().map(|ids| {
-            dedup(ids.iter().map(|e| ExternalId {
-                auth_provider: e.auth_provider.clone(),
-                external_id: e.external_id.clone(),
-            }))
-        }),
+        ..Desired::of_spec(spec, user_id)
     }
-}
-
-fn dedup<T: Ord + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
-    let mut seen = BTreeSet::new();
-    items.filter(|i| seen.insert(i.clone())).collect()
 }
 
 /// Whether the account will be deactivated once the plan ran: the spec asks
@@ -371,7 +277,7 @@ pub fn lookups(desired: &Desired, account: Option<&Account>) -> Lookups {
             .collect();
     }
     if let Some(wanted) = &desired.external_ids {
-        let held: BTreeSet<&ExternalId> = account.map(|a| external_id_set(&a.external_ids)).unwrap_or_default();
+        let held: BTreeSet<&ExternalId> = account.map(|a| set_of(&a.external_ids)).unwrap_or_default();
         out.external_ids = wanted.iter().filter(|e| !held.contains(e)).cloned().collect();
     }
     out
@@ -448,77 +354,20 @@ fn check_owners(desired: &Desired, owners: &Owners) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The fields that differ.
+/// The fields that differ (see [`fields`]), and whether the changes
+/// re-activate the account without a password to give it.
 fn diff(desired: &Desired, a: &Account) -> (Changes, bool) {
-    let mut u = Changes::default();
     let reactivating = desired.deactivated == Some(false) && a.deactivated;
-    let deactivating = desired.deactivated == Some(true) && !a.deactivated;
     let ends_deactivated = ends_deactivated(desired, Some(a));
-
-    // An erased account that stays deactivated keeps its profile erased.
-    let keep_erased = a.erased && ends_deactivated;
-    // Synapse reports a cleared displayname or avatar as null and takes ""
-    // to clear one.
-    if let Some(name) = &desired.displayname
-        && !keep_erased
-        && a.displayname.as_deref().unwrap_or("") != name
-    {
-        u.displayname = Some(name.clone());
-    }
-    if let Some(avatar) = &desired.avatar_url
-        && !keep_erased
-        && a.avatar_url.as_deref().unwrap_or("") != avatar
-    {
-        u.avatar_url = Some(avatar.clone());
-    }
-    if let Some(admin) = desired.admin
-        && admin != a.admin
-    {
-        u.admin = Some(admin);
-    }
-    if let Some(t) = desired.user_type
-        && a.user_type.as_deref() != Some(t.as_str())
-    {
-        u.user_type = Some(t.as_str().to_string());
-    }
-    if let Some(locked) = desired.locked
-        && locked != a.locked
-    {
-        u.locked = Some(locked);
-    }
-    if let Some(ids) = &desired.external_ids
-        && external_id_set(ids) != external_id_set(&a.external_ids)
-    {
-        u.external_ids = Some(ids.clone());
-    }
-    // Deactivation removes every threepid: a deactivated account has none
-    // to manage, and re-adding them would fight Synapse forever.
-    if let Some(ts) = &desired.threepids
-        && !ends_deactivated
-        && threepid_set(ts) != threepid_set(&a.threepids)
-    {
-        u.threepids = Some(ts.clone());
-    }
-    if deactivating {
-        u.deactivated = Some(true);
-    }
-    let mut reactivates_without_password = false;
-    if reactivating {
-        u.deactivated = Some(false);
-        // Deactivation removed the password hash: re-activating without a
-        // password leaves an account no one can log in to.
-        reactivates_without_password = desired.password.is_none();
-    }
-    if let Some(p) = &desired.password
-        && !ends_deactivated
-        && (reactivating || !p.applied)
-    {
-        u.password = Some(PasswordChange {
-            value: p.value.clone(),
-            logout_devices: p.logout_devices,
-        });
-    }
-    (u, reactivates_without_password)
+    let situation = Situation {
+        reactivating,
+        ends_deactivated,
+        keep_erased: a.erased && ends_deactivated,
+    };
+    // Deactivation removed the password hash: re-activating without a
+    // password leaves an account no one can log in to.
+    let reactivates_without_password = reactivating && desired.password.is_none();
+    (fields::changes(desired, a, &situation), reactivates_without_password)
 }
 
 /// What deleting a MatrixUser does.
@@ -698,24 +547,7 @@ pub fn plan_rooms(
 /// The names of the fields an update sends, for events and logs (never
 /// their values).
 pub fn changed_fields(u: &Changes) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let fields: [(&'static str, bool); 9] = [
-        ("password", u.password.is_some()),
-        ("displayname", u.displayname.is_some()),
-        ("avatar_url", u.avatar_url.is_some()),
-        ("threepids", u.threepids.is_some()),
-        ("external_ids", u.external_ids.is_some()),
-        ("admin", u.admin.is_some()),
-        ("deactivated", u.deactivated.is_some()),
-        ("locked", u.locked.is_some()),
-        ("user_type", u.user_type.is_some()),
-    ];
-    for (name, set) in fields {
-        if set {
-            out.push(name);
-        }
-    }
-    out
+    u.field_names()
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::account::{Account, UserId};
-use crate::plan::{Changes, Desired, Lookups, Owners};
+use crate::plan::{Changes, Desired, Lookups, Owners, Part};
 use mas::{MasBackend, MasError};
 use synapse::{SynapseClient, SynapseError};
 
@@ -275,9 +275,9 @@ impl Parts {
     /// name or avatar, which an erased account keeps cleared.
     pub fn managed_by(desired: &Desired) -> Parts {
         Parts {
-            profile: desired.displayname.is_some() || desired.avatar_url.is_some() || desired.user_type.is_some(),
-            threepids: desired.threepids.is_some(),
-            external_ids: desired.external_ids.is_some(),
+            profile: desired.manages(Part::Profile),
+            threepids: desired.manages(Part::Threepids),
+            external_ids: desired.manages(Part::ExternalIds),
         }
     }
 }

@@ -5,7 +5,7 @@
 use super::mas::{MasCall, calls};
 use super::synapse::{UserUpdate, user_update};
 use crate::account::{Account, ExternalId, Threepid, UserId};
-use crate::plan::{Action, Authority, Desired, DesiredPassword, Owners, plan};
+use crate::plan::{Action, Authority, Changes, Desired, DesiredPassword, Owners, plan};
 use crate::secret::SecretString;
 
 fn observed() -> Account {
@@ -59,9 +59,9 @@ fn cases() -> Vec<Case> {
                 displayname: Some("Alice".into()),
                 ..none()
             },
-            mas: vec![MasCall::Profile(UserUpdate {
+            mas: vec![MasCall::Profile(Changes {
                 displayname: Some("Alice".into()),
-                ..none()
+                ..Changes::default()
             })],
         },
         Case {
@@ -71,9 +71,9 @@ fn cases() -> Vec<Case> {
                 avatar_url: Some("mxc://example.org/a".into()),
                 ..none()
             },
-            mas: vec![MasCall::Profile(UserUpdate {
+            mas: vec![MasCall::Profile(Changes {
                 avatar_url: Some("mxc://example.org/a".into()),
-                ..none()
+                ..Changes::default()
             })],
         },
         Case {
@@ -83,9 +83,9 @@ fn cases() -> Vec<Case> {
                 user_type: Some("bot".into()),
                 ..none()
             },
-            mas: vec![MasCall::Profile(UserUpdate {
+            mas: vec![MasCall::Profile(Changes {
                 user_type: Some("bot".into()),
-                ..none()
+                ..Changes::default()
             })],
         },
         Case {
@@ -183,9 +183,9 @@ fn cases() -> Vec<Case> {
                 ..none()
             },
             mas: vec![
-                MasCall::Profile(UserUpdate {
+                MasCall::Profile(Changes {
                     displayname: Some("Gone".into()),
-                    ..none()
+                    ..Changes::default()
                 }),
                 MasCall::Deactivate,
             ],
@@ -215,9 +215,9 @@ fn cases() -> Vec<Case> {
                 MasCall::SetPassword,
                 MasCall::EndSessions,
                 MasCall::AddEmail("a@example.org".into()),
-                MasCall::Profile(UserUpdate {
+                MasCall::Profile(Changes {
                     displayname: Some("Alice".into()),
-                    ..none()
+                    ..Changes::default()
                 }),
             ],
         },

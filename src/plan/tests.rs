@@ -4,7 +4,7 @@
 //! tested in `backend::mas::tests`.
 
 use super::*;
-use crate::api::{ExternalIdSpec, HomeserverRef, ThreepidSpec};
+use crate::api::{ExternalIdSpec, HomeserverRef, ThreepidSpec, UserType};
 use crate::synapse::{UserUpdate, user_update};
 
 /// The Synapse PUT body an action makes (of an account that exists).
@@ -873,9 +873,15 @@ fn admin_needs_the_policy() {
     assert!(plan(&d, Some(&account()), owned(), &Owners::default()).is_ok());
 }
 
-/// The names of the fields a Synapse body sends.
+/// The names of the fields a Synapse body sends: the plan's fields found
+/// in the JSON body, in the plan's order.
 fn body_fields(u: &UserUpdate) -> Vec<&'static str> {
-    crate::synapse::body_fields(u)
+    let body = serde_json::to_value(u).unwrap();
+    FIELD_NAMES
+        .iter()
+        .copied()
+        .filter(|name| body.get(name).is_some())
+        .collect()
 }
 
 fn update_with(d: &Desired, a: &Account, authority: Authority) -> UserUpdate {

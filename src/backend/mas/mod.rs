@@ -14,9 +14,9 @@ pub use client::{CreateOutcome, MasClient, MasConfig, MasEmail, MasLink, MasProv
 pub use error::{MasEndpoint, MasError};
 pub use personal::{IssuedSession, PersonalSession, Revoked, SCOPE_CLIENT_API, SCOPE_DEVICE_PREFIX, bot_scope, is_id};
 
-use crate::account::{Account, ExternalId, Threepid, UserId};
+use crate::account::{Account, ExternalId, Threepid, UserId, normalize_address};
 use crate::backend::{AccountBackend, Applied, BackendError, Created, Parts, Unsupported};
-use crate::plan::{Changes, Desired, Lookups, Owners};
+use crate::plan::{Changes, Desired, Lookups, Owners, Part};
 use crate::synapse::{SynapseClient, UserUpdate};
 
 /// A Homeserver whose accounts live in MAS.
@@ -43,8 +43,9 @@ pub enum MasCall {
     DeleteEmail(String),
     AddLink(ExternalId),
     DeleteLink(ExternalId),
-    /// Synapse's user PUT with displayname, avatar and user type only.
-    Profile(UserUpdate),
+    /// Synapse's user PUT with the profile's changes (the fields read with
+    /// [`Part::Profile`]: MAS keeps no profile).
+    Profile(Changes),
     /// Deactivate without erasing (`skip_erase`): the spec's
     /// `deactivated: true` keeps the account's messages and profile.
     Deactivate,
@@ -60,16 +61,7 @@ impl MasCall {
             MasCall::SetAdmin(_) => "admin",
             MasCall::AddEmail(_) | MasCall::DeleteEmail(_) => "threepids",
             MasCall::AddLink(_) | MasCall::DeleteLink(_) => "external_ids",
-            MasCall::Profile(u) => {
-                return [
-                    ("displayname", u.displayname.is_some()),
-                    ("avatar_url", u.avatar_url.is_some()),
-                    ("user_type", u.user_type.is_some()),
-                ]
-                .into_iter()
-                .filter_map(|(name, set)| set.then_some(name))
-                .collect();
-            }
+            MasCall::Profile(profile) => return profile.field_names(),
         };
         vec![field]
     }
@@ -79,50 +71,55 @@ impl MasCall {
 /// first (nothing else may be changed on a deactivated account in a way
 /// that lasts: deactivation deleted its emails), deactivation last.
 pub fn calls(account: &Account, changes: &Changes) -> Vec<MasCall> {
+    // Destructured whole, so a field added to the plan must be placed here.
+    let Changes {
+        password,
+        displayname: _,
+        avatar_url: _,
+        threepids,
+        external_ids,
+        admin,
+        deactivated,
+        locked,
+        user_type: _,
+    } = changes;
     let mut out = Vec::new();
-    if changes.deactivated == Some(false) {
+    if *deactivated == Some(false) {
         out.push(MasCall::Reactivate);
     }
-    if let Some(p) = &changes.password {
+    if let Some(p) = password {
         out.push(MasCall::SetPassword);
         if p.logout_devices {
             out.push(MasCall::EndSessions);
         }
     }
-    match changes.locked {
+    match locked {
         Some(true) => out.push(MasCall::Lock),
         Some(false) => out.push(MasCall::Unlock),
         None => {}
     }
-    if let Some(admin) = changes.admin {
+    if let Some(admin) = *admin {
         out.push(MasCall::SetAdmin(admin));
     }
-    if let Some(wanted) = &changes.threepids {
-        let wanted: BTreeSet<String> = wanted.iter().map(|t| t.address.to_ascii_lowercase()).collect();
-        let held: BTreeSet<String> = account
-            .threepids
-            .iter()
-            .map(|t| t.address.to_ascii_lowercase())
-            .collect();
+    if let Some(wanted) = threepids {
+        let emails = |ts: &[Threepid]| -> BTreeSet<String> {
+            ts.iter().map(|t| normalize_address("email", &t.address)).collect()
+        };
+        let (wanted, held) = (emails(wanted), emails(&account.threepids));
         out.extend(wanted.difference(&held).cloned().map(MasCall::AddEmail));
         out.extend(held.difference(&wanted).cloned().map(MasCall::DeleteEmail));
     }
-    if let Some(wanted) = &changes.external_ids {
+    if let Some(wanted) = external_ids {
         let wanted: BTreeSet<&ExternalId> = wanted.iter().collect();
         let held: BTreeSet<&ExternalId> = account.external_ids.iter().collect();
         out.extend(wanted.difference(&held).map(|e| MasCall::AddLink((*e).clone())));
         out.extend(held.difference(&wanted).map(|e| MasCall::DeleteLink((*e).clone())));
     }
-    let profile = UserUpdate {
-        displayname: changes.displayname.clone(),
-        avatar_url: changes.avatar_url.clone(),
-        user_type: changes.user_type.clone(),
-        ..UserUpdate::default()
-    };
-    if profile != UserUpdate::default() {
+    let profile = changes.of_part(Part::Profile);
+    if !profile.is_empty() {
         out.push(MasCall::Profile(profile));
     }
-    if changes.deactivated == Some(true) {
+    if *deactivated == Some(true) {
         out.push(MasCall::Deactivate);
     }
     out
@@ -185,8 +182,8 @@ impl MasBackend {
                     }
                 }
             }
-            MasCall::Profile(update) => {
-                self.synapse.put_user(user_id, update).await?;
+            MasCall::Profile(profile) => {
+                self.synapse.put_user(user_id, &UserUpdate::from(profile)).await?;
             }
             MasCall::Deactivate => self.mas.deactivate(id, true).await?,
         }

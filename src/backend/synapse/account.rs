@@ -4,10 +4,10 @@ use super::client::Registration;
 use super::{SynapseClient, SynapseError, UserUpdate};
 use crate::account::{Account, UserId};
 use crate::backend::{AccountBackend, Applied, BackendError, Created, Parts, Unsupported};
-use crate::plan::{self, Changes, Desired, Lookups, Owners};
+use crate::plan::{Changes, Desired, Lookups, Owners};
 use crate::secret::SecretString;
 
-/// The body of the next PUT for `changes`. Synapse applies the profile
+/// The part of `changes` the next PUT sends. Synapse applies the profile
 /// fields before a deactivation in the same body (measured), so one call
 /// does most of it; the password is the exception.
 ///
@@ -19,36 +19,31 @@ use crate::secret::SecretString;
 /// - an account this sync created has no devices, so the password goes with
 ///   the rest and logs nothing out: sending it again after a failure ends
 ///   no session either.
-pub fn user_update(c: &Changes, created_now: bool) -> UserUpdate {
-    let u = UserUpdate {
-        password: c.password.as_ref().map(|p| p.value.clone()),
-        logout_devices: c.password.as_ref().map(|p| p.logout_devices && !created_now),
-        displayname: c.displayname.clone(),
-        avatar_url: c.avatar_url.clone(),
-        threepids: c.threepids.clone(),
-        external_ids: c.external_ids.clone(),
-        admin: c.admin,
-        deactivated: c.deactivated,
-        locked: c.locked,
-        user_type: c.user_type.clone(),
-    };
-    if u.password.is_none() || created_now {
-        return u;
+pub fn next_put(c: &Changes, created_now: bool) -> Changes {
+    let mut all = c.clone();
+    if let Some(p) = all.password.as_mut() {
+        p.logout_devices &= !created_now;
+    }
+    if all.password.is_none() || created_now {
+        return all;
     }
     if c.deactivated == Some(false) {
-        return UserUpdate {
+        return Changes {
             deactivated: Some(false),
-            password: u.password,
-            logout_devices: u.logout_devices,
-            ..UserUpdate::default()
+            password: all.password,
+            ..Changes::default()
         };
     }
-    let rest = UserUpdate {
+    let rest = Changes {
         password: None,
-        logout_devices: None,
-        ..u.clone()
+        ..all.clone()
     };
-    if rest == UserUpdate::default() { u } else { rest }
+    if rest.is_empty() { all } else { rest }
+}
+
+/// The body of the next PUT for `changes` (see [`next_put`]).
+pub fn user_update(c: &Changes, created_now: bool) -> UserUpdate {
+    UserUpdate::from(&next_put(c, created_now))
 }
 
 impl SynapseClient {
@@ -90,24 +85,6 @@ impl SynapseClient {
             password: true,
         })
     }
-}
-
-/// The names of the fields a body sends (never their values).
-pub fn body_fields(u: &UserUpdate) -> Vec<&'static str> {
-    plan::changed_fields(&Changes {
-        password: u.password.as_ref().map(|value| plan::PasswordChange {
-            value: value.clone(),
-            logout_devices: false,
-        }),
-        displayname: u.displayname.clone(),
-        avatar_url: u.avatar_url.clone(),
-        threepids: u.threepids.clone(),
-        external_ids: u.external_ids.clone(),
-        admin: u.admin,
-        deactivated: u.deactivated,
-        locked: u.locked,
-        user_type: u.user_type.clone(),
-    })
 }
 
 impl AccountBackend for SynapseClient {
@@ -175,18 +152,18 @@ impl AccountBackend for SynapseClient {
     }
 
     async fn apply(&self, user_id: &UserId, _: &Account, changes: &Changes, created_now: bool) -> Applied {
-        let update = user_update(changes, created_now);
+        let sent = next_put(changes, created_now);
         let mut applied = Applied {
             writes: 1,
             ..Applied::default()
         };
-        match self.put_user(user_id, &update).await {
+        match self.put_user(user_id, &UserUpdate::from(&sent)).await {
             // Synapse answers with the account as it is after the PUT: the
             // next round plans from it without reading again.
             Ok(outcome) => {
-                applied.fields.push(body_fields(&update));
-                applied.password = update.password.is_some();
-                applied.deactivated = update.deactivated;
+                applied.fields.push(sent.field_names());
+                applied.password = sent.password.is_some();
+                applied.deactivated = sent.deactivated;
                 applied.account = Some(outcome.user.into());
             }
             Err(e) => applied.error = Some(e.into()),

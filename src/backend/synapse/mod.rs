@@ -10,7 +10,7 @@ mod tokens;
 mod types;
 
 pub use crate::backend::RequestObserver;
-pub use account::{body_fields, user_update};
+pub use account::user_update;
 pub use client::{ClientConfig, PutOutcome, Registration, SynapseClient};
 pub(crate) use client::{MAX_CODE_BYTES, MAX_MESSAGE_BYTES, summary};
 pub use error::{BodySummary, DecodeProblem, ErrCode, ErrorClass, SynapseError};

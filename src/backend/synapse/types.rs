@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::account::Account;
 pub use crate::account::{ExternalId, InvalidUserId, Threepid, UserId, validate_localpart};
+use crate::plan::Changes;
 use crate::secret::SecretString;
 
 /// The admin API endpoints the operator calls: a closed set, so it can label
@@ -148,6 +149,37 @@ pub struct UserUpdate {
     pub locked: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_type: Option<String>,
+}
+
+impl From<&Changes> for UserUpdate {
+    /// Every field of the plan's changes is a field of Synapse's user PUT
+    /// (of the same name): the body sends them all. Destructured whole, so
+    /// a field added to the plan must be placed here.
+    fn from(changes: &Changes) -> Self {
+        let Changes {
+            password,
+            displayname,
+            avatar_url,
+            threepids,
+            external_ids,
+            admin,
+            deactivated,
+            locked,
+            user_type,
+        } = changes;
+        UserUpdate {
+            password: password.as_ref().map(|p| p.value.clone()),
+            logout_devices: password.as_ref().map(|p| p.logout_devices),
+            displayname: displayname.clone(),
+            avatar_url: avatar_url.clone(),
+            threepids: threepids.clone(),
+            external_ids: external_ids.clone(),
+            admin: *admin,
+            deactivated: *deactivated,
+            locked: *locked,
+            user_type: user_type.clone(),
+        }
+    }
 }
 
 impl UserUpdate {
