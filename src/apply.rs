@@ -13,6 +13,7 @@ use crate::backend::{AccountBackend, BackendError, ErrorClass, Parts, RoomBacken
 pub use crate::plan::ownership::PendingOutcome;
 use crate::plan::ownership::{Claim, CreateAnswer, Ownership};
 use crate::plan::{self, Action, Authority, DeletionAction, Desired, PendingCreation, Refusal, Untouched};
+use crate::synapse::SynapseClient;
 
 /// Rounds of read-plan-act before giving up on an account that does not
 /// settle: create, update, one repair of a partly applied update, verify.
@@ -128,119 +129,170 @@ pub async fn sync_account<B: AccountBackend, S>(
     if let Err(unsupported) = backend.prepare(&mut desired).await? {
         return Err(SyncError::Unsupported(unsupported.0));
     }
-    let mut own = Ownership::new(authority);
-    let mut last_fields = Vec::new();
-    let mut waited = Duration::ZERO;
-    let mut guarded = false;
-    // The account as the last answer reported it, when it did: no need to
-    // read it again. A resource that never had an account may go straight
-    // to the create, when that changes nothing of one that exists.
+    // A resource that never had an account may go straight to the create,
+    // when that changes nothing of one that exists.
     let fresh = !authority.owned
         && authority.pending_creation.is_none()
         && !authority.adopt_requested
         && backend.creates_before_reading(&desired);
-    let mut answered: Option<Option<Account>> = fresh.then_some(None);
     // Only what the plan compares is read (MAS: no emails or upstream
     // links for a spec without threepids or externalIds).
     let parts = Parts::managed_by(&desired);
-    // This sync created the account: it has no sessions yet.
-    let mut created_now = false;
+    let mut sync = Syncing {
+        backend,
+        guard,
+        progress,
+        desired,
+        own: Ownership::new(authority),
+        waited: Duration::ZERO,
+        guarded: false,
+        created_now: false,
+        last_fields: Vec::new(),
+    };
+    // The account as the last answer reported it, when it did: no need to
+    // read it again.
+    let mut answered: Option<Option<Account>> = fresh.then_some(None);
     for _ in 0..MAX_ROUNDS {
-        // Read.
         let from_answer = answered.is_some();
         let account = match answered.take() {
             Some(account) => account,
-            None => backend.read(&desired.user_id, parts).await?,
+            None => sync.backend.read(&sync.desired.user_id, parts).await?,
         };
         if let Some(account) = &account {
-            own.observed(account);
-            progress.record(&own.claim);
+            sync.own.observed(account);
+            sync.progress.record(&sync.own.claim);
         }
-        // Plan.
-        let owners = backend
-            .owners(account.as_ref(), plan::lookups(&desired, account.as_ref()))
+        let owners = sync
+            .backend
+            .owners(account.as_ref(), plan::lookups(&sync.desired, account.as_ref()))
             .await?;
-        let plan = plan::plan(&desired, account.as_ref(), own.authority, &owners)?;
-        // Guard, and claim.
+        let plan = plan::plan(&sync.desired, account.as_ref(), sync.own.authority, &owners)?;
         if Ownership::claims(&plan) {
-            guard.before_write(Write::Claim).await.map_err(SyncError::Halted)?;
-            guarded = true;
-            own.claimed(&plan, account.as_ref());
-            progress.record(&own.claim);
-            if plan.created_by_pending {
-                info!(user_id = %desired.user_id, "recognised the account a pending creation made");
-            } else {
-                info!(user_id = %desired.user_id, "adopting an existing account");
-            }
+            sync.claim(&plan, account.as_ref()).await?;
         }
-        // Act.
-        let (changes, account) = match (plan.action, account) {
+        answered = match (plan.action, account) {
             // A create whose answer did not say when the account was made
             // (shared-secret registration): one read does, which settles
             // the pending-creation record in the status written next
             // instead of leaving it, on the object and in every cached copy
             // of it, until the next sync.
-            (None, Some(account)) if from_answer && own.awaits_creation_time(&account) => continue,
+            (None, Some(account)) if from_answer && sync.own.awaits_creation_time(&account) => None,
             (None, Some(account)) => {
-                own.in_line(&account);
-                progress.record(&own.claim);
+                sync.own.in_line(&account);
+                sync.progress.record(&sync.own.claim);
                 return Ok(account);
             }
-            (Some(Action::Update(changes)), Some(account)) => (changes, account),
-            (Some(Action::Create), _) => {
-                let pending = guard.before_write(Write::Create).await.map_err(SyncError::Halted)?;
-                guarded = true;
-                own.create_asked(pending);
-                progress.writes += 1;
-                let created = match backend.create(&desired).await {
-                    Ok(created) => created,
-                    Err(e) => {
-                        // A refusal (M_USER_IN_USE to the loser of two
-                        // creates, say) created nothing.
-                        own.create_failed(e.is_refusal());
-                        progress.record(&own.claim);
-                        wait_if_rate_limited(e, &mut waited).await?;
-                        continue;
-                    }
-                };
-                own.create_answered(CreateAnswer {
-                    created: created.created,
-                    creation_ts: created.creation_ts,
-                    account_id: created.account_id.clone(),
-                });
-                progress.record(&own.claim);
-                if created.created {
-                    info!(user_id = %desired.user_id, "created the account");
-                    created_now = true;
-                    if !created.fields.is_empty() {
-                        progress.updates.push(created.fields);
-                    }
-                    if created.password {
-                        password_applied(&mut desired, progress);
-                    }
-                }
-                answered = created.account.map(Some);
-                continue;
+            (Some(Action::Update(changes)), Some(account)) => {
+                sync.update(&account, &changes, plan.reactivates_without_password)
+                    .await?
             }
+            (Some(Action::Create), _) => sync.create().await?,
             (_, None) => unreachable!("plan() creates a missing account"),
         };
-        if !guarded {
-            guard.before_write(Write::Update).await.map_err(SyncError::Halted)?;
-            guarded = true;
+    }
+    Err(SyncError::NotSettling {
+        fields: sync.last_fields,
+    })
+}
+
+/// A sync under way: what its rounds share. Each step returns the account
+/// as the backend's answer reported it, if it did (`None`: read it again).
+struct Syncing<'a, B, S> {
+    backend: &'a B,
+    guard: &'a mut dyn WriteGuard<S>,
+    progress: &'a mut Progress,
+    desired: Desired,
+    own: Ownership,
+    /// Spent waiting out rate limits in place (see [`MAX_INLINE_WAIT`]).
+    waited: Duration,
+    /// The guard allowed a write this sync: an update needs no other check.
+    guarded: bool,
+    /// This sync created the account: it has no sessions yet.
+    created_now: bool,
+    /// The fields of the last update, for a sync that does not settle.
+    last_fields: Vec<&'static str>,
+}
+
+impl<B: AccountBackend, S> Syncing<'_, B, S> {
+    async fn before_write(&mut self, write: Write) -> Result<Option<PendingCreation>, SyncError<S>> {
+        let pending = self.guard.before_write(write).await.map_err(SyncError::Halted)?;
+        self.guarded = true;
+        Ok(pending)
+    }
+
+    /// Takes the account as this resource's: adopted, or made by its
+    /// pending creation.
+    async fn claim(&mut self, plan: &plan::Plan, account: Option<&Account>) -> Result<(), SyncError<S>> {
+        self.before_write(Write::Claim).await?;
+        self.own.claimed(plan, account);
+        self.progress.record(&self.own.claim);
+        if plan.created_by_pending {
+            info!(user_id = %self.desired.user_id, "recognised the account a pending creation made");
+        } else {
+            info!(user_id = %self.desired.user_id, "adopting an existing account");
         }
-        last_fields = plan::changed_fields(&changes);
-        debug!(user_id = %desired.user_id, fields = ?last_fields, "updating the account");
-        let applied = backend.apply(&desired.user_id, &account, &changes, created_now).await;
-        progress.writes += applied.writes;
-        progress.updates.extend(applied.fields);
+        Ok(())
+    }
+
+    async fn create(&mut self) -> Result<Option<Option<Account>>, SyncError<S>> {
+        let pending = self.before_write(Write::Create).await?;
+        self.own.create_asked(pending);
+        self.progress.writes += 1;
+        let created = match self.backend.create(&self.desired).await {
+            Ok(created) => created,
+            Err(e) => {
+                // A refusal (M_USER_IN_USE to the loser of two creates,
+                // say) created nothing.
+                self.own.create_failed(e.is_refusal());
+                self.progress.record(&self.own.claim);
+                wait_if_rate_limited(e, &mut self.waited).await?;
+                return Ok(None);
+            }
+        };
+        self.own.create_answered(CreateAnswer {
+            created: created.created,
+            creation_ts: created.creation_ts,
+            account_id: created.account_id.clone(),
+        });
+        self.progress.record(&self.own.claim);
+        if created.created {
+            info!(user_id = %self.desired.user_id, "created the account");
+            self.created_now = true;
+            if !created.fields.is_empty() {
+                self.progress.updates.push(created.fields);
+            }
+            if created.password {
+                password_applied(&mut self.desired, self.progress);
+            }
+        }
+        Ok(created.account.map(Some))
+    }
+
+    async fn update(
+        &mut self,
+        account: &Account,
+        changes: &plan::Changes,
+        reactivates_without_password: bool,
+    ) -> Result<Option<Option<Account>>, SyncError<S>> {
+        if !self.guarded {
+            self.before_write(Write::Update).await?;
+        }
+        self.last_fields = plan::changed_fields(changes);
+        debug!(user_id = %self.desired.user_id, fields = ?self.last_fields, "updating the account");
+        let applied = self
+            .backend
+            .apply(&self.desired.user_id, account, changes, self.created_now)
+            .await;
+        self.progress.writes += applied.writes;
+        self.progress.updates.extend(applied.fields);
         if applied.password {
-            password_applied(&mut desired, progress);
+            password_applied(&mut self.desired, self.progress);
         }
         match applied.deactivated {
-            Some(true) => progress.deactivated = true,
+            Some(true) => self.progress.deactivated = true,
             Some(false) => {
-                progress.reactivated = true;
-                progress.reactivated_without_password = plan.reactivates_without_password;
+                self.progress.reactivated = true;
+                self.progress.reactivated_without_password = reactivates_without_password;
             }
             None => {}
         }
@@ -248,12 +300,11 @@ pub async fn sync_account<B: AccountBackend, S>(
             // The changes may have been applied in part (a rate-limited PUT
             // sets the displayname before it fails): plan again from what
             // the backend reports, after a short wait if it asked for one.
-            wait_if_rate_limited(e, &mut waited).await?;
-            continue;
+            wait_if_rate_limited(e, &mut self.waited).await?;
+            return Ok(None);
         }
-        answered = applied.account.map(Some);
+        Ok(applied.account.map(Some))
     }
-    Err(SyncError::NotSettling { fields: last_fields })
 }
 
 /// The desired password was set: the next round does not send it again.
@@ -402,23 +453,14 @@ pub async fn sync_rooms<B: RoomBackend>(
         }
     };
     let active = !account.deactivated;
-    let mut resolved = BTreeMap::new();
-    let mut lookup_errors = Vec::new();
-    for alias in plan::aliases_to_resolve(listed, recorded, &joined, active) {
-        match synapse.resolve_alias(alias.as_str()).await {
-            Ok(room_id) => {
-                resolved.insert(alias, room_id);
-            }
-            Err(e) => {
-                let e = BackendError::from(e);
-                if fails_every_room(&e) {
-                    report.failed = Some(e);
-                    return report;
-                }
-                lookup_errors.push(room_problem(alias.as_str(), RoomStep::Resolve, &e));
-            }
+    let aliases = plan::aliases_to_resolve(listed, recorded, &joined, active);
+    let (resolved, lookup_errors) = match resolve_aliases(synapse, aliases).await {
+        Ok(looked_up) => looked_up,
+        Err(e) => {
+            report.failed = Some(e);
+            return report;
         }
-    }
+    };
     let plan = plan::plan_rooms(listed, recorded, &joined, &resolved, active);
     report.problems.extend(
         lookup_errors
@@ -429,7 +471,50 @@ pub async fn sync_rooms<B: RoomBackend>(
     report.records = plan.kept.clone();
     // Until left, a membership to leave stays recorded.
     report.records.extend(plan.leave.iter().cloned());
-    for join in &plan.join {
+    if let Err(e) = join_rooms(synapse, user_id, &plan.join, &mut report).await {
+        report.failed = Some(e);
+        return report;
+    }
+    if !plan.leave.is_empty() {
+        leave_rooms(backend, account, user_id, &plan.leave, purpose, &mut report).await;
+    }
+    report
+}
+
+/// The room IDs of `aliases`, and the lookups that failed; an error that
+/// concerns every room ends the lookups (see [`fails_every_room`]).
+async fn resolve_aliases(
+    synapse: &SynapseClient,
+    aliases: Vec<RoomName>,
+) -> Result<(BTreeMap<RoomName, String>, Vec<RoomProblem>), BackendError> {
+    let mut resolved = BTreeMap::new();
+    let mut problems = Vec::new();
+    for alias in aliases {
+        match synapse.resolve_alias(alias.as_str()).await {
+            Ok(room_id) => {
+                resolved.insert(alias, room_id);
+            }
+            Err(e) => {
+                let e = BackendError::from(e);
+                if fails_every_room(&e) {
+                    return Err(e);
+                }
+                problems.push(room_problem(alias.as_str(), RoomStep::Resolve, &e));
+            }
+        }
+    }
+    Ok((resolved, problems))
+}
+
+/// Joins the rooms, recording each membership made; an error that
+/// concerns every room ends the joins.
+async fn join_rooms(
+    synapse: &SynapseClient,
+    user_id: &UserId,
+    joins: &[plan::RoomJoin],
+    report: &mut RoomsReport,
+) -> Result<(), BackendError> {
+    for join in joins {
         report.writes += 1;
         match synapse.join_room(&join.room_id, user_id).await {
             Ok(()) => {
@@ -445,8 +530,7 @@ pub async fn sync_rooms<B: RoomBackend>(
             Err(e) => {
                 let e = BackendError::from(e);
                 if fails_every_room(&e) {
-                    report.failed = Some(e);
-                    return report;
+                    return Err(e);
                 }
                 report
                     .problems
@@ -454,26 +538,36 @@ pub async fn sync_rooms<B: RoomBackend>(
             }
         }
     }
-    if plan.leave.is_empty() {
-        return report;
-    }
+    Ok(())
+}
+
+/// Leaves the rooms as the user, with a short-lived token made and ended
+/// here; the memberships left are no longer recorded.
+async fn leave_rooms<B: RoomBackend>(
+    backend: &B,
+    account: &Account,
+    user_id: &UserId,
+    leaves: &[ManagedRoom],
+    purpose: &str,
+    report: &mut RoomsReport,
+) {
     let session = match backend
         .start_user_session(user_id, account.account_id.as_deref(), purpose)
         .await
     {
         Ok(session) => session,
         Err(e) => {
-            for leave in &plan.leave {
+            for leave in leaves {
                 report
                     .problems
                     .push(room_problem(&leave_name(leave), RoomStep::Leave, &e));
             }
-            return report;
+            return;
         }
     };
-    for leave in &plan.leave {
+    for leave in leaves {
         report.writes += 1;
-        match synapse.leave_room(&session.token, &leave.room_id).await {
+        match backend.rooms().leave_room(&session.token, &leave.room_id).await {
             Ok(()) => {
                 info!(%user_id, room = %leave_name(leave), "left the room");
                 report.records.retain(|r| r.room_id != leave.room_id);
@@ -489,7 +583,6 @@ pub async fn sync_rooms<B: RoomBackend>(
     if let Err(e) = backend.end_user_session(session).await {
         warn!(%user_id, error = %e, "cannot end the token made to leave rooms; it expires on its own");
     }
-    report
 }
 
 /// A membership to leave as Events and messages name it: its alias as
