@@ -20,10 +20,11 @@ use super::homeserver::ready_status;
 use super::matrixuser::{check_password, pending_creation_of};
 use super::{Config, Context, Error, digest_key, ownership, secrets};
 use crate::account::UserId;
-use crate::api::{ManagementPolicy, MatrixUser, PENDING_CREATION};
+use crate::api::{ManagementPolicy, MatrixUser, MatrixUserStatus, PENDING_CREATION};
+use crate::backend::Backend;
 use crate::metrics::Metrics;
-use crate::plan::{Action, Authority, DesiredPassword, desired_from_spec, validate_threepid};
-use crate::preview::{OBSERVER, Observation, observation, preview_account, preview_rooms};
+use crate::plan::{Action, Authority, Desired, DesiredPassword, RoomPlan, desired_from_spec, validate_threepid};
+use crate::preview::{AccountPreview, OBSERVER, Observation, observation, preview_account, preview_rooms};
 use crate::secret::{DigestKey, SecretString, digest_matches};
 
 /// Prints what applying MatrixUser manifests would do to the live
@@ -419,39 +420,83 @@ async fn plan_user(
         validate_threepid(t.medium, &t.address).map_err(Error::InvalidSpec)?;
     }
     if user.spec.management_policy == ManagementPolicy::Observe {
-        // What the operator reports for it; Observe changes nothing.
-        out.action = "observe".into();
-        let desired = desired_from_spec(&user.spec, user_id.clone(), None);
-        let preview = preview_account(&backend, &desired, OBSERVER, false).await?;
-        let rooms = match (&user.spec.rooms, &preview.account) {
-            (Some(listed), Some(account)) => {
-                Some(preview_rooms(&backend, &user_id, listed, &old.rooms, !account.deactivated).await?)
-            }
-            _ => None,
-        };
-        let (observed, message) = match observation(&preview, rooms.as_ref()) {
-            Observation::InSync => ("InSync", format!("{user_id} is in line with the spec")),
-            Observation::NotFound => {
-                let e = Error::NotFound {
-                    user_id: user_id.to_string(),
-                };
-                ("NotFound", e.to_string())
-            }
-            Observation::Drifted(fields) => {
-                out.fields = fields.iter().map(|f| f.to_string()).collect();
-                let e = Error::Drifted {
-                    user_id: user_id.to_string(),
-                    fields,
-                };
-                ("Drifted", e.to_string())
-            }
-        };
-        out.observed = Some(observed.into());
-        out.message = Some(message);
-        return Ok(());
+        return observe(&backend, user, &user_id, &old, out).await;
     }
 
-    let password = match password_of(ctx, user).await? {
+    let password = password_to_plan(ctx, user, &old, digest_key, out).await?;
+    let desired = desired_from_spec(&user.spec, user_id.clone(), password);
+    let authority = Authority {
+        owned,
+        adopt_requested: user.spec.adopt,
+        adoption_allowed: hs.spec.policy.allow_adoption,
+        admin_allowed: hs.spec.policy.allow_admin_users,
+        owned_creation_ts: old.account_creation_ts,
+        pending_creation: pending_creation_of(user, &user_id),
+    };
+    let preview = preview_account(&backend, &desired, authority, true).await?;
+    let active_after = record_action(&desired, &preview, out)?;
+    if let Some(listed) = &user.spec.rooms {
+        let rooms = match &preview.account {
+            Some(_) => preview_rooms(&backend, &user_id, listed, &old.rooms, active_after).await?,
+            // A new account is in no room: every listed one is joined.
+            None => crate::plan::plan_rooms(listed, &old.rooms, &BTreeSet::new(), &Default::default(), active_after),
+        };
+        record_rooms(&rooms, out);
+    }
+    Ok(())
+}
+
+/// What the operator would report for a MatrixUser it only observes
+/// (`managementPolicy: Observe` changes nothing).
+async fn observe(
+    backend: &Backend,
+    user: &MatrixUser,
+    user_id: &UserId,
+    old: &MatrixUserStatus,
+    out: &mut UserPlan,
+) -> Result<(), Error> {
+    out.action = "observe".into();
+    let desired = desired_from_spec(&user.spec, user_id.clone(), None);
+    let preview = preview_account(backend, &desired, OBSERVER, false).await?;
+    let rooms = match (&user.spec.rooms, &preview.account) {
+        (Some(listed), Some(account)) => {
+            Some(preview_rooms(backend, user_id, listed, &old.rooms, !account.deactivated).await?)
+        }
+        _ => None,
+    };
+    let (observed, message) = match observation(&preview, rooms.as_ref()) {
+        Observation::InSync => ("InSync", format!("{user_id} is in line with the spec")),
+        Observation::NotFound => {
+            let e = Error::NotFound {
+                user_id: user_id.to_string(),
+            };
+            ("NotFound", e.to_string())
+        }
+        Observation::Drifted(fields) => {
+            out.fields = fields.iter().map(|f| f.to_string()).collect();
+            let e = Error::Drifted {
+                user_id: user_id.to_string(),
+                fields,
+            };
+            ("Drifted", e.to_string())
+        }
+    };
+    out.observed = Some(observed.into());
+    out.message = Some(message);
+    Ok(())
+}
+
+/// The password the plan compares, and what `plan` can say of it before
+/// the plan: one to be generated is new; one whose digest cannot be
+/// checked (no digest key) is taken as applied, and reported `unknown`.
+async fn password_to_plan(
+    ctx: &Context,
+    user: &MatrixUser,
+    old: &MatrixUserStatus,
+    digest_key: Option<&DigestKey>,
+    out: &mut UserPlan,
+) -> Result<Option<DesiredPassword>, Error> {
+    Ok(match password_of(ctx, user).await? {
         None => None,
         Some(None) => {
             out.password = Some("set".into());
@@ -477,17 +522,13 @@ async fn plan_user(
                 logout_devices: false,
             })
         }
-    };
-    let desired = desired_from_spec(&user.spec, user_id.clone(), password);
-    let authority = Authority {
-        owned,
-        adopt_requested: user.spec.adopt,
-        adoption_allowed: hs.spec.policy.allow_adoption,
-        admin_allowed: hs.spec.policy.allow_admin_users,
-        owned_creation_ts: old.account_creation_ts,
-        pending_creation: pending_creation_of(user, &user_id),
-    };
-    let preview = preview_account(&backend, &desired, authority, true).await?;
+    })
+}
+
+/// Records the first round's plan in `out`: the action, the fields and
+/// the password's fate. Returns whether the account is active after it
+/// (what the room plan needs).
+fn record_action(desired: &Desired, preview: &AccountPreview, out: &mut UserPlan) -> Result<bool, Error> {
     let plan = preview.plan.clone().map_err(Error::Refused)?;
     out.adopt = plan.adopt;
     let mut fields: Vec<&str> = Vec::new();
@@ -526,24 +567,22 @@ async fn plan_user(
         );
     }
     out.fields = fields.iter().map(|f| f.to_string()).collect();
-    if let Some(listed) = &user.spec.rooms {
-        let rooms = match &preview.account {
-            Some(_) => preview_rooms(&backend, &user_id, listed, &old.rooms, active_after).await?,
-            // A new account is in no room: every listed one is joined.
-            None => crate::plan::plan_rooms(listed, &old.rooms, &BTreeSet::new(), &Default::default(), active_after),
-        };
-        out.join = rooms.join.iter().map(|j| j.listed_as.to_string()).collect();
-        out.leave = rooms
-            .leave
-            .iter()
-            .map(|r| r.alias.clone().unwrap_or_else(|| r.room_id.clone()))
-            .collect();
-        out.unresolved_rooms = rooms.unresolved.iter().map(|r| r.to_string()).collect();
-        if out.action == "none" && !(out.join.is_empty() && out.leave.is_empty()) {
-            out.action = "update".into();
-        }
+    Ok(active_after)
+}
+
+/// Records the room plan in `out`: a plan that changes nothing else but
+/// joins or leaves a room is an update.
+fn record_rooms(rooms: &RoomPlan, out: &mut UserPlan) {
+    out.join = rooms.join.iter().map(|j| j.listed_as.to_string()).collect();
+    out.leave = rooms
+        .leave
+        .iter()
+        .map(|r| r.alias.clone().unwrap_or_else(|| r.room_id.clone()))
+        .collect();
+    out.unresolved_rooms = rooms.unresolved.iter().map(|r| r.to_string()).collect();
+    if out.action == "none" && !(out.join.is_empty() && out.leave.is_empty()) {
+        out.action = "update".into();
     }
-    Ok(())
 }
 
 /// The text output: a block per MatrixUser, then the summary.
