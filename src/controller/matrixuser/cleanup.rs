@@ -105,37 +105,46 @@ pub(super) async fn cleanup_account(user: &Arc<MatrixUser>, ctx: &Context) -> Re
     };
     match deleted {
         Ok(outcome) => {
-            let (reason, note) = match outcome {
-                Ok(DeletionAction::Deactivate { erase: true }) => {
-                    ("Erased", format!("deactivated and erased {user_id}"))
-                }
-                Ok(DeletionAction::Deactivate { erase: false }) => ("Deactivated", format!("deactivated {user_id}")),
-                Err(Untouched::AlreadyDone) => ("Deleted", format!("{user_id} was {policy:?}d already")),
-                Err(Untouched::AccountGone) => ("Deleted", format!("{user_id} does not exist: nothing to do")),
-                Err(Untouched::NotOwned) => (
-                    "Retained",
-                    format!("{user_id} is not the account created for this MatrixUser: it was left as it is"),
-                ),
-                Err(Untouched::Retained) => (
-                    "Retained",
-                    "deletionPolicy is Retain: the account is left as it is".to_string(),
-                ),
-                Err(Untouched::ServerAdmin) => (
-                    "Retained",
-                    format!(
-                        "{user_id} is a server admin and the Homeserver's policy.allowAdminUsers is false: it was left as it is"
-                    ),
-                ),
-            };
-            let type_ = match outcome {
-                Err(Untouched::ServerAdmin) => EventType::Warning,
-                _ => EventType::Normal,
-            };
+            let (type_, reason, note) = deletion_event(&user_id, policy, outcome);
             ctx.publish(user.as_ref(), type_, reason, note).await;
             Ok(Action::await_change())
         }
         Err(e) => Err(record_cleanup_failure(ctx, user, e).await),
     }
+}
+
+/// The Event that tells what the deletion policy did to the account, or
+/// why it left it alone: only a server admin left alone is a warning.
+fn deletion_event(
+    user_id: &UserId,
+    policy: DeletionPolicy,
+    outcome: Result<DeletionAction, Untouched>,
+) -> (EventType, &'static str, String) {
+    let (reason, note) = match outcome {
+        Ok(DeletionAction::Deactivate { erase: true }) => ("Erased", format!("deactivated and erased {user_id}")),
+        Ok(DeletionAction::Deactivate { erase: false }) => ("Deactivated", format!("deactivated {user_id}")),
+        Err(Untouched::AlreadyDone) => ("Deleted", format!("{user_id} was {policy:?}d already")),
+        Err(Untouched::AccountGone) => ("Deleted", format!("{user_id} does not exist: nothing to do")),
+        Err(Untouched::NotOwned) => (
+            "Retained",
+            format!("{user_id} is not the account created for this MatrixUser: it was left as it is"),
+        ),
+        Err(Untouched::Retained) => (
+            "Retained",
+            "deletionPolicy is Retain: the account is left as it is".to_string(),
+        ),
+        Err(Untouched::ServerAdmin) => (
+            "Retained",
+            format!(
+                "{user_id} is a server admin and the Homeserver's policy.allowAdminUsers is false: it was left as it is"
+            ),
+        ),
+    };
+    let type_ = match outcome {
+        Err(Untouched::ServerAdmin) => EventType::Warning,
+        _ => EventType::Normal,
+    };
+    (type_, reason, note)
 }
 
 /// Whether a MatrixUser or Homeserver carries `skip-cleanup: "true"`.
@@ -160,4 +169,41 @@ pub(super) async fn record_cleanup_failure(ctx: &Context, user: &MatrixUser, e: 
         ctx.publish(user, EventType::Warning, e.reason(), message).await;
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_deletion_outcome_has_its_event() {
+        let id = UserId::new("alice", "example.org").unwrap();
+        let cases = [
+            (
+                Ok(DeletionAction::Deactivate { erase: true }),
+                EventType::Normal,
+                "Erased",
+            ),
+            (
+                Ok(DeletionAction::Deactivate { erase: false }),
+                EventType::Normal,
+                "Deactivated",
+            ),
+            (Err(Untouched::AlreadyDone), EventType::Normal, "Deleted"),
+            (Err(Untouched::AccountGone), EventType::Normal, "Deleted"),
+            (Err(Untouched::NotOwned), EventType::Normal, "Retained"),
+            (Err(Untouched::Retained), EventType::Normal, "Retained"),
+            (Err(Untouched::ServerAdmin), EventType::Warning, "Retained"),
+        ];
+        for (outcome, type_, reason) in cases {
+            let (got_type, got_reason, note) = deletion_event(&id, DeletionPolicy::Erase, outcome);
+            assert_eq!((got_type, got_reason), (type_, reason), "{outcome:?}");
+            assert!(
+                note.contains("@alice:example.org") || outcome == Err(Untouched::Retained),
+                "{note}"
+            );
+        }
+        let (_, _, note) = deletion_event(&id, DeletionPolicy::Erase, Err(Untouched::AlreadyDone));
+        assert_eq!(note, "@alice:example.org was Erased already");
+    }
 }
