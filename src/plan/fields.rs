@@ -174,15 +174,15 @@ account_fields! {
     admin: bool => bool,
         part Account,
         from spec |s| s.admin,
-        compare |admin, a, _| (*admin != a.admin).then_some(*admin);
+        compare |admin, a, _| flag(*admin, a.admin);
     deactivated: bool => bool,
         part Account,
         from spec |s| s.deactivated,
-        compare |deactivated, a, _| (*deactivated != a.deactivated).then_some(*deactivated);
+        compare |deactivated, a, _| flag(*deactivated, a.deactivated);
     locked: bool => bool,
         part Account,
         from spec |s| s.locked,
-        compare |locked, a, _| (*locked != a.locked).then_some(*locked);
+        compare |locked, a, _| flag(*locked, a.locked);
     user_type: UserType => String,
         part Profile,
         from spec |s| s.user_type,
@@ -193,6 +193,11 @@ account_fields! {
 /// deactivated keeps it cleared.
 fn profile_text(wanted: &str, held: Option<&str>, situation: &Situation) -> Option<String> {
     (!situation.keep_erased && held.unwrap_or("") != wanted).then(|| wanted.to_string())
+}
+
+/// A flag: the wanted value, if the account's differs.
+fn flag(wanted: bool, held: bool) -> Option<bool> {
+    (wanted != held).then_some(wanted)
 }
 
 /// Threepids as Synapse stores them (see [`normalize_address`]), as a set.
@@ -210,4 +215,60 @@ pub(super) fn set_of<T: Ord>(items: &[T]) -> BTreeSet<&T> {
 pub(super) fn dedup<T: Ord + Clone>(items: impl Iterator<Item = T>) -> Vec<T> {
     let mut seen = BTreeSet::new();
     items.filter(|i| seen.insert(i.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+
+    fn every_field() -> Changes {
+        Changes {
+            password: Some(PasswordChange {
+                value: SecretString::new("pw"),
+                logout_devices: false,
+            }),
+            displayname: Some("Alice".into()),
+            avatar_url: Some("mxc://example.org/a".into()),
+            threepids: Some(vec![]),
+            external_ids: Some(vec![]),
+            admin: Some(true),
+            deactivated: Some(true),
+            locked: Some(true),
+            user_type: Some("bot".into()),
+        }
+    }
+
+    #[test]
+    fn every_field_is_named_once_in_table_order() {
+        assert_eq!(every_field().field_names(), FIELD_NAMES);
+        assert!(Changes::default().field_names().is_empty());
+        assert!(Changes::default().is_empty() && !every_field().is_empty());
+    }
+
+    #[test]
+    fn each_field_is_read_with_one_part() {
+        let all = every_field();
+        let parts = [Part::Account, Part::Profile, Part::Threepids, Part::ExternalIds];
+        let mut named: Vec<&str> = parts.iter().flat_map(|p| all.of_part(*p).field_names()).collect();
+        named.sort_unstable();
+        let mut expected = FIELD_NAMES.to_vec();
+        expected.sort_unstable();
+        assert_eq!(named, expected);
+        assert_eq!(
+            all.of_part(Part::Profile).field_names(),
+            ["displayname", "avatar_url", "user_type"]
+        );
+    }
+
+    #[test]
+    fn a_desired_manages_the_parts_of_its_fields() {
+        let mut d = Desired::existing(UserId::new("alice", "example.org").unwrap());
+        assert!(!d.manages(Part::Profile) && !d.manages(Part::Account));
+        d.user_type = Some(UserType::Bot);
+        assert!(d.manages(Part::Profile));
+        assert!(!d.manages(Part::Threepids) && !d.manages(Part::ExternalIds));
+        d.external_ids = Some(vec![]);
+        assert!(d.manages(Part::ExternalIds));
+    }
 }
