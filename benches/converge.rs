@@ -9,7 +9,7 @@
 //!
 //! Flags (or the environment variable in brackets): `--bcrypt 4,12`
 //! [CONVERGE_BCRYPT], `--n 100,1000` [CONVERGE_N], `--10k` [CONVERGE_10K=1],
-//! `--concurrency 8` [CONVERGE_CONCURRENCY] (the operator's `--concurrency`;
+//! `--concurrency 16` [CONVERGE_CONCURRENCY] (the operator's `--concurrency`;
 //! a list runs each), `--max-requests M` [CONVERGE_MAX_REQUESTS] (the
 //! Homeserver's `maxConcurrentRequests`; default: the CRD's), `--resync S`
 //! [CONVERGE_RESYNC_SECS] (the resync interval of the resync phase; default
@@ -154,7 +154,7 @@ fn options() -> Options {
     let mut o = Options {
         bcrypt: list(&env("CONVERGE_BCRYPT").unwrap_or("4,12".into()), "bcrypt"),
         sizes: list(&env("CONVERGE_N").unwrap_or("100,1000".into()), "n"),
-        concurrency: list(&env("CONVERGE_CONCURRENCY").unwrap_or("8".into()), "concurrency"),
+        concurrency: list(&env("CONVERGE_CONCURRENCY").unwrap_or("16".into()), "concurrency"),
         max_requests: env("CONVERGE_MAX_REQUESTS").map(|v| list(&v, "max-requests")[0]),
         resync_secs: env("CONVERGE_RESYNC_SECS").map(|v| list(&v, "resync")[0]),
         converge_only: env("CONVERGE_ONLY").is_some_and(|v| v != "0"),
@@ -722,18 +722,31 @@ struct Baselines {
     register: Duration,
 }
 
-async fn baselines(
-    s: &SynapseServer,
-    proxy: &Proxy,
-    tag: &str,
-    n: usize,
-    in_flight: usize,
-    creation: &[Creation],
-) -> Baselines {
-    proxy.clear();
-    let script_accounts = users(s, &format!("script-{tag}"), n);
-    let script_time = script(s, proxy, &script_accounts, in_flight, Script::Plain).await;
+/// A Synapse of its own for one phase, behind a proxy of its own: each
+/// phase starts on an empty database, as a measurement with a fresh server
+/// per phase does. Synapse slows as its user table grows: a Synapse shared
+/// by the phases would charge each for the accounts of the ones before it.
+async fn fresh_synapse(bcrypt: u32) -> (SynapseServer, Proxy) {
+    tokio::task::spawn_blocking(move || {
+        let s = start_synapse(bcrypt).unwrap_or_else(|e| panic!("{e}"));
+        let proxy = start_proxy(&s.base_url);
+        (s, proxy)
+    })
+    .await
+    .expect("starting a Synapse")
+}
+
+/// Stops a phase's Synapse (the harness stops the others at exit).
+fn stop_synapse(s: &SynapseServer) {
+    let _ = Command::new("kill").arg(s.pid.to_string()).status();
+}
+
+async fn baselines(bcrypt: u32, tag: &str, n: usize, in_flight: usize, creation: &[Creation]) -> Baselines {
+    let (s, proxy) = fresh_synapse(bcrypt).await;
+    let script_accounts = users(&s, &format!("script-{tag}"), n);
+    let script_time = script(&s, &proxy, &script_accounts, in_flight, Script::Plain).await;
     let script_counts = admin_counts(&proxy.hits_since(Instant::now() - Duration::from_secs(86_400)));
+    stop_synapse(&s);
     println!(
         "script:   {n} accounts in {:.2} s ({:.1}/s), {} in flight; {:.2} admin GETs and {:.2} writes per account",
         script_time.as_secs_f64(),
@@ -764,8 +777,10 @@ async fn baselines(
             times.push(Duration::ZERO);
             continue;
         }
-        let accounts = users(s, &format!("{prefix}-{tag}"), n);
-        let took = script(s, proxy, &accounts, in_flight, kind).await;
+        let (s, proxy) = fresh_synapse(bcrypt).await;
+        let accounts = users(&s, &format!("{prefix}-{tag}"), n);
+        let took = script(&s, &proxy, &accounts, in_flight, kind).await;
+        stop_synapse(&s);
         println!(
             "{prefix} script ({what}): {n} accounts in {:.2} s; ratio to the script {:.2}",
             took.as_secs_f64(),
@@ -1185,10 +1200,9 @@ fn synapse_mode(o: &Options, runtime: &tokio::runtime::Runtime) {
         common::SYNAPSE_VERSION,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!("each phase (script, script of the operator's calls, operator) runs against a fresh Synapse");
     let mut rows = Vec::new();
     for &bcrypt in &o.bcrypt {
-        let s = start_synapse(bcrypt).unwrap_or_else(|e| panic!("{e}"));
-        let proxy = start_proxy(&s.base_url);
         for &n in &o.sizes {
             for &c in &o.concurrency {
                 let in_flight = o.max_requests.map_or(c as usize, |m| (m as usize).min(c as usize));
@@ -1198,9 +1212,11 @@ fn synapse_mode(o: &Options, runtime: &tokio::runtime::Runtime) {
                     o.max_requests.map_or("default (8)".to_string(), |m| m.to_string())
                 );
                 let tag = format!("b{bcrypt}-n{n}-c{c}-p{}", std::process::id());
-                let base = runtime.block_on(baselines(&s, &proxy, &tag, n, in_flight, &o.creation));
+                let base = runtime.block_on(baselines(bcrypt, &tag, n, in_flight, &o.creation));
                 for &creation in &o.creation {
+                    let (s, proxy) = runtime.block_on(fresh_synapse(bcrypt));
                     rows.push(runtime.block_on(run_once(&s, &proxy, bcrypt, n, c, creation, &base, o)));
+                    stop_synapse(&s);
                 }
             }
         }
