@@ -39,9 +39,9 @@ struct RunArgs {
     /// How often each resource is checked against Synapse for drift, e.g. 30s, 10m, 1h (each resource at a phase of the interval of its own).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     resync_interval: Duration,
-    /// Reconciles in flight at once, per kind (8 keeps a Synapse busy while
-    /// the others wait on Kubernetes: `cargo bench --bench converge`).
-    #[arg(long, default_value_t = 8)]
+    /// Reconciles in flight at once, per kind (16 keeps a Synapse busy
+    /// while the others wait on Kubernetes: `cargo bench --bench converge`).
+    #[arg(long, default_value_t = 16)]
     concurrency: u16,
     /// Limit on each admin API request, e.g. 30s.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
