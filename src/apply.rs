@@ -277,7 +277,7 @@ impl<B: AccountBackend, S> Syncing<'_, B, S> {
         if !self.guarded {
             self.before_write(Write::Update).await?;
         }
-        self.last_fields = plan::changed_fields(changes);
+        self.last_fields = changes.field_names();
         debug!(user_id = %self.desired.user_id, fields = ?self.last_fields, "updating the account");
         let applied = self
             .backend

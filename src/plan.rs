@@ -544,11 +544,5 @@ pub fn plan_rooms(
     out
 }
 
-/// The names of the fields an update sends, for events and logs (never
-/// their values).
-pub fn changed_fields(u: &Changes) -> Vec<&'static str> {
-    u.field_names()
-}
-
 #[cfg(test)]
 mod tests;

@@ -65,7 +65,7 @@ pub async fn preview_account<B: AccountBackend>(
                 Ok(Plan {
                     action: Some(Action::Update(changes)),
                     ..
-                }) => plan::changed_fields(&changes),
+                }) => changes.field_names(),
                 _ => Vec::new(),
             }
         }
@@ -114,7 +114,7 @@ pub fn observation(preview: &AccountPreview, rooms: Option<&RoomPlan>) -> Observ
         Ok(Plan {
             action: Some(Action::Update(changes)),
             ..
-        }) => plan::changed_fields(changes),
+        }) => changes.field_names(),
         _ => Vec::new(),
     };
     if rooms.is_some_and(|r| !r.join.is_empty() || !r.leave.is_empty() || !r.unresolved.is_empty()) {

@@ -538,7 +538,7 @@ fn status_after(
 async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Result<(), Error> {
     let ns = token.namespace().unwrap_or_default();
     let mut expected = Expected::of(token, None);
-    let (secret, held) = match read_secret(ctx, token).await? {
+    let (secret, mut held) = match read_secret(ctx, token).await? {
         SecretState::Foreign => {
             return Err(Error::TokenSecretNotOwned {
                 name: token.secret_name(),
@@ -598,7 +598,6 @@ async fn pass(token: &MatrixAccessToken, ctx: &Context, out: &mut Outcome) -> Re
         lifetimes,
     };
 
-    let mut held = held;
     issuer.drop_misplaced(secret.as_deref(), &mut held, out).await?;
     let now = Timestamp::now();
     if issuer

@@ -540,7 +540,7 @@ fn record_action(desired: &Desired, preview: &AccountPreview, out: &mut UserPlan
         }
         (Some(Action::Update(changes)), Some(account)) => {
             out.action = "update".into();
-            fields = crate::plan::changed_fields(changes);
+            fields = changes.field_names();
             out.deactivate = changes.deactivated == Some(true);
             out.reactivate = changes.deactivated == Some(false);
             !changes.deactivated.unwrap_or(account.deactivated)

@@ -241,6 +241,19 @@ mod tests {
 
     #[test]
     fn every_field_is_named_once_in_table_order() {
+        // Synapse's names of the PUT body's keys, which Events show.
+        let names = [
+            "password",
+            "displayname",
+            "avatar_url",
+            "threepids",
+            "external_ids",
+            "admin",
+            "deactivated",
+            "locked",
+            "user_type",
+        ];
+        assert_eq!(FIELD_NAMES, names);
         assert_eq!(every_field().field_names(), FIELD_NAMES);
         assert!(Changes::default().field_names().is_empty());
         assert!(Changes::default().is_empty() && !every_field().is_empty());
